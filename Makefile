@@ -1,0 +1,40 @@
+# The README's commands. Each target creates .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STUDY  ?= components
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv study run figures test ui dry-run status clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+# Train every pending cell, then draw the figures even if some cells failed,
+# and exit with the run's status.
+study: $(STAMP)
+	@$(BIN)/kdablate run $(STUDY); rc=$$?; \
+	  [ $$rc -eq 2 ] && exit 2; \
+	  $(BIN)/python -m analysis.decomposition $(STUDY) || exit $$?; exit $$rc
+
+figures: $(STAMP)
+	$(BIN)/python -m analysis.decomposition $(STUDY)
+
+dry-run: $(STAMP)
+	$(BIN)/kdablate dry-run $(STUDY)
+
+status: $(STAMP)
+	$(BIN)/kdablate status $(STUDY)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns.db} --port $${PORT:-5000}
+
+clean:
+	rm -rf $(VENV) .cache figures mlruns.db mlartifacts

@@ -1,0 +1,85 @@
+"""Command line: ``kdablate run | dry-run | status STUDY``.
+
+Bad input (a study file that does not validate) is one line on stderr naming
+the file and field, with exit code 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from kdablate.study import Study, StudyError, load_study
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdablate", description="Ablation studies of knowledge distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train every pending cell of a study, logging to MLflow")
+    run.add_argument("study", help="a study file, or the name of one in studies/")
+    run.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are small)")
+    run.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("KDABLATE_CACHE", ".cache/kdablate")))
+    dry = sub.add_parser("dry-run", help="list the cells of a study without training")
+    dry.add_argument("study")
+    status = sub.add_parser("status", help="finished / failed / pending cells of a study")
+    status.add_argument("study")
+    return p
+
+
+def dry_run(study: Study) -> None:
+    print(f"study {study.name} ({study.path}): {len(study.arms())} arms x {len(study.config.seeds)} seeds "
+          f"= {len(study.cells)} cells")
+    print(f"{'arm':32} {'seed':>4} {'mass':>10} {'structure':>10} {'T':>5} {'alpha':>5}  hash")
+    for c in study.cells:
+        k = c.knowledge
+        print(f"{c.arm:32} {c.seed:>4} {k.mass.name:>10} {k.structure.name:>10} "
+              f"{k.temperature:>5g} {k.alpha:>5g}  {c.config_hash()}")
+
+
+def status(study: Study) -> int:
+    from kdablate import tracking
+
+    client = tracking.client()
+    exp = client.get_experiment_by_name(study.name)
+    runs = tracking.search_cells(client, exp.experiment_id) if exp else []
+    by_hash: dict[str, list] = {}
+    for r in runs:
+        by_hash.setdefault(r.data.tags.get("config_hash", ""), []).append(r)
+    counts: dict[str, int] = {}
+    for c in study.cells:
+        statuses = {r.info.status for r in by_hash.get(c.config_hash(), [])}
+        state = next((s for s in ("FINISHED", "RUNNING", "FAILED", "KILLED") if s in statuses), "PENDING")
+        counts[state] = counts.get(state, 0) + 1
+        if state == "FAILED":
+            reason = next(r.data.tags.get("failure_reason", "") for r in by_hash[c.config_hash()] if r.info.status == "FAILED")
+            print(f"FAILED  {c.arm} seed {c.seed}: {reason}")
+    print(f"study {study.name}: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `kdablate dry-run X | head` should end quietly, not with a BrokenPipeError.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = parser().parse_args(argv)
+    try:
+        study = load_study(args.study)
+    except StudyError as e:
+        print(f"kdablate: error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "dry-run":
+        dry_run(study)
+        return 0
+    if args.command == "status":
+        return status(study)
+    from kdablate.runner import run_study
+
+    failed = run_study(study, args.cache_dir, threads=args.threads)
+    if failed:
+        print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Knowledge components: the parts a soft target is assembled from.
+
+A soft target q for label y among K classes is built from a non-ground-truth
+*mass* m (how much probability leaves y) and a *structure* r (how m spreads over
+the other K-1 classes): q_y = 1 - m, q_c = m * r_c. See Gu, Wu & Tresp,
+"Introspective Learning by Distilling Knowledge from Online Self-explanation"
+(ACCV 2020, arXiv:2009.09140), and Hinton et al. (2015) for the KD loss.
+"""
+from kdablate.components.context import TargetContext
+from kdablate.components.mass import MASSES
+from kdablate.components.structure import STRUCTURES
+from kdablate.components.target import SoftTarget, assemble_target, soft_target_loss
+
+__all__ = [
+    "MASSES",
+    "STRUCTURES",
+    "SoftTarget",
+    "TargetContext",
+    "assemble_target",
+    "soft_target_loss",
+]

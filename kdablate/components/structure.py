@@ -1,0 +1,92 @@
+"""Class-similarity structure r: how the mass spreads over the K-1 other classes.
+
+Each plugin maps a TargetContext to a (B, K) tensor that is 0 at the true class
+and sums to 1 over the others. ``teacher`` carries a teacher's class similarity,
+``permuted`` keeps the teacher's values but shuffles which class gets which (so it
+isolates the value distribution from the similarity), ``uniform`` carries none.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kdablate.components.context import Component, TargetContext, teacher_probs
+from kdablate.registry import Registry
+
+STRUCTURES: Registry = Registry("structure")
+
+
+def nongt_distribution(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K) probs -> (B, K) probs with the true class zeroed and the rest renormalised.
+
+    A row whose non-ground-truth mass underflows to 0 becomes uniform: its mass is
+    0 as well, so the choice only avoids a 0/0.
+    """
+    r = probs.scatter(1, labels[:, None], 0.0)
+    total = r.sum(1, keepdim=True)
+    uniform = uniform_structure(labels, probs.shape[1]).to(probs.dtype)
+    return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), uniform)
+
+
+def uniform_structure(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) labels -> (B, K) with 1/(K-1) off the true class and 0 on it."""
+    r = torch.full((labels.shape[0], num_classes), 1.0 / (num_classes - 1))
+    return r.scatter(1, labels[:, None], 0.0)
+
+
+def permute_nongt(
+    r: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Shuffle each row's non-ground-truth entries among the non-ground-truth classes.
+
+    r: (B, K); the true-class entry stays where it is. One fresh permutation per
+    row, drawn from ``generator``.
+    """
+    b, k = r.shape
+    # (B, K-1) column indices of the non-ground-truth classes, in class order.
+    cols = torch.arange(k).expand(b, k)
+    others = cols[cols != labels[:, None]].view(b, k - 1)
+    perm = torch.rand(b, k - 1, generator=generator).argsort(dim=1)
+    shuffled = r.gather(1, others.gather(1, perm))
+    return r.scatter(1, others, shuffled)
+
+
+@STRUCTURES.register("uniform")
+class UniformStructure(Component):
+    """r_c = 1/(K-1): no class similarity at all."""
+
+    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        return uniform_structure(ctx.labels, ctx.num_classes).to(ctx.student_logits.dtype)
+
+
+@STRUCTURES.register("teacher")
+class TeacherStructure(Component):
+    """r = the teacher's non-ground-truth probabilities at T, renormalised."""
+
+    needs: frozenset[str] = frozenset({"teacher"})
+
+    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        return nongt_distribution(teacher_probs(ctx, "structure 'teacher'"), ctx.labels)
+
+
+@STRUCTURES.register("permuted")
+class PermutedStructure(Component):
+    """Another structure's values, re-assigned to random classes per sample and step."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        base: str = "teacher"
+
+        def __post_init__(self) -> None:
+            if self.base == "permuted" or self.base not in STRUCTURES:
+                known = [n for n in STRUCTURES.names() if n != "permuted"]
+                raise ValueError(f"base must be one of {', '.join(known)}, got '{self.base}'")
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.base = STRUCTURES.build(params.base)
+        self.needs = self.base.needs
+
+    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        return permute_nongt(self.base(ctx), ctx.labels, ctx.generator)

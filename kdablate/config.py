@@ -1,0 +1,145 @@
+"""Configs as frozen pydantic models: data only (registry names and numbers).
+
+A *cell* is one fully resolved training run: data, student, optimiser, teacher,
+knowledge components and seed. A study file (see ``kdablate.study``) is a small
+override of these defaults. Every plugin spec is checked against its registry
+and normalised to carry all of its parameters, so the config hash of a cell
+does not depend on whether a default was spelled out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kdablate.components import MASSES, STRUCTURES
+from kdablate.data import DATASETS
+from kdablate.models import MODELS
+from kdablate.registry import Registry
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PluginSpec(Frozen):
+    """``name`` of a registered plugin and its parameters; YAML: ``"name"`` or ``{name: ..., **params}``."""
+
+    registry: ClassVar[Registry]
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, dict) and "params" not in v and "name" in v:
+            return {"name": v["name"], "params": {k: x for k, x in v.items() if k != "name"}}
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "PluginSpec":
+        parsed = self.registry.params(self.name, self.params)
+        object.__setattr__(self, "params", dataclasses.asdict(parsed))
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+
+class MassSpec(PluginSpec):
+    registry = MASSES
+
+
+class StructureSpec(PluginSpec):
+    registry = STRUCTURES
+
+
+class ModelSpec(PluginSpec):
+    registry = MODELS
+
+
+class DataSpec(PluginSpec):
+    registry = DATASETS
+
+
+class OptimConfig(Frozen):
+    """SGD with momentum; ``schedule`` is applied per step."""
+
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(128, gt=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class TeacherConfig(Frozen):
+    """The teacher is trained once per this config (and data), then cached with its logits.
+
+    seed: a fixed seed shares one teacher across student seeds (the usual KD
+    protocol); ``null`` pairs each student seed with a teacher of the same seed.
+    """
+
+    model: ModelSpec = ModelSpec(name="cnn1d")
+    optim: OptimConfig = OptimConfig()
+    seed: int | None = 0
+
+
+class KnowledgeConfig(Frozen):
+    """How the soft target is built and weighted: q from mass and structure, then T and alpha."""
+
+    mass: MassSpec = MassSpec(name="none")
+    structure: StructureSpec = StructureSpec(name="uniform")
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.0, ge=0, le=1)
+
+
+class CellConfig(Frozen):
+    """One training run, fully resolved. Its hash identifies it in MLflow."""
+
+    arm: str
+    seed: int
+    data: DataSpec = DataSpec(name="mnist1d")
+    student: ModelSpec = ModelSpec(name="mlp")
+    optim: OptimConfig = OptimConfig()
+    teacher: TeacherConfig | None = TeacherConfig()
+    knowledge: KnowledgeConfig = KnowledgeConfig()
+    report: Literal["last", "best_val"] = "best_val"
+
+    def config_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json"))
+
+    def teacher_key(self) -> str:
+        """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""
+        assert self.teacher is not None
+        seed = self.seed if self.teacher.seed is None else self.teacher.seed
+        return stable_hash({"data": self.data.model_dump(), "teacher": self.teacher.model_dump(), "seed": seed})
+
+
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of sha256 over canonical JSON."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat.
+
+    Plugin specs {'name': n, 'params': {...}} flatten to 'x.name', 'x.<param>'.
+    """
+    out: dict[str, Any] = {}
+    if set(d) == {"name", "params"} and isinstance(d["params"], dict):
+        d = {"name": d["name"], **d["params"]}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,43 @@
+"""Evaluation metrics over (N, K) logits and (N,) labels, as Python floats."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).double().mean().item()
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return F.cross_entropy(logits.double(), labels).item()
+
+
+def ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error with ``bins`` equal-width confidence bins (Guo et al., 2017)."""
+    conf, pred = torch.softmax(logits.double(), 1).max(1)
+    correct = (pred == labels).double()
+    # A confidence of exactly 1.0 belongs to the last bin, not one past it.
+    idx = (conf * bins).long().clamp_max(bins - 1)
+    count = torch.bincount(idx, minlength=bins).double()
+    gap = torch.bincount(idx, conf - correct, minlength=bins).abs()
+    return (gap.sum() / count.sum()).item()
+
+
+def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """Fraction of samples on which two models predict the same class."""
+    return (logits_a.argmax(1) == logits_b.argmax(1)).double().mean().item()
+
+
+def evaluate(
+    logits: torch.Tensor, labels: torch.Tensor, split: str, teacher_logits: torch.Tensor | None = None
+) -> dict[str, float]:
+    """All metrics of one split, named '<split>/<metric>'."""
+    out = {
+        f"{split}/acc": accuracy(logits, labels),
+        f"{split}/nll": nll(logits, labels),
+        f"{split}/ece": ece(logits, labels),
+    }
+    if teacher_logits is not None:
+        out[f"{split}/agreement"] = agreement(logits, teacher_logits)
+    return out

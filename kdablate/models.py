@@ -1,0 +1,75 @@
+"""Model zoo for the default data: a 1-D CNN teacher and small students.
+
+Every model maps (B, *input_shape) to (B, K) logits. CNNs end in global average
+pooling and one linear layer, so class activation maps are available later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from kdablate.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+@MODELS.register("mlp")
+class MLP(nn.Module):
+    """Fully connected ReLU network on the flattened input."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        hidden: int = 100
+        depth: int = 2
+
+    def __init__(self, params: Params, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for _ in range(params.depth):
+            layers += [nn.Linear(width, params.hidden), nn.ReLU()]
+            width = params.hidden
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@MODELS.register("cnn1d")
+class CNN1D(nn.Module):
+    """Conv-BN-ReLU blocks over a (B, C, L) signal, then global average pooling."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        channels: int = 64
+        depth: int = 4
+        kernel: int = 5
+
+    def __init__(self, params: Params, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = input_shape[0]
+        for i in range(params.depth):
+            # Downsample after the first block only: MNIST-1D signals are short (40).
+            stride = 2 if i == 1 else 1
+            blocks += [
+                nn.Conv1d(c_in, params.channels, params.kernel, stride, params.kernel // 2, bias=False),
+                nn.BatchNorm1d(params.channels),
+                nn.ReLU(),
+            ]
+            c_in = params.channels
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(params.channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=-1))
+
+
+def build_model(name: str, params: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model plugin ``name`` with ``params``, for inputs of ``input_shape``."""
+    cls = MODELS.get(name)
+    return cls(MODELS.params(name, params), input_shape, num_classes)

@@ -1,0 +1,234 @@
+"""Study files: a small override of the cell defaults, expanded into cells.
+
+A study YAML holds ``base`` (overrides of ``CellConfig``'s defaults), named
+``arms`` (each a choice of knowledge components, optionally with a ``grid`` that
+crosses component choices into sub-arms), ``axes`` crossed with every arm, and
+``seeds``. Everything is validated before the first cell trains; a problem is a
+``StudyError`` naming the file, the field and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from kdablate.components import SoftTarget
+from kdablate.config import CellConfig, Frozen, MassSpec, StructureSpec
+from kdablate.registry import ConfigError
+
+KNOWLEDGE_KEYS = ("mass", "structure", "temperature", "alpha")
+
+
+class StudyError(Exception):
+    """A bad study file; ``str()`` is the one-line message the CLI prints."""
+
+    def __init__(self, file: str | Path, field: str, message: str) -> None:
+        self.file, self.field, self.message = str(file), field, message
+        super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
+
+
+class ArmConfig(Frozen):
+    """One arm: knowledge overrides, and an optional ``grid`` crossed into sub-arms."""
+
+    name: str = Field(min_length=1)
+    mass: MassSpec | None = None
+    structure: StructureSpec | None = None
+    temperature: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, ge=0, le=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _nonempty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return _check_axes(v)
+
+
+class AnalysisConfig(Frozen):
+    """baseline: the arm paired differences are taken against; reference: arms drawn as lines."""
+
+    baseline: str | None = None
+    reference: list[str] = Field(default_factory=list)
+
+
+class StudyConfig(Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(min_length=1)
+    arms: list[ArmConfig] = Field(min_length=1)
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return _check_axes(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _arms(self) -> "StudyConfig":
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate arm name '{dup[0]}'; arm names must be unique")
+        return self
+
+
+def _check_axes(v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    for key, values in v.items():
+        if not values:
+            raise ValueError(f"axis '{key}' is empty; give at least one value")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A validated study: its config, its file and its expanded cells (arm-major, then seed)."""
+
+    config: StudyConfig
+    path: Path
+    cells: tuple[CellConfig, ...]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def arms(self) -> list[str]:
+        return list(dict.fromkeys(c.arm for c in self.cells))
+
+
+def resolve_path(study: str | Path, studies_dir: Path = Path("studies")) -> Path:
+    """A path as given, or ``studies/<name>.yaml`` for a bare name."""
+    p = Path(study)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return studies_dir / f"{study}.yaml"
+
+
+def load_study(study: str | Path) -> Study:
+    """Read, validate and expand a study file; raises StudyError on any problem."""
+    path = resolve_path(study)
+    if not path.is_file():
+        known = sorted(q.stem for q in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise StudyError(path, "", f"no such study file; known studies: {', '.join(known) or 'none'}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "yaml"
+        raise StudyError(path, where, f"invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise StudyError(path, "", "a study file must be a YAML mapping with base, seeds and arms")
+    raw.setdefault("name", path.stem)
+    try:
+        config = StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _as_study_error(path, e, ()) from None
+    return Study(config, path, tuple(expand(config, path)))
+
+
+def _as_study_error(path: Path, e: ValidationError, prefix: tuple) -> StudyError:
+    """The first pydantic error as a StudyError with a dotted field path."""
+    err = e.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*prefix, *err["loc"])).lstrip(".")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; remove it or check its spelling"
+    elif err["type"] != "value_error" and "input" in err:
+        msg = f"{msg} (got {err['input']!r})"
+    return StudyError(path, loc, msg)
+
+
+def set_path(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted ``key`` ('optim.lr') in nested dict ``d``; knowledge keys are shortcuts."""
+    parts = ["knowledge", key] if key in KNOWLEDGE_KEYS else key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"'{key}' does not name a config field")
+    d[parts[-1]] = value
+
+
+def label(v: Any) -> str:
+    """How a grid value reads in an arm name: a plugin by its name, a number as itself."""
+    if isinstance(v, dict) and "name" in v:
+        return str(v["name"])
+    return str(v)
+
+
+def arm_name(template: str, combo: dict[str, Any]) -> str:
+    labels = {k.replace(".", "_"): label(v) for k, v in combo.items()}
+    if "{" in template:
+        return template.format(**labels)
+    return f"{template}[{','.join(f'{k}={v}' for k, v in labels.items())}]" if labels else template
+
+
+def expand(config: StudyConfig, path: Path) -> list[CellConfig]:
+    """Arms x grid x axes x seeds -> cells, each validated with the field it came from."""
+    try:
+        CellConfig.model_validate({**config.base, "arm": "base", "seed": 0})
+    except ValidationError as e:
+        raise _as_study_error(path, e, ("base",)) from None
+    cells: list[CellConfig] = []
+    for i, arm in enumerate(config.arms):
+        cells += _expand_arm(config, arm, path, f"arms[{i}]")
+    names = [c.arm for c in cells if c.seed == config.seeds[0]]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise StudyError(path, "arms", f"two cells are both named '{dup[0]}'; use a name template like '{{mass}}+{{structure}}'")
+    _check_analysis(config, path, set(names))
+    return cells
+
+
+def _expand_arm(config: StudyConfig, arm: ArmConfig, path: Path, field: str) -> list[CellConfig]:
+    knowledge = {k: getattr(arm, k) for k in KNOWLEDGE_KEYS if getattr(arm, k) is not None}
+    axes = {**arm.grid, **config.axes}
+    out = []
+    for values in itertools.product(*axes.values()):
+        combo = dict(zip(axes, values))
+        try:
+            name = arm_name(arm.name, combo)
+        except (KeyError, IndexError, ValueError) as e:
+            raise StudyError(path, f"{field}.name", f"template '{arm.name}' uses {e}, which is not a grid or axis key") from None
+        for seed in config.seeds:
+            d = copy.deepcopy(config.base)
+            for k, v in knowledge.items():
+                set_path(d, k, v.flat() if hasattr(v, "flat") else v)
+            try:
+                for k, v in combo.items():
+                    set_path(d, k, v)
+                cell = CellConfig.model_validate({**d, "arm": name, "seed": seed})
+            except ConfigError as e:
+                raise StudyError(path, f"{field}.grid", str(e)) from None
+            except ValidationError as e:
+                raise _as_study_error(path, e, (field, f"<cell {name}>")) from None
+            _check_sources(cell, path, field)
+            out.append(cell)
+    return out
+
+
+def _check_sources(cell: CellConfig, path: Path, field: str) -> None:
+    k = cell.knowledge
+    objective = SoftTarget.from_specs(k.mass.flat(), k.structure.flat(), k.temperature, k.alpha)
+    if "teacher" in objective.needs and cell.teacher is None:
+        raise StudyError(path, field, f"arm '{cell.arm}' reads a teacher but base.teacher is null; set base.teacher")
+
+
+def _check_analysis(config: StudyConfig, path: Path, arms: set[str]) -> None:
+    wanted = [("analysis.baseline", config.analysis.baseline)] + [
+        (f"analysis.reference[{i}]", r) for i, r in enumerate(config.analysis.reference)
+    ]
+    for field, arm in wanted:
+        if arm is not None and arm not in arms:
+            raise StudyError(path, field, f"no arm named '{arm}'; arms: {', '.join(sorted(arms))}")

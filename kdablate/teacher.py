@@ -1,0 +1,85 @@
+"""Train a teacher once per (data, teacher config, seed), cache it with its logits.
+
+The cache holds the reported (best-on-val) weights, their metrics and the
+teacher's logits on every split of the unaugmented data, so distillation is a
+lookup. Writes are atomic (temp file + rename) and a per-key file lock keeps two
+processes from training the same teacher twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kdablate.components import SoftTarget
+from kdablate.config import CellConfig
+from kdablate.data import DataBundle
+from kdablate.trainer import SPLITS, fit, predict
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """logits: split -> (N, K); metrics: 'report/...' of the cached teacher."""
+
+    key: str
+    logits: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    path: Path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock held for the ``with`` block (POSIX flock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_teacher(cell: CellConfig, data: DataBundle) -> dict:
+    """Fit the teacher of ``cell`` with plain CE; return the cache record."""
+    assert cell.teacher is not None
+    seed = cell.seed if cell.teacher.seed is None else cell.teacher.seed
+    ce = SoftTarget.from_specs({"name": "none"}, {"name": "uniform"}, 1.0, 0.0)
+    result = fit(cell.teacher.model, data, cell.teacher.optim, ce, seed, report=cell.report)
+    logits = {s: predict(result.model, data.split(s)[0]) for s in SPLITS}
+    return {
+        "state_dict": result.model.state_dict(),
+        "logits": logits,
+        "metrics": result.metrics,
+        "config": {"data": cell.data.model_dump(), "teacher": cell.teacher.model_dump(), "seed": seed},
+    }
+
+
+def get_teacher(cell: CellConfig, data: DataBundle, cache_dir: Path) -> Teacher:
+    """The cached teacher of ``cell``, training and caching it first if needed."""
+    key = cell.teacher_key()
+    path = Path(cache_dir) / "teachers" / f"{key}.pt"
+    with file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            print(f"training teacher {key} ({cell.teacher.model.name})", flush=True)
+            atomic_save(train_teacher(cell, data), path)
+    record = torch.load(path, weights_only=True)
+    return Teacher(key, record["logits"], record["metrics"], path)
