@@ -40,6 +40,7 @@ def load_runs(study: Study, metric: str) -> pd.DataFrame:
         k = cell.knowledge
         rows.append({"arm": cell.arm, "seed": cell.seed, "mass": k.mass.name, "structure": k.structure.name,
                      "temperature": k.temperature, "alpha": k.alpha, "value": run.data.metrics[metric],
+                     "teacher": run.data.metrics.get("teacher/" + metric.split("/", 1)[-1], float("nan")),
                      "end_time": run.info.end_time})
     df = pd.DataFrame(rows)
     if df.empty:
@@ -134,8 +135,10 @@ def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
     for i, ref in enumerate(refs):
         for a in axes:
             a.axhline(data[data.arm == ref].pct.mean(), ls="--", lw=1, color=f"C{i + 1}", label=f"{ref} (mean)")
-    ax.set(xlabel="", ylabel=f"{metric} (%)", title=f"{study.name}: mean and 95% CI over seeds")
-    ax.tick_params(axis="x", rotation=35)
+    teacher = f", teacher {df.teacher.mean() * 100:.1f}%" if df.teacher.notna().any() else ""
+    ax.set(xlabel="", ylabel=f"{metric} (%)",
+           title=f"{study.name}: mean and 95% CI over {df.seed.nunique()} seeds{teacher}")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.legend(loc="lower right", fontsize=8)
     kd = data[(data.alpha > 0) & (data.mass != "none")]
     if kd.mass.nunique() >= 2 and kd.structure.nunique() >= 2:

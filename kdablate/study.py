@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import string
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,13 @@ def label(v: Any) -> str:
 
 
 def arm_name(template: str, combo: dict[str, Any]) -> str:
+    """The arm's name for one grid/axes combination: the template filled in, plus
+    ``[key=value,...]`` for every key the template does not mention."""
     labels = {k.replace(".", "_"): label(v) for k, v in combo.items()}
-    if "{" in template:
-        return template.format(**labels)
-    return f"{template}[{','.join(f'{k}={v}' for k, v in labels.items())}]" if labels else template
+    used = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    name = template.format(**labels) if used else template
+    rest = [f"{k}={v}" for k, v in labels.items() if k not in used]
+    return f"{name}[{','.join(rest)}]" if rest else name
 
 
 def expand(config: StudyConfig, path: Path) -> list[CellConfig]:

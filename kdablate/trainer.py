@@ -72,7 +72,10 @@ def evaluate_model(
     out: dict[str, float] = {}
     for split in splits:
         x, y = data.split(split)
-        out.update(evaluate(predict(model, x), y, split, None if teacher is None else teacher[split]))
+        logits = predict(model, x)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLoss(f"non-finite outputs on the {split} split")
+        out.update(evaluate(logits, y, split, None if teacher is None else teacher[split]))
     return out
 
 

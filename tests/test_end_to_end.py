@@ -1,0 +1,71 @@
+"""The smoke study end to end into a temporary MLflow store, then its figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis import decomposition
+from kdablate import tracking
+from kdablate.runner import run_study
+from kdablate.study import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def smoke_run(mlflow_store, tmp_path):
+    study = load_study(ROOT / "studies" / "smoke.yaml")
+    failed = run_study(study, tmp_path / "cache")
+    return study, tmp_path, failed
+
+
+def test_smoke_study_logs_every_cell_and_resumes(smoke_run, capsys):
+    study, tmp_path, failed = smoke_run
+    assert failed == 0
+    client = tracking.client()
+    exp = client.get_experiment_by_name("smoke")
+    runs = tracking.search_cells(client, exp.experiment_id)
+    assert len(runs) == len(study.cells) == 16
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    run = next(r for r in runs if r.data.tags["arm"] == "teacher+teacher" and r.data.tags["seed"] == "1")
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["knowledge.mass.name"] == "teacher" and p["knowledge.structure.name"] == "teacher"
+    assert p["knowledge.temperature"] == "4.0" and p["knowledge.alpha"] == "0.9" and p["optim.lr"] == "0.05"
+    assert {"study", "arm", "seed", "git_commit", "config_hash", "torch_version", "deterministic"} <= set(t)
+    assert t["mlflow.parentRunId"] and t["config_hash"] == next(
+        c.config_hash() for c in study.cells if c.arm == "teacher+teacher" and c.seed == 1)
+    assert {"report/test_acc", "report/val_acc", "report/test_agreement", "report/epoch",
+            "teacher/test_acc", "train/loss_kd", "val/ece", "test/nll"} <= set(m)
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert sorted(h.step for h in history) == [1, 2, 3, 4]
+    config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())
+    assert config["knowledge"]["mass"]["name"] == "teacher" and config["seed"] == 1
+    # One teacher, trained once and reused by every cell.
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1
+    capsys.readouterr()
+    assert run_study(study, tmp_path / "cache") == 0
+    assert "16 already finished, 0 to run" in capsys.readouterr().out
+    assert len(tracking.search_cells(client, exp.experiment_id)) == 16
+
+
+def test_figures_and_tables_from_mlflow(smoke_run):
+    study, tmp_path, _ = smoke_run
+    assert decomposition.main(["smoke", "--out", str(tmp_path / "figures")]) == 0
+    out = tmp_path / "figures" / "smoke"
+    for name in ("decomposition.png", "decomposition.pdf", "table.csv", "table.md", "effects.csv"):
+        assert (out / name).stat().st_size > 0, name
+    import pandas as pd
+
+    table = pd.read_csv(out / "table.csv")
+    assert list(table.arm) == study.arms() and set(table.n) == {2}
+    assert {"mean", "std", "ci_low", "ci_high", "vs_ce_diff_mean", "vs_ce_p_value"} <= set(table.columns)
+    effects = pd.read_csv(out / "effects.csv")
+    assert list(effects.contrast) == ["teacher - constant", "permuted - uniform", "teacher - permuted"]
+    assert "| teacher+teacher |" in (out / "table.md").read_text()
+
+
+def test_figures_without_runs_is_a_clean_error(mlflow_store, capsys):
+    assert decomposition.main(["smoke"]) == 2
+    assert "no finished runs of study 'smoke'" in capsys.readouterr().err

@@ -1,0 +1,83 @@
+"""Registry behaviour, and every registered model / dataset checked automatically."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kdablate.components import MASSES, STRUCTURES, SoftTarget, TargetContext
+from kdablate.components.context import Component
+from kdablate.data import DATASETS, load_dataset
+from kdablate.models import MODELS, build_model
+from kdablate.registry import ConfigError, Registry
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ConfigError, match="unknown structure 'teachr'; known: permuted, teacher, uniform"):
+        STRUCTURES.get("teachr")
+
+
+def test_unknown_parameter_lists_allowed():
+    with pytest.raises(ConfigError, match="mass 'constant' has no parameter 'epsilon'; allowed: eps"):
+        MASSES.build("constant", {"epsilon": 0.1})
+
+
+def test_parameter_types_and_ranges_are_checked():
+    with pytest.raises(ConfigError, match="must be float, got str"):
+        MASSES.build("constant", {"eps": "0.1"})
+    with pytest.raises(ConfigError, match=r"eps must be in \[0, 1\]"):
+        MASSES.build("constant", {"eps": 1.5})
+    with pytest.raises(ConfigError, match="must be int, got bool"):
+        MODELS.params("mlp", {"hidden": True})
+    assert MASSES.build("constant", {"eps": 1}).params.eps == 1.0  # ints are fine for floats
+
+
+def test_double_registration_fails():
+    reg: Registry = Registry("thing")
+    reg.register("a")(type("A", (), {}))
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("a")(type("B", (), {}))
+
+
+def test_a_new_structure_needs_one_class_and_no_other_edit(monkeypatch, batch):
+    """What a plugin author writes: a pure function and a small registered class."""
+    monkeypatch.setattr(STRUCTURES, "_entries", dict(STRUCTURES._entries))
+
+    def next_class(labels: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot((labels + 1) % k, k).float()
+
+    @STRUCTURES.register("next_class")
+    class NextClass(Component):
+        @dataclasses.dataclass(frozen=True)
+        class Params:
+            pass
+
+        def __call__(self, ctx: TargetContext) -> torch.Tensor:
+            return next_class(ctx.labels, ctx.num_classes)
+
+    obj = SoftTarget.from_specs({"name": "constant", "eps": 0.2}, {"name": "next_class"}, 1.0, 1.0)
+    ctx = TargetContext(batch["labels"], 10, 1.0, batch["student"])
+    q = obj.target(ctx)
+    assert torch.allclose(q.gather(1, ((batch["labels"] + 1) % 10)[:, None]), torch.tensor(0.2))
+    assert "next_class" in STRUCTURES.names()
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_maps_inputs_to_logits(name):
+    model = build_model(name, {}, (1, 40), 10)
+    out = model(torch.randn(4, 1, 40))
+    assert out.shape == (4, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_dataset_has_disjoint_labelled_splits(name):
+    data = load_dataset(name, {"num_samples": 500} if name == "mnist1d" else {})
+    for split in ("train", "val", "test"):
+        x, y = data.split(split)
+        assert len(x) == len(y) > 0
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert int(y.min()) >= 0 and int(y.max()) < data.num_classes
+    assert data.x_train.shape[1:] == data.x_val.shape[1:] == data.x_test.shape[1:]

@@ -1,0 +1,135 @@
+"""Study files: expansion into cells, and clean one-line errors for bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kdablate.study import StudyError, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """
+base:
+  data: {name: mnist1d, num_samples: 500}
+  optim: {epochs: 1}
+seeds: [0, 1]
+arms:
+  - {name: ce, mass: none, alpha: 0.0}
+  - name: "{mass}+{structure}"
+    temperature: 4
+    alpha: 0.9
+    grid:
+      mass: [{name: constant, eps: 0.4}, teacher]
+      structure: [uniform, teacher]
+analysis: {baseline: ce, reference: [ce]}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_components_study_has_the_required_arms_and_seeds():
+    study = load_study(ROOT / "studies" / "components.yaml")
+    arms = study.arms()
+    assert {"ce", "ls"} <= set(arms)
+    factorial = {f"{m}+{s}" for m in ("constant", "teacher") for s in ("uniform", "permuted", "teacher")}
+    assert factorial <= set(arms)
+    assert len(study.config.seeds) >= 3
+    kd = [c for c in study.cells if c.arm in factorial]
+    assert {c.knowledge.temperature for c in kd} == {4.0}
+    ls = next(c for c in study.cells if c.arm == "ls")
+    assert ls.knowledge.temperature == 1.0 and ls.knowledge.mass.name == "constant"
+    assert len({c.config_hash() for c in study.cells}) == len(study.cells)
+
+
+def test_smoke_study_has_the_same_shape_as_components():
+    smoke, comp = load_study(ROOT / "studies" / "smoke.yaml"), load_study(ROOT / "studies" / "components.yaml")
+    assert smoke.arms() == comp.arms()
+
+
+def test_grid_expands_with_name_template(tmp_path):
+    study = load_study(write(tmp_path, GOOD))
+    assert study.arms() == ["ce", "constant+uniform", "constant+teacher", "teacher+uniform", "teacher+teacher"]
+    assert len(study.cells) == 10
+    c = next(c for c in study.cells if c.arm == "constant+teacher")
+    assert c.knowledge.mass.params == {"eps": 0.4} and c.knowledge.temperature == 4.0
+
+
+def test_axes_cross_every_arm_and_reach_any_field(tmp_path):
+    text = GOOD.replace("analysis: {baseline: ce, reference: [ce]}", "axes: {optim.lr: [0.1, 0.01]}")
+    study = load_study(write(tmp_path, text))
+    assert len(study.cells) == 20
+    assert {c.optim.lr for c in study.cells} == {0.1, 0.01}
+
+
+def test_hash_ignores_spelled_out_defaults(tmp_path):
+    a = load_study(write(tmp_path, GOOD, "a.yaml"))
+    b = load_study(write(tmp_path, GOOD.replace("{name: mnist1d, num_samples: 500}",
+                                                "{name: mnist1d, num_samples: 500, val_fraction: 0.1}"), "b.yaml"))
+    assert [c.config_hash() for c in a.cells] == [c.config_hash() for c in b.cells]
+
+
+BAD = [
+    ("unknown mass", ("mass: none, alpha", "mass: nothing, alpha"), "arms[0].mass", "unknown mass 'nothing'; known:"),
+    ("unknown structure in grid", ("structure: [uniform, teacher]", "structure: [uniform, teachr]"),
+     "arms[1]", "unknown structure 'teachr'"),
+    ("unknown component param", ("eps: 0.4", "epsilon: 0.4"), "arms[1]", "no parameter 'epsilon'; allowed: eps"),
+    ("unknown model", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  student: {name: resnet999}"),
+     "base.student", "unknown model 'resnet999'"),
+    ("unknown dataset", ("name: mnist1d", "name: mnist2d"), "base.data", "unknown dataset 'mnist2d'"),
+    ("temperature <= 0", ("temperature: 4", "temperature: 0"), "arms[1].temperature", "greater than 0"),
+    ("alpha > 1", ("alpha: 0.9", "alpha: 1.5"), "arms[1].alpha", "less than or equal to 1"),
+    ("alpha wrong type", ("alpha: 0.9", "alpha: high"), "arms[1].alpha", "valid number"),
+    ("empty grid axis", ("structure: [uniform, teacher]", "structure: []"), "arms[1].grid", "axis 'structure' is empty"),
+    ("duplicate arm", ("- {name: ce, mass: none, alpha: 0.0}", "- {name: ce, mass: none, alpha: 0.0}\n  - {name: ce}"),
+     "", "duplicate arm name 'ce'"),
+    ("no seeds", ("seeds: [0, 1]", "seeds: []"), "seeds", "at least 1"),
+    ("unknown top-level field", ("seeds: [0, 1]", "seeds: [0, 1]\nsedes: [3]"), "sedes", "unknown field"),
+    ("unknown optim field", ("optim: {epochs: 1}", "optim: {epoch: 1}"), "base.optim.epoch", "unknown field"),
+    ("negative epochs", ("optim: {epochs: 1}", "optim: {epochs: -1}"), "base.optim.epochs", "greater than 0"),
+    ("bad analysis baseline", ("baseline: ce", "baseline: kd"), "analysis.baseline", "no arm named 'kd'"),
+    ("template with unknown key", ('"{mass}+{structure}"', '"{mass}+{temp}"'), "arms[1].name", "'temp'"),
+    ("teacher needed but null", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  teacher: null"), "arms[1]",
+     "base.teacher is null"),
+    ("bad yaml", ("seeds: [0, 1]", "seeds: [0, 1"), "line", "invalid YAML"),
+]
+
+
+@pytest.mark.parametrize("case,edit,field,message", BAD, ids=[b[0] for b in BAD])
+def test_malformed_study_is_rejected_with_file_and_field(tmp_path, case, edit, field, message):
+    assert edit[0] in GOOD, case
+    path = write(tmp_path, GOOD.replace(edit[0], edit[1], 1))
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    text = str(err.value)
+    assert text.startswith(str(path)) and "\n" not in text
+    assert field in err.value.field and message in text, text
+
+
+def test_missing_study_lists_known_ones(tmp_path):
+    with pytest.raises(StudyError, match="no such study file; known studies: components"):
+        load_study(ROOT / "studies" / "nope.yaml")
+
+
+def test_cli_reports_bad_input_in_one_line_with_exit_2(tmp_path):
+    path = write(tmp_path, GOOD.replace("alpha: 0.9", "alpha: 2"))
+    out = subprocess.run([sys.executable, "-m", "kdablate.cli", "run", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert str(path) in out.stderr and "arms[1].alpha" in out.stderr
+
+
+def test_dry_run_lists_cells_without_training(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kdablate.cli", "dry-run", str(write(tmp_path, GOOD))],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "5 arms x 2 seeds = 10 cells" in out.stdout and out.stdout.count("teacher+teacher") == 2
+    assert not (tmp_path / "mlruns.db").exists()

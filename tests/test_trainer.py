@@ -1,0 +1,83 @@
+"""The shared trainer: determinism, reporting rule, metrics, failure on divergence."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from kdablate.components import SoftTarget
+from kdablate.config import ModelSpec, OptimConfig
+from kdablate.data import load_dataset
+from kdablate.metrics import agreement, ece
+from kdablate.trainer import NonFiniteLoss, fit, predict
+
+CE = SoftTarget.from_specs({"name": "none"}, {"name": "uniform"}, 1.0, 0.0)
+OPT = OptimConfig(epochs=3, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_dataset("mnist1d", {"num_samples": 400})
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn1d"])
+def test_same_seed_same_result_on_cpu(tiny, model):
+    spec = ModelSpec(name=model, params={"hidden": 16} if model == "mlp" else {"channels": 8, "depth": 2})
+    logs_a, logs_b = [], []
+    a = fit(spec, tiny, OPT, CE, seed=3, on_epoch=lambda e, m: logs_a.append(m))
+    b = fit(spec, tiny, OPT, CE, seed=3, on_epoch=lambda e, m: logs_b.append(m))
+    assert a.metrics == b.metrics and logs_a == logs_b
+    sa, sb = state(a.model), state(b.model)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = fit(spec, tiny, OPT, CE, seed=4)
+    assert any(not torch.equal(sa[k], v) for k, v in state(c.model).items())
+
+
+def test_kd_with_teacher_logits_is_deterministic_and_logs_every_part(tiny):
+    teacher = {s: torch.randn(len(tiny.split(s)[1]), 10, generator=torch.Generator().manual_seed(0))
+               for s in ("train", "val", "test")}
+    obj = SoftTarget.from_specs({"name": "teacher"}, {"name": "permuted"}, 4.0, 0.9)
+    logs = []
+    a = fit(ModelSpec(name="mlp"), tiny, OPT, obj, 0, teacher=teacher, on_epoch=lambda e, m: logs.append(m))
+    b = fit(ModelSpec(name="mlp"), tiny, OPT, obj, 0, teacher=teacher)
+    assert a.metrics == b.metrics
+    assert {"train/loss", "train/loss_ce", "train/loss_kd", "train/target_mass", "val/acc", "val/nll",
+            "val/ece", "test/acc", "test/agreement"} <= set(logs[0])
+    assert "report/test_agreement" in a.metrics
+
+
+def test_report_rule_is_recorded_and_selects_on_validation_only(tiny):
+    logs = []
+    best = fit(ModelSpec(name="mlp"), tiny, OptimConfig(epochs=5, batch_size=32),
+               CE, 0, report="best_val", on_epoch=lambda e, m: logs.append(m))
+    epoch = int(best.metrics["report/epoch"])
+    val = [m["val/acc"] for m in logs]
+    assert val[epoch - 1] == max(val) and epoch == val.index(max(val)) + 1
+    assert best.metrics["report/val_acc"] == pytest.approx(val[epoch - 1])
+    last = fit(ModelSpec(name="mlp"), tiny, OptimConfig(epochs=5, batch_size=32), CE, 0, report="last")
+    assert last.metrics["report/epoch"] == 5
+
+
+def test_diverging_loss_raises(tiny):
+    with pytest.raises(NonFiniteLoss):
+        fit(ModelSpec(name="mlp"), tiny, OptimConfig(epochs=3, lr=1e6, momentum=0.0), CE, 0)
+
+
+def test_predict_restores_training_mode(tiny):
+    model = fit(ModelSpec(name="cnn1d", params={"channels": 4, "depth": 1}), tiny, OptimConfig(epochs=1), CE, 0).model
+    model.train()
+    predict(model, tiny.x_val)
+    assert model.training
+
+
+def test_ece_and_agreement():
+    logits = torch.tensor([[10.0, 0.0], [0.0, 10.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert ece(logits, labels) < 1e-3  # confident and right
+    assert ece(logits, 1 - labels) > 0.99  # confident and wrong
+    assert ece(torch.zeros(4, 2), labels) == pytest.approx(0.0)  # 50% confident, 50% right
+    assert agreement(logits, logits) == 1.0 and agreement(logits, -logits) == 0.0
