@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kdablate.components import MASSES, STRUCTURES
 from kdablate.data import DATASETS
 from kdablate.models import MODELS
+from kdablate.objectives import OBJECTIVES
 from kdablate.registry import Registry
 
 
@@ -59,6 +60,10 @@ class StructureSpec(PluginSpec):
     registry = STRUCTURES
 
 
+class ObjectiveSpec(PluginSpec):
+    registry = OBJECTIVES
+
+
 class ModelSpec(PluginSpec):
     registry = MODELS
 
@@ -92,12 +97,21 @@ class TeacherConfig(Frozen):
 
 
 class KnowledgeConfig(Frozen):
-    """How the soft target is built and weighted: q from mass and structure, then T and alpha."""
+    """How the target is built and weighted.
 
+    objective: ``soft_target`` (q from mass and structure) or another registered loss (``dkd``).
+    alpha: the distillation weight (for ``dkd``: the TCKD weight).
+    warmup_epochs: alpha ramps linearly from 0 over these epochs.
+    entropy_penalty: beta of the confidence penalty, loss - beta * H(p_student).
+    """
+
+    objective: ObjectiveSpec = ObjectiveSpec(name="soft_target")
     mass: MassSpec = MassSpec(name="none")
     structure: StructureSpec = StructureSpec(name="uniform")
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+    entropy_penalty: float = Field(0.0, ge=0)
 
 
 class CellConfig(Frozen):

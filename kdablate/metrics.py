@@ -41,3 +41,16 @@ def evaluate(
     if teacher_logits is not None:
         out[f"{split}/agreement"] = agreement(logits, teacher_logits)
     return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two same-shaped tensors (flattened); ties broken by order."""
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm()).clamp_min(1e-12)).item()
+
+
+def offdiagonal(m: torch.Tensor) -> torch.Tensor:
+    """(K, K) -> (K*(K-1),) entries off the diagonal."""
+    return m[~torch.eye(m.shape[0], dtype=torch.bool)]

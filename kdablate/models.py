@@ -32,11 +32,12 @@ class MLP(nn.Module):
         for _ in range(params.depth):
             layers += [nn.Linear(width, params.hidden), nn.ReLU()]
             width = params.hidden
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        # features / head split, so CAM-style explanations see the last hidden layer.
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.head(self.features(x))
 
 
 @MODELS.register("cnn1d")

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from kdablate import tracking
-from kdablate.components import SoftTarget
 from kdablate.config import CellConfig, flatten
 from kdablate.data import load_dataset
+from kdablate.objectives import build_method
 from kdablate.study import Study
-from kdablate.teacher import get_teacher
+from kdablate.teacher import get_teacher, teacher_model
 from kdablate.trainer import fit
 
 
@@ -39,13 +39,16 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, cac
     """Train one cell, logging per-epoch metrics into ``run_id``; returns the reported metrics."""
     data = load_dataset(cell.data.name, cell.data.params)
     teacher = get_teacher(cell, data, cache_dir) if cell.teacher is not None else None
-    k = cell.knowledge
-    objective = SoftTarget.from_specs(k.mass.flat(), k.structure.flat(), k.temperature, k.alpha)
+    online = None
+    if "teacher_model" in build_method(cell.knowledge).needs:
+        online = teacher_model(cell, data, teacher)
     result = fit(
-        cell.student, data, cell.optim, objective, cell.seed,
+        cell.student, data, cell.optim, cell.knowledge, cell.seed,
         teacher=None if teacher is None else teacher.logits, report=cell.report,
-        on_epoch=lambda epoch, m: tracking.log_metrics(client, run_id, m, epoch),
+        on_epoch=lambda epoch, m: tracking.log_metrics(client, run_id, m, epoch), teacher_model=online,
     )
+    for name, matrix in result.artifacts.items():
+        client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     final = dict(result.metrics)
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})

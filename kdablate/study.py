@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdablate.components import SoftTarget
-from kdablate.config import CellConfig, Frozen, MassSpec, StructureSpec
+from kdablate.config import CellConfig, Frozen, MassSpec, ObjectiveSpec, StructureSpec
+from kdablate.objectives import build_method
 from kdablate.registry import ConfigError
 
-KNOWLEDGE_KEYS = ("mass", "structure", "temperature", "alpha")
+KNOWLEDGE_KEYS = ("objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "entropy_penalty")
 
 
 class StudyError(Exception):
@@ -37,10 +37,13 @@ class ArmConfig(Frozen):
     """One arm: knowledge overrides, and an optional ``grid`` crossed into sub-arms."""
 
     name: str = Field(min_length=1)
+    objective: ObjectiveSpec | None = None
     mass: MassSpec | None = None
     structure: StructureSpec | None = None
     temperature: float | None = Field(None, gt=0)
     alpha: float | None = Field(None, ge=0, le=1)
+    warmup_epochs: int | None = Field(None, ge=0)
+    entropy_penalty: float | None = Field(None, ge=0)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
     @field_validator("grid")
@@ -223,9 +226,8 @@ def _expand_arm(config: StudyConfig, arm: ArmConfig, path: Path, field: str) -> 
 
 
 def _check_sources(cell: CellConfig, path: Path, field: str) -> None:
-    k = cell.knowledge
-    objective = SoftTarget.from_specs(k.mass.flat(), k.structure.flat(), k.temperature, k.alpha)
-    if "teacher" in objective.needs and cell.teacher is None:
+    needs = build_method(cell.knowledge).needs
+    if needs & {"teacher", "teacher_model"} and cell.teacher is None:
         raise StudyError(path, field, f"arm '{cell.arm}' reads a teacher but base.teacher is null; set base.teacher")
 
 

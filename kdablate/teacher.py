@@ -17,9 +17,11 @@ from typing import Iterator
 
 import torch
 
-from kdablate.components import SoftTarget
-from kdablate.config import CellConfig
+from torch import nn
+
+from kdablate.config import CellConfig, KnowledgeConfig
 from kdablate.data import DataBundle
+from kdablate.models import build_model
 from kdablate.trainer import SPLITS, fit, predict
 
 
@@ -62,8 +64,7 @@ def train_teacher(cell: CellConfig, data: DataBundle) -> dict:
     """Fit the teacher of ``cell`` with plain CE; return the cache record."""
     assert cell.teacher is not None
     seed = cell.seed if cell.teacher.seed is None else cell.teacher.seed
-    ce = SoftTarget.from_specs({"name": "none"}, {"name": "uniform"}, 1.0, 0.0)
-    result = fit(cell.teacher.model, data, cell.teacher.optim, ce, seed, report=cell.report)
+    result = fit(cell.teacher.model, data, cell.teacher.optim, KnowledgeConfig(), seed, report=cell.report)
     logits = {s: predict(result.model, data.split(s)[0]) for s in SPLITS}
     return {
         "state_dict": result.model.state_dict(),
@@ -83,3 +84,11 @@ def get_teacher(cell: CellConfig, data: DataBundle, cache_dir: Path) -> Teacher:
             atomic_save(train_teacher(cell, data), path)
     record = torch.load(path, weights_only=True)
     return Teacher(key, record["logits"], record["metrics"], path)
+
+
+def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher) -> nn.Module:
+    """The cached teacher as a frozen module in eval mode (for teacher explanations)."""
+    spec = cell.teacher.model
+    model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
+    model.load_state_dict(torch.load(teacher.path, weights_only=True)["state_dict"])
+    return model.eval().requires_grad_(False)

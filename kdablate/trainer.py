@@ -6,22 +6,30 @@ of a CE step, against ×1.3–3.2 for an online teacher). Determinism: the model
 init, the data order and the components' randomness each come from their own
 seeded stream, so arms that share a seed also share init and data order, which
 makes per-seed differences between arms paired comparisons.
+
+A cell whose knowledge reads a ``peer`` trains a cohort of two students on the
+same batches (Deep Mutual Learning, Zhang et al., CVPR 2018); each distils the
+other's detached output of the same step (a simultaneous update). Member 0 is
+the reported student; member 1 is logged under ``member1/``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from kdablate.components import SoftTarget, TargetContext
-from kdablate.config import ModelSpec, OptimConfig
+from kdablate.components import TargetContext
+from kdablate.components.structure import class_mean_structure, nongt_distribution
+from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
-from kdablate.metrics import evaluate
+from kdablate.metrics import evaluate, offdiagonal, spearman
 from kdablate.models import build_model
+from kdablate.objectives import Method, build_method
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 SPLITS = ("train", "val", "test")
@@ -33,10 +41,23 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """The reported model and its metrics ('report/<split>_<metric>', 'report/epoch')."""
+    """The reported model, its metrics ('report/<split>_<metric>', 'report/epoch') and
+    tensors worth keeping as artifacts (e.g. class-similarity matrices)."""
 
     model: nn.Module
     metrics: dict[str, float]
+    artifacts: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Member:
+    """One student of the cohort, with its optimiser and its own (stateful) method."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    method: Method
+    features: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -79,64 +100,125 @@ def evaluate_model(
     return out
 
 
-def train_epoch(
-    model: nn.Module, data: DataBundle, objective: SoftTarget, opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler, batch_size: int, gens: tuple[torch.Generator, torch.Generator],
-    teacher_train: torch.Tensor | None,
-) -> dict[str, float]:
-    """One pass over the train split; returns the mean of each loss part ('train/<part>')."""
-    model.train()
+def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
+                seed: int, steps_per_epoch: int) -> Member:
+    torch.manual_seed(seed)
+    model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
+    opt, sched = make_optimizer(model, optim, max(optim.epochs * steps_per_epoch, 1))
+    member = Member(model, opt, sched, build_method(knowledge, steps_per_epoch))
+    if "features" in member.method.needs:
+        # The training forward's last feature map, so CAM needs no second forward.
+        model.features.register_forward_hook(lambda m, i, out: member.features.append(out))
+    return member
+
+
+def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int,
+               teacher_logits: torch.Tensor | None, teacher_model: nn.Module | None,
+               generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """One optimisation step of every cohort member on the batch (x, y)."""
+    outputs = []
+    for m in members:
+        m.features.clear()
+        outputs.append(m.model(x))
+    results = []
+    for i, (m, logits) in enumerate(zip(members, outputs)):
+        others = [o.detach() for j, o in enumerate(outputs) if j != i]
+        ctx = TargetContext(
+            y, num_classes, m.method.temperature, logits.detach(), teacher_logits, generator,
+            peer_logits=torch.stack(others).mean(0) if others else None, inputs=x,
+            models={"self": m.model, **({"teacher": teacher_model} if teacher_model is not None else {})},
+            features=m.features[-1] if m.features else None, step=step,
+        )
+        parts = m.method(logits, ctx)
+        if not torch.isfinite(parts["loss"]):
+            raise NonFiniteLoss(f"non-finite loss {parts['loss'].item()} at step {step}")
+        m.opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        parts["acc"] = (logits.detach().argmax(1) == y).float().mean()
+        results.append(parts)
+    for m in members:  # after every member's backward: peers saw the same weights
+        m.opt.step()
+        m.sched.step()
+    return results
+
+
+def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, torch.Generator],
+                step: int, teacher: dict[str, torch.Tensor] | None, teacher_model: nn.Module | None) -> tuple[list[dict[str, float]], int]:
+    """One pass over the train split; per member, the mean of each loss part ('train/<part>')."""
+    for m in members:
+        m.model.train()
     order_gen, component_gen = gens
     perm = torch.randperm(len(data.y_train), generator=order_gen)
     # Drop the ragged last batch: BatchNorm cannot train on a batch of 1.
     n = len(perm) - len(perm) % batch_size
-    sums: dict[str, torch.Tensor] = {}
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in members]
+    t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        x, y = data.x_train[idx], data.y_train[idx]
-        logits = model(x)
-        ctx = TargetContext(
-            y, data.num_classes, objective.temperature, logits.detach(),
-            None if teacher_train is None else teacher_train[idx], component_gen,
-        )
-        parts = objective(logits, ctx)
-        if not torch.isfinite(parts["loss"]):
-            raise NonFiniteLoss(f"non-finite loss {parts['loss'].item()} at step {sched.last_epoch}")
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        sched.step()
-        parts["acc"] = (logits.detach().argmax(1) == y).float().mean()
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
+        t_logits = None if teacher is None else teacher["train"][idx]
+        parts = train_step(members, data.x_train[idx], data.y_train[idx], step, data.num_classes,
+                           t_logits, teacher_model, component_gen)
+        step += 1
+        for s, p in zip(sums, parts):
+            for k, v in p.items():
+                s[k] = s.get(k, 0.0) + v.detach()
     steps = max(n // batch_size, 1)
-    return {f"train/{k}": (v / steps).item() for k, v in sums.items()}
+    out = [{f"train/{k}": (v / steps).item() for k, v in s.items()} for s in sums]
+    out[0]["time/step_ms"] = 1000 * (time.perf_counter() - t0) / steps
+    return out, step
+
+
+def epoch_summary(method: Method, data: DataBundle, teacher: dict[str, torch.Tensor] | None,
+                  temperature: float) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics and matrices from the method's per-epoch summary (explanation similarity)."""
+    summary = method.summary()
+    metrics: dict[str, float] = {}
+    artifacts: dict[str, torch.Tensor] = {}
+    if "explain_ms" in summary:
+        metrics["time/explain_ms"] = float(summary["explain_ms"])
+    if "similarity" in summary:
+        artifacts["similarity_explanation"] = summary["similarity"]
+        if teacher is not None:
+            p = torch.softmax(teacher["train"] / temperature, 1)
+            t_matrix = class_mean_structure(nongt_distribution(p, data.y_train), data.y_train, data.num_classes)
+            artifacts["similarity_teacher"] = t_matrix
+            metrics["train/similarity_spearman"] = spearman(offdiagonal(summary["similarity"]), offdiagonal(t_matrix))
+    return metrics, artifacts
+
+
+def cohort_size(method: Method) -> int:
+    return 2 if "peer" in method.needs else 1
 
 
 def fit(
-    model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, objective: SoftTarget, seed: int,
+    model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
     teacher: dict[str, torch.Tensor] | None = None, report: str = "best_val",
-    on_epoch: EpochCallback | None = None,
+    on_epoch: EpochCallback | None = None, teacher_model: nn.Module | None = None,
 ) -> FitResult:
-    """Train a fresh ``model_spec`` on ``data``; report the last or the best-on-val epoch.
+    """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
     teacher: split -> (N, K) precomputed teacher logits, or None.
     Selection only ever looks at val accuracy; test is logged, never chosen on.
     """
-    torch.manual_seed(seed)
-    model = build_model(model_spec.name, model_spec.params, data.input_shape, data.num_classes)
-    steps = optim.epochs * (len(data.y_train) // optim.batch_size)
-    opt, sched = make_optimizer(model, optim, max(steps, 1))
+    steps_per_epoch = len(data.y_train) // optim.batch_size
+    # Member 0 uses the cell's seed, so its init matches the single-student arms.
+    members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch)
+               for i in range(cohort_size(build_method(knowledge)))]
     gens = (seeded_generator(seed, 0), seeded_generator(seed, 1))
-    best, best_epoch, best_val = None, 0, -1.0
+    best, best_epoch, best_val, step, artifacts = None, 0, -1.0, 0, {}
     for epoch in range(1, optim.epochs + 1):
-        metrics = train_epoch(model, data, objective, opt, sched, optim.batch_size, gens,
-                              None if teacher is None else teacher["train"])
-        metrics.update(evaluate_model(model, data, teacher))
+        parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model)
+        metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher)}
+        for i, m in enumerate(members[1:], 1):
+            extra = {**parts[i], **evaluate_model(m.model, data, teacher)}
+            metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
+        summary, artifacts = epoch_summary(members[0].method, data, teacher, knowledge.temperature)
+        metrics.update(summary)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if report == "best_val" and metrics["val/acc"] > best_val:
-            best, best_epoch, best_val = copy.deepcopy(model.state_dict()), epoch, metrics["val/acc"]
+            best, best_epoch, best_val = copy.deepcopy(members[0].model.state_dict()), epoch, metrics["val/acc"]
+    model = members[0].model
     if report == "best_val" and best is not None:
         model.load_state_dict(best)
     else:
@@ -144,4 +226,4 @@ def fit(
     final = evaluate_model(model, data, teacher)
     reported = {"report/" + k.replace("/", "_"): v for k, v in final.items()}
     reported["report/epoch"] = float(best_epoch)
-    return FitResult(model, reported)
+    return FitResult(model, reported, artifacts)

@@ -12,12 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def batch() -> dict:
     """B=16, K=10 logits for a student and a teacher, labels, and a seeded generator."""
+    from kdablate.models import build_model
+
     g = torch.Generator().manual_seed(0)
     b, k = 16, 10
+    torch.manual_seed(0)
+    models = {"self": build_model("mlp", {"hidden": 16}, (1, 40), k),
+              "teacher": build_model("cnn1d", {"channels": 8, "depth": 2}, (1, 40), k)}
+    inputs = torch.randn(b, 1, 40, generator=g)
     return {
         "labels": torch.randint(0, k, (b,), generator=g),
         "student": torch.randn(b, k, generator=g) * 2,
         "teacher": torch.randn(b, k, generator=g) * 3,
+        "peer": torch.randn(b, k, generator=g) * 2,
+        "inputs": inputs,
+        "models": models,
+        "features": models["self"].features(inputs).detach(),
         "k": k,
     }
 

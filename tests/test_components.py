@@ -12,8 +12,10 @@ from kdablate.components.structure import permute_nongt
 
 
 def ctx_for(batch: dict, temperature: float = 4.0, seed: int = 0) -> TargetContext:
+    """Every source a component may read: teacher and peer logits, inputs, models, features."""
     return TargetContext(batch["labels"], batch["k"], temperature, batch["student"], batch["teacher"],
-                         torch.Generator().manual_seed(seed))
+                         torch.Generator().manual_seed(seed), peer_logits=batch["peer"], inputs=batch["inputs"],
+                         models=batch["models"], features=batch["features"])
 
 
 @pytest.mark.parametrize("mass,structure", list(itertools.product(MASSES.names(), STRUCTURES.names())))

@@ -14,8 +14,10 @@ from kdablate.registry import ConfigError, Registry
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ConfigError, match="unknown structure 'teachr'; known: permuted, teacher, uniform"):
+    with pytest.raises(ConfigError) as err:
         STRUCTURES.get("teachr")
+    assert str(err.value) == f"unknown structure 'teachr'; known: {', '.join(STRUCTURES.names())}"
+    assert {"permuted", "teacher", "uniform", "explanation"} <= set(STRUCTURES.names())
 
 
 def test_unknown_parameter_lists_allowed():

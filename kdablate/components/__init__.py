@@ -9,6 +9,7 @@ the other K-1 classes): q_y = 1 - m, q_c = m * r_c. See Gu, Wu & Tresp,
 from kdablate.components.context import TargetContext
 from kdablate.components.mass import MASSES
 from kdablate.components.structure import STRUCTURES
+from kdablate.components import explanation as _explanation  # noqa: F401  (registers 'explanation')
 from kdablate.components.target import SoftTarget, assemble_target, soft_target_loss
 
 __all__ = [

@@ -4,18 +4,26 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
+
+SOURCES = ("self", "teacher", "peer")
 
 
 @dataclasses.dataclass
 class TargetContext:
-    """One batch's view for the components.
+    """One training step's view for the components.
 
     labels: (B,) int64 ground truth.
     num_classes: K.
-    temperature: T, already to be applied to any reference logits.
-    student_logits: (B, K) the student's logits, detached.
+    temperature: T, applied to any source logits before a component reads them.
+    student_logits: (B, K) the model's own logits, detached (the 'self' source).
     teacher_logits: (B, K) a teacher's logits, or None when no teacher is loaded.
-    generator: the cell's RNG, so random components are reproducible per seed.
+    generator: the cell's RNG for components, so random ones are reproducible per seed.
+    peer_logits: (B, K) the other cohort members' logits (Deep Mutual Learning), detached.
+    inputs: (B, *shape) the batch, for components that explain a model on it.
+    models: 'self' and, when loaded, 'teacher' modules, for explanations.
+    features: (B, C, *L) the student's last feature map from this step's forward, if captured.
+    step: the global optimisation step (0-based).
     """
 
     labels: torch.Tensor
@@ -24,21 +32,34 @@ class TargetContext:
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    peer_logits: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+    models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    features: torch.Tensor | None = None
+    step: int = 0
 
-    def require_teacher(self, who: str) -> torch.Tensor:
-        if self.teacher_logits is None:
-            raise RuntimeError(f"{who} needs a teacher, but none was loaded for this cell")
-        return self.teacher_logits
+    def logits(self, source: str) -> torch.Tensor:
+        """(B, K) logits of 'self', 'teacher' or 'peer'; a clear error if not loaded."""
+        out = {"self": self.student_logits, "teacher": self.teacher_logits, "peer": self.peer_logits}[source]
+        if out is None:
+            raise RuntimeError(f"this component reads the '{source}' source, but none is loaded for this cell")
+        return out
+
+    def probs(self, source: str) -> torch.Tensor:
+        """(B, K) softmax(logits(source) / T)."""
+        return torch.softmax(self.logits(source) / self.temperature, dim=1)
 
 
 class Component:
     """Base of mass and structure plugins: holds the checked ``Params``.
 
-    ``needs`` names the knowledge sources the component reads ('teacher', ...),
-    so the trainer loads only what a cell uses.
+    ``needs`` names what the component reads beyond the student ('teacher',
+    'peer', 'teacher_model', 'features'), so the trainer loads only what a cell
+    uses. ``differentiable`` components let gradients flow through the target.
     """
 
     needs: frozenset[str] = frozenset()
+    differentiable: bool = False
 
     def __init__(self, params: object) -> None:
         self.params = params
@@ -46,7 +67,10 @@ class Component:
     def __call__(self, ctx: TargetContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def summary(self) -> dict[str, torch.Tensor]:
+        """Per-epoch statistics to log (e.g. a class-similarity matrix); resets them."""
+        return {}
 
-def teacher_probs(ctx: TargetContext, who: str) -> torch.Tensor:
-    """(B, K) softmax(teacher_logits / T)."""
-    return torch.softmax(ctx.require_teacher(who) / ctx.temperature, dim=1)
+
+def source_needs(source: str) -> frozenset[str]:
+    return frozenset() if source == "self" else frozenset({source})

@@ -1,9 +1,11 @@
 """Class-similarity structure r: how the mass spreads over the K-1 other classes.
 
 Each plugin maps a TargetContext to a (B, K) tensor that is 0 at the true class
-and sums to 1 over the others. ``teacher`` carries a teacher's class similarity,
-``permuted`` keeps the teacher's values but shuffles which class gets which (so it
-isolates the value distribution from the similarity), ``uniform`` carries none.
+and sums to 1 over the others. ``teacher`` (``self``, ``peer``) carries that
+source's class similarity, ``permuted`` keeps another structure's values but
+shuffles which class gets which (so it isolates the value distribution from the
+similarity), ``uniform`` carries none. The explanation-derived structure of
+introspective learning lives in ``kdablate.components.explanation``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import dataclasses
 
 import torch
 
-from kdablate.components.context import Component, TargetContext, teacher_probs
+from kdablate.components.context import Component, TargetContext, source_needs
 from kdablate.registry import Registry
 
 STRUCTURES: Registry = Registry("structure")
@@ -52,6 +54,17 @@ def permute_nongt(
     return r.scatter(1, others, shuffled)
 
 
+def class_mean_structure(r: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, K) per-sample structures -> (K, K) matrix whose row y averages the rows of class y.
+
+    A class with no samples gets a uniform row.
+    """
+    sums = torch.zeros(num_classes, num_classes, dtype=r.dtype).index_add_(0, labels, r)
+    counts = torch.bincount(labels, minlength=num_classes).to(r.dtype)[:, None]
+    uniform = uniform_structure(torch.arange(num_classes), num_classes).to(r.dtype)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), uniform)
+
+
 @STRUCTURES.register("uniform")
 class UniformStructure(Component):
     """r_c = 1/(K-1): no class similarity at all."""
@@ -60,14 +73,38 @@ class UniformStructure(Component):
         return uniform_structure(ctx.labels, ctx.num_classes).to(ctx.student_logits.dtype)
 
 
-@STRUCTURES.register("teacher")
-class TeacherStructure(Component):
-    """r = the teacher's non-ground-truth probabilities at T, renormalised."""
+class SourceStructure(Component):
+    """r = the source's non-ground-truth probabilities at T, renormalised; never differentiated."""
 
-    needs: frozenset[str] = frozenset({"teacher"})
+    source = "teacher"
+
+    def __init__(self, params: object) -> None:
+        super().__init__(params)
+        self.needs = source_needs(self.source)
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return nongt_distribution(teacher_probs(ctx, "structure 'teacher'"), ctx.labels)
+        return nongt_distribution(ctx.probs(self.source).detach(), ctx.labels)
+
+
+@STRUCTURES.register("teacher")
+class TeacherStructure(SourceStructure):
+    """The teacher's class similarity (Hinton KD)."""
+
+    source = "teacher"
+
+
+@STRUCTURES.register("self")
+class SelfStructure(SourceStructure):
+    """The model's own class similarity, detached (self-distillation of outputs)."""
+
+    source = "self"
+
+
+@STRUCTURES.register("peer")
+class PeerStructure(SourceStructure):
+    """The cohort's class similarity (Deep Mutual Learning)."""
+
+    source = "peer"
 
 
 @STRUCTURES.register("permuted")

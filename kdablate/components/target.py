@@ -67,15 +67,18 @@ class SoftTarget:
         return frozenset() if self.alpha == 0 else self.mass.needs | self.structure.needs
 
     def target(self, ctx: TargetContext) -> torch.Tensor:
-        """(B, K) q for the batch in ``ctx``; never differentiated."""
-        with torch.no_grad():
+        """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
+        is differentiable (then gradients flow through the explanations into the model)."""
+        with torch.set_grad_enabled(self.structure.differentiable and torch.is_grad_enabled()):
             return assemble_target(self.mass(ctx), self.structure(ctx), ctx.labels)
 
-    def __call__(self, student_logits: torch.Tensor, ctx: TargetContext) -> dict[str, torch.Tensor]:
+    def __call__(self, student_logits: torch.Tensor, ctx: TargetContext, alpha: float | None = None) -> dict[str, torch.Tensor]:
+        """alpha: overrides ``self.alpha`` for this step (warm-up ramps)."""
+        alpha = self.alpha if alpha is None else alpha
         if self.alpha == 0:  # CE only: no source needs to be present
             q = F.one_hot(ctx.labels, ctx.num_classes).to(student_logits.dtype)
         else:
             q = self.target(ctx)
-        out = soft_target_loss(student_logits, ctx.labels, q, self.temperature, self.alpha)
+        out = soft_target_loss(student_logits, ctx.labels, q, self.temperature, alpha)
         out["target_mass"] = 1.0 - q.gather(1, ctx.labels[:, None]).mean()
         return out

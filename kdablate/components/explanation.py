@@ -1,0 +1,163 @@
+"""The explanation-derived structure of introspective learning (Gu, Wu & Tresp, 2020).
+
+A model explains its prediction for every class; classes whose explanations look
+like the true class's explanation are treated as similar:
+    s_c = sim(E_y, E_c),  r = softmax(s / tau) over c != y.
+The recipe beyond the paper's abstract is this project's, and every choice is a
+parameter: the explanation ``source``, ``similarity``, ``tau``, which model
+explains (``explainer``: self or teacher), how often (``every`` n steps) and on
+how much of the batch (``fraction``).
+
+Samples not explained at a step get their class's running-average structure
+(an EMA over explained samples), so a cheap schedule still yields a target for
+every sample. BatchNorm: explanation passes run the model in eval mode by
+default, so one sample's explanation never depends on the rest of the batch
+(train-mode BN mixes samples through the batch statistics), and BN running
+statistics are not updated by the extra pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdablate.components.context import Component, TargetContext
+from kdablate.components.structure import STRUCTURES, uniform_structure
+from kdablate.explanations import EXPLANATIONS, Explanation
+
+SIMILARITIES = ("cosine", "pearson", "neg_l2")
+
+
+def explanation_similarity(maps: torch.Tensor, labels: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """(B, K, *S) maps, (B,) labels -> (B, K) s_c = sim(E_y, E_c)."""
+    e = maps.flatten(2)
+    if kind == "pearson":
+        e = e - e.mean(2, keepdim=True)
+    if kind in ("cosine", "pearson"):
+        e = F.normalize(e, dim=2, eps=1e-12)
+    e_y = e[torch.arange(len(labels)), labels]  # (B, D)
+    if kind == "neg_l2":
+        return -(e - e_y[:, None]).norm(dim=2)
+    return torch.einsum("bkd,bd->bk", e, e_y)
+
+
+def structure_from_similarity(sim: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B, K) similarities -> (B, K) softmax(s / tau) over c != y, 0 at y."""
+    masked = (sim / tau).scatter(1, labels[:, None], float("-inf"))
+    return torch.softmax(masked, dim=1)
+
+
+def explain(model: nn.Module, source: Explanation, inputs: torch.Tensor, eval_mode: bool,
+            create_graph: bool, features: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, *shape) -> (B, K, *S) maps of ``model``, in eval mode if asked, mode restored after."""
+    was_training = model.training
+    if eval_mode:
+        model.eval()
+    try:
+        return source.attribute(model, inputs, create_graph=create_graph, features=features)
+    finally:
+        model.train(was_training)
+
+
+@STRUCTURES.register("explanation")
+class ExplanationStructure(Component):
+    """r from the similarity of per-class explanations; see the module docstring."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        source: str = "saliency"
+        source_params: dict = dataclasses.field(default_factory=dict)
+        similarity: str = "cosine"
+        tau: float = 0.1
+        explainer: str = "self"
+        every: int = 1
+        fraction: float = 1.0
+        ema: float = 0.9
+        mode: str = "auto"
+        differentiable: bool = False
+
+        def __post_init__(self) -> None:
+            checks = [
+                (self.similarity in SIMILARITIES, f"similarity must be one of {', '.join(SIMILARITIES)}"),
+                (self.tau > 0, "tau must be > 0"),
+                (self.explainer in ("self", "teacher"), "explainer must be 'self' or 'teacher'"),
+                (self.every >= 1, "every must be >= 1"),
+                (0 < self.fraction <= 1, "fraction must be in (0, 1]"),
+                (0 <= self.ema < 1, "ema must be in [0, 1)"),
+                (self.mode in ("auto", "eval", "reuse"), "mode must be auto, eval or reuse"),
+            ]
+            for ok, msg in checks:
+                if not ok:
+                    raise ValueError(msg)
+            EXPLANATIONS.params(self.source, self.source_params)  # fail at load time
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.source = EXPLANATIONS.build(params.source, params.source_params)
+        # 'reuse' takes the feature map of this step's training forward: CAM is then one einsum.
+        self.reuse = params.mode == "reuse" or (
+            params.mode == "auto" and self.source.needs_features and params.explainer == "self")
+        self.needs = frozenset({"teacher_model"} if params.explainer == "teacher" else set()) | (
+            {"features"} if self.reuse else set())
+        self.differentiable = params.differentiable
+        self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class
+        self._epoch_sums: torch.Tensor | None = None
+        self._epoch_counts: torch.Tensor | None = None
+        self._seconds, self._steps = 0.0, 0
+
+    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        k, y = ctx.num_classes, ctx.labels
+        if self.class_matrix is None:
+            self.class_matrix = uniform_structure(torch.arange(k), k)
+            self._epoch_sums, self._epoch_counts = torch.zeros(k, k), torch.zeros(k)
+        self._steps += 1
+        r = self.class_matrix[y]
+        if ctx.step % self.params.every:
+            return r
+        t0 = time.perf_counter()
+        n = max(1, round(self.params.fraction * len(y)))  # batches are shuffled: the first n are random
+        r_exp = self.explained_structure(ctx, n)
+        self._update(r_exp.detach(), y[:n], k)
+        self._seconds += time.perf_counter() - t0
+        return torch.cat([r_exp, r[n:]]) if n < len(y) else r_exp
+
+    def explained_structure(self, ctx: TargetContext, n: int) -> torch.Tensor:
+        """(n, K) structure of the first n samples from their explanations."""
+        if ctx.inputs is None:
+            raise RuntimeError("structure 'explanation' needs the batch inputs in its context")
+        model = ctx.models.get(self.params.explainer)
+        if model is None:
+            raise RuntimeError(f"structure 'explanation' explains with '{self.params.explainer}', which is not loaded")
+        features = ctx.features[:n] if self.reuse and ctx.features is not None else None
+        maps = explain(model, self.source, ctx.inputs[:n], eval_mode=not self.reuse,
+                       create_graph=self.params.differentiable, features=features)
+        if not self.params.differentiable:
+            maps = maps.detach()
+        sim = explanation_similarity(maps, ctx.labels[:n], self.params.similarity)
+        return structure_from_similarity(sim, ctx.labels[:n], self.params.tau)
+
+    def _update(self, r: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+        sums = torch.zeros(k, k).index_add_(0, labels, r.float())
+        counts = torch.bincount(labels, minlength=k).float()
+        seen = counts > 0
+        means = sums[seen] / counts[seen, None]
+        self.class_matrix[seen] = self.params.ema * self.class_matrix[seen] + (1 - self.params.ema) * means
+        self._epoch_sums += sums
+        self._epoch_counts += counts
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""
+        if self._epoch_sums is None:
+            return {}
+        k = self._epoch_sums.shape[0]
+        uniform = uniform_structure(torch.arange(k), k)
+        c = self._epoch_counts[:, None]
+        out = {"similarity": torch.where(c > 0, self._epoch_sums / c.clamp_min(1), uniform),
+               "explain_ms": torch.tensor(1000 * self._seconds / max(self._steps, 1))}
+        self._epoch_sums.zero_()
+        self._epoch_counts.zero_()
+        self._seconds, self._steps = 0.0, 0
+        return out
