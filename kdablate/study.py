@@ -53,10 +53,19 @@ class ArmConfig(Frozen):
 
 
 class AnalysisConfig(Frozen):
-    """baseline: the arm paired differences are taken against; reference: arms drawn as lines."""
+    """What the analysis scripts draw.
+
+    baseline: the arm paired differences are taken against; reference: arms drawn
+    as lines; factorial: draw and tabulate the mass x structure contrasts;
+    extra_metrics: more columns for the table; heatmaps: arms whose
+    explanation-derived class similarity is drawn beside the teacher's.
+    """
 
     baseline: str | None = None
     reference: list[str] = Field(default_factory=list)
+    factorial: bool = False
+    extra_metrics: list[str] = Field(default_factory=list)
+    heatmaps: list[str] = Field(default_factory=list)
 
 
 class StudyConfig(Frozen):
@@ -173,11 +182,21 @@ def label(v: Any) -> str:
 
 def arm_name(template: str, combo: dict[str, Any]) -> str:
     """The arm's name for one grid/axes combination: the template filled in, plus
-    ``[key=value,...]`` for every key the template does not mention."""
-    labels = {k.replace(".", "_"): label(v) for k, v in combo.items()}
-    used = {field for _, field, _, _ in string.Formatter().parse(template) if field}
-    name = template.format(**labels) if used else template
-    rest = [f"{k}={v}" for k, v in labels.items() if k not in used]
+    ``[key=value,...]`` for every key the template does not mention.
+
+    A template field is a key (``{mass}``: a plugin reads as its name) or a
+    plugin parameter (``{structure_source}``).
+    """
+    fields: dict[str, str] = {}
+    for key, v in combo.items():
+        k = key.replace(".", "_")
+        fields[k] = label(v)
+        if isinstance(v, dict):
+            fields.update({f"{k}_{p}": str(x) for p, x in v.items() if p != "name"})
+    used = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    name = template.format(**fields) if used else template
+    rest = [f"{key.replace('.', '_')}={label(v)}" for key, v in combo.items()
+            if not any(u == key.replace(".", "_") or u.startswith(key.replace(".", "_") + "_") for u in used)]
     return f"{name}[{','.join(rest)}]" if rest else name
 
 
@@ -232,8 +251,9 @@ def _check_sources(cell: CellConfig, path: Path, field: str) -> None:
 
 
 def _check_analysis(config: StudyConfig, path: Path, arms: set[str]) -> None:
-    wanted = [("analysis.baseline", config.analysis.baseline)] + [
-        (f"analysis.reference[{i}]", r) for i, r in enumerate(config.analysis.reference)
+    a = config.analysis
+    wanted = [("analysis.baseline", a.baseline)] + [
+        (f"analysis.{key}[{i}]", r) for key in ("reference", "heatmaps") for i, r in enumerate(getattr(a, key))
     ]
     for field, arm in wanted:
         if arm is not None and arm not in arms:

@@ -71,7 +71,7 @@ class ExplanationStructure(Component):
         source: str = "saliency"
         source_params: dict = dataclasses.field(default_factory=dict)
         similarity: str = "cosine"
-        tau: float = 0.1
+        tau: float = 0.3
         explainer: str = "self"
         every: int = 1
         fraction: float = 1.0

@@ -114,16 +114,22 @@ class PermutedStructure(Component):
     @dataclasses.dataclass(frozen=True)
     class Params:
         base: str = "teacher"
+        base_params: dict = dataclasses.field(default_factory=dict)
 
         def __post_init__(self) -> None:
             if self.base == "permuted" or self.base not in STRUCTURES:
                 known = [n for n in STRUCTURES.names() if n != "permuted"]
                 raise ValueError(f"base must be one of {', '.join(known)}, got '{self.base}'")
+            STRUCTURES.params(self.base, self.base_params)  # fail at load time
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
-        self.base = STRUCTURES.build(params.base)
+        self.base = STRUCTURES.build(params.base, params.base_params)
         self.needs = self.base.needs
+        self.differentiable = self.base.differentiable
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return permute_nongt(self.base(ctx), ctx.labels, ctx.generator)
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        return self.base.summary()

@@ -1,0 +1,103 @@
+"""Every explanation source against captum's per-class equivalent, to 1e-5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import captum.attr as captum_attr
+
+from kdablate.components.explanation import explanation_similarity, structure_from_similarity
+from kdablate.explanations import EXPLANATIONS, class_activation_maps
+from kdablate.models import MODELS, build_model
+
+K = 10
+
+
+def model_and_inputs(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    params = {"hidden": 32} if name == "mlp" else {"channels": 8, "depth": 2}
+    model = build_model(name, params, (1, 40), K).double().eval()
+    return model, torch.randn(6, 1, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def per_class(fn) -> torch.Tensor:
+    """Stack captum's single-class attributions into (B, K, ...)."""
+    return torch.stack([fn(c) for c in range(K)], dim=1)
+
+
+def captum_reference(source: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if source == "saliency":
+        sal = captum_attr.Saliency(model)
+        return per_class(lambda c: sal.attribute(x, target=c, abs=False))
+    if source == "grad_input":
+        ixg = captum_attr.InputXGradient(model)
+        return per_class(lambda c: ixg.attribute(x, target=c))
+    if source == "integrated_gradients":
+        ig = captum_attr.IntegratedGradients(model)
+        return per_class(lambda c: ig.attribute(x, baselines=0.0, target=c, n_steps=32, method="riemann_middle"))
+    if source == "gradcam":
+        gc = captum_attr.LayerGradCam(model, model.features)
+        return per_class(lambda c: gc.attribute(x, target=c, relu_attributions=True).squeeze(1))
+    if source == "cam":
+        # CAM is Grad-CAM without the ReLU for a GAP + linear head, up to the 1/L of the pooling.
+        gc = captum_attr.LayerGradCam(model, model.features)
+        length = model.features(x).shape[-1]
+        return per_class(lambda c: gc.attribute(x, target=c).squeeze(1)) * length
+    raise AssertionError(f"no captum reference for '{source}': add one")
+
+
+# captum's layer methods need a spatial feature map: the MLP's CAM is tested on its own below.
+CASES = [(m, s) for m in ("cnn1d", "mlp") for s in EXPLANATIONS.names() if not (m == "mlp" and s in ("cam", "gradcam"))]
+
+
+@pytest.mark.parametrize("model_name,source", CASES)
+def test_matches_captum(source, model_name):
+    model, x = model_and_inputs(model_name)
+    ours = EXPLANATIONS.build(source).attribute(model, x)
+    ref = captum_reference(source, model, x)
+    assert ours.shape == ref.shape and ours.shape[:2] == (6, K)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cam_without_spatial_dims_is_per_unit_contribution():
+    model, x = model_and_inputs("mlp")
+    maps = EXPLANATIONS.build("cam").attribute(model, x)
+    h = model.features(x)
+    assert maps.shape == (6, K, 32)
+    # Summing the units' contributions gives the logit minus the bias.
+    torch.testing.assert_close(maps.sum(-1), model(x) - model.head.bias)
+    torch.testing.assert_close(class_activation_maps(h, model.head.weight), maps)
+
+
+def test_saliency_is_per_sample_in_eval_mode():
+    """In eval mode no sample's explanation depends on the rest of the batch."""
+    model, x = model_and_inputs("cnn1d")
+    sal = EXPLANATIONS.build("saliency")
+    torch.testing.assert_close(sal.attribute(model, x)[:2], sal.attribute(model, x[:2]))
+
+
+def test_differentiable_explanations_carry_gradients():
+    model, x = model_and_inputs("mlp")
+    maps = EXPLANATIONS.build("saliency").attribute(model, x, create_graph=True)
+    maps.pow(2).sum().backward()
+    assert model.features[1].weight.grad is not None and model.features[1].weight.grad.abs().sum() > 0
+    assert not EXPLANATIONS.build("saliency").attribute(model, x).requires_grad
+
+
+def test_similarities_and_structure():
+    maps = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]]])  # B=1, K=4, D=2
+    y = torch.tensor([0])
+    cos = explanation_similarity(maps, y, "cosine")
+    assert cos[0, 0] == pytest.approx(1.0) and cos[0, 1] > cos[0, 2] > cos[0, 3]
+    l2 = explanation_similarity(maps, y, "neg_l2")
+    assert l2[0, 0] == 0 and l2[0, 1] > l2[0, 2] > l2[0, 3]
+    pear = explanation_similarity(maps, y, "pearson")
+    assert pear[0, 1] == pytest.approx(1.0) and pear[0, 3] == pytest.approx(-1.0)
+    r = structure_from_similarity(cos, y, tau=0.5)
+    assert r[0, 0] == 0 and r.sum() == pytest.approx(1.0) and r[0, 1] > r[0, 2] > r[0, 3]
+
+
+def test_models_for_cam_expose_features_and_head():
+    for name in MODELS.names():
+        model = build_model(name, {}, (1, 40), K)
+        assert isinstance(model.head, torch.nn.Linear) and isinstance(model.features, torch.nn.Module)

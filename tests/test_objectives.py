@@ -1,0 +1,124 @@
+"""DKD against the DKD paper's formula, DML on tiny data, and the new components' identities."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdablate.components import SoftTarget, TargetContext
+from kdablate.components.mass import virtual_teacher_mass
+from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+from kdablate.data import load_dataset
+from kdablate.objectives import build_method, dkd_parts, entropy
+from kdablate.trainer import fit
+
+
+def dkd_by_the_paper(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, T: float) -> tuple[float, float]:
+    """Zhao et al. (CVPR 2022), eqs. 1-4, written out per sample in float64."""
+    tckd = nckd = 0.0
+    for zs, zt, t in zip(z_s.double(), z_t.double(), y.tolist()):
+        ps, pt = torch.softmax(zs / T, 0), torch.softmax(zt / T, 0)
+        bs, bt = [ps[t], 1 - ps[t]], [pt[t], 1 - pt[t]]
+        tckd += sum(b_t * math.log(b_t / b_s) for b_t, b_s in zip(bt, bs))
+        others = [i for i in range(len(zs)) if i != t]
+        hs, ht = torch.softmax(zs[others] / T, 0), torch.softmax(zt[others] / T, 0)
+        nckd += float((ht * (ht / hs).log()).sum())
+    n = len(y)
+    return float(tckd) / n * T**2, nckd / n * T**2
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_matches_the_paper(batch, T):
+    tckd, nckd = dkd_parts(batch["student"], batch["teacher"], batch["labels"], T)
+    ref_t, ref_n = dkd_by_the_paper(batch["student"], batch["teacher"], batch["labels"], T)
+    assert tckd.item() == pytest.approx(ref_t, rel=1e-5) and nckd.item() == pytest.approx(ref_n, rel=1e-5)
+
+
+def test_dkd_reformulates_kd_per_sample(batch):
+    """The DKD paper's identity: KD = TCKD + (1 - p_t^T) NCKD, sample by sample."""
+    T = 4.0
+    for i in range(4):
+        s, t, y = batch["student"][i : i + 1], batch["teacher"][i : i + 1], batch["labels"][i : i + 1]
+        tckd, nckd = dkd_parts(s, t, y, T)
+        p_t = torch.softmax(t / T, 1)
+        kd = F.kl_div(F.log_softmax(s / T, 1), p_t, reduction="batchmean") * T**2
+        torch.testing.assert_close(kd, tckd + (1 - p_t[0, y[0]]) * nckd, rtol=1e-5, atol=1e-6)
+
+
+def test_dkd_objective_weights_tckd_by_alpha_and_nckd_by_beta(batch):
+    method = build_method(KnowledgeConfig(objective={"name": "dkd", "beta": 8.0}, temperature=4.0, alpha=1.0))
+    ctx = TargetContext(batch["labels"], 10, 4.0, batch["student"], batch["teacher"])
+    parts = method(batch["student"], ctx)
+    tckd, nckd = dkd_parts(batch["student"], batch["teacher"], batch["labels"], 4.0)
+    ce = F.cross_entropy(batch["student"], batch["labels"])
+    torch.testing.assert_close(parts["loss"], ce + 1.0 * tckd + 8.0 * nckd)
+    assert method.needs == {"teacher"}
+
+
+def test_peer_components_are_kd_from_the_peer(batch):
+    obj = SoftTarget.from_specs({"name": "peer"}, {"name": "peer"}, 3.0, 0.5)
+    ctx = TargetContext(batch["labels"], 10, 3.0, batch["student"], peer_logits=batch["peer"])
+    torch.testing.assert_close(obj.target(ctx), torch.softmax(batch["peer"] / 3.0, 1), rtol=0, atol=1e-6)
+    assert obj.needs == {"peer"}
+
+
+def test_self_mass_is_the_students_own_detached_mass(batch):
+    obj = SoftTarget.from_specs({"name": "self"}, {"name": "uniform"}, 4.0, 0.9)
+    s = batch["student"].clone().requires_grad_()
+    ctx = TargetContext(batch["labels"], 10, 4.0, s)  # not detached on purpose: the mass must detach
+    m = obj.mass(ctx)
+    p = torch.softmax(batch["student"] / 4.0, 1)
+    torch.testing.assert_close(m, 1 - p.gather(1, batch["labels"][:, None]).squeeze(1))
+    assert not m.requires_grad and obj.needs == frozenset()
+
+
+def test_virtual_teacher_mass_is_tfkd():
+    # Yuan et al.: p^d = a on the true class, (1-a)/(K-1) elsewhere, softened by T.
+    a, T, K = 0.9, 4.0, 10
+    pd = torch.full((K,), (1 - a) / (K - 1))
+    pd[0] = a
+    assert virtual_teacher_mass(a, T, K) == pytest.approx(1 - torch.softmax(pd / T, 0)[0].item(), rel=1e-6)
+
+
+def test_confidence_penalty_and_warmup(batch):
+    y = batch["labels"]
+    ctx = TargetContext(y, 10, 1.0, batch["student"], step=0)
+    cp = build_method(KnowledgeConfig(entropy_penalty=0.3))
+    expected = F.cross_entropy(batch["student"], y) - 0.3 * entropy(batch["student"])
+    torch.testing.assert_close(cp(batch["student"], ctx)["loss"], expected)
+    ls = KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, alpha=1.0, warmup_epochs=2)
+    warm = build_method(ls, steps_per_epoch=5)  # ramps over 10 steps
+    ce = F.cross_entropy(batch["student"], y)
+    first = warm(batch["student"], ctx)
+    torch.testing.assert_close(first["loss"], 0.9 * ce + 0.1 * first["loss_kd"])
+    ctx.step = 50
+    torch.testing.assert_close(warm(batch["student"], ctx)["loss"], first["loss_kd"])
+
+
+def test_dml_trains_a_cohort_and_logs_both_students():
+    data = load_dataset("mnist1d", {"num_samples": 400})
+    dml = KnowledgeConfig(mass="peer", structure="peer", temperature=1.0, alpha=0.5)
+    logs = []
+    a = fit(ModelSpec(name="mlp", params={"hidden": 16}), data, OptimConfig(epochs=2, batch_size=32), dml, 0,
+            on_epoch=lambda e, m: logs.append(m))
+    b = fit(ModelSpec(name="mlp", params={"hidden": 16}), data, OptimConfig(epochs=2, batch_size=32), dml, 0)
+    assert a.metrics == b.metrics
+    assert {"val/acc", "member1/val_acc", "member1/train_loss_kd", "train/loss_kd"} <= set(logs[-1])
+    assert logs[-1]["member1/val_acc"] != logs[-1]["val/acc"] or logs[-1]["member1/val_nll"] != logs[-1]["val/nll"]
+    assert logs[-1]["train/loss_kd"] > 0
+
+
+def test_il_logs_similarity_and_cost_and_spearman_with_teacher():
+    data = load_dataset("mnist1d", {"num_samples": 400})
+    teacher = {s: torch.randn(len(data.split(s)[1]), 10) for s in ("train", "val", "test")}
+    il = KnowledgeConfig(mass={"name": "constant", "eps": 0.3}, structure={"name": "explanation", "every": 2},
+                         temperature=4.0, alpha=0.9)
+    logs = []
+    r = fit(ModelSpec(name="mlp", params={"hidden": 16}), data, OptimConfig(epochs=2, batch_size=32), il, 0,
+            teacher=teacher, on_epoch=lambda e, m: logs.append(m))
+    assert -1 <= logs[-1]["train/similarity_spearman"] <= 1 and logs[-1]["time/explain_ms"] > 0
+    sim = r.artifacts["similarity_explanation"]
+    assert sim.shape == (10, 10) and torch.allclose(sim.sum(1), torch.ones(10)) and (sim.diagonal() == 0).all()
+    assert r.artifacts["similarity_teacher"].shape == (10, 10)
