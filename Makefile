@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STUDY  ?= components
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv study run figures test ui dry-run status clean
+.PHONY: venv study run figures test ui dry-run status bench clean
 
 venv: $(STAMP)
 
@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 study: $(STAMP)
 	@$(BIN)/kdablate run $(STUDY); rc=$$?; \
 	  [ $$rc -eq 2 ] && exit 2; \
-	  $(BIN)/python -m analysis.decomposition $(STUDY) || exit $$?; exit $$rc
+	  $(MAKE) --no-print-directory figures STUDY=$(STUDY) || exit $$?; exit $$rc
 
 figures: $(STAMP)
 	$(BIN)/python -m analysis.decomposition $(STUDY)
+	$(BIN)/python -m analysis.similarity $(STUDY)
 
 dry-run: $(STAMP)
 	$(BIN)/kdablate dry-run $(STUDY)
@@ -35,6 +36,10 @@ test: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns.db} --port $${PORT:-5000}
+
+# Per-step cost of each explanation source against a CE step, measured side by side.
+bench: $(STAMP)
+	$(BIN)/python -m kdablate.bench
 
 clean:
 	rm -rf $(VENV) .cache figures mlruns.db mlartifacts

@@ -25,8 +25,9 @@ from kdablate.study import Study, StudyError, load_study
 MASS, STRUCT = "params.knowledge.mass.name", "params.knowledge.structure.name"
 
 
-def load_runs(study: Study, metric: str) -> pd.DataFrame:
-    """One row per finished cell of ``study``: arm, seed, mass, structure, T, alpha, value."""
+def load_runs(study: Study, metric: str, extra: list[str] = ()) -> pd.DataFrame:
+    """One row per finished cell of ``study``: arm, seed, mass, structure, T, alpha, value,
+    and a column per ``extra`` metric (its last logged value)."""
     client = tracking.client()
     exp = client.get_experiment_by_name(study.name)
     if exp is None:
@@ -41,7 +42,8 @@ def load_runs(study: Study, metric: str) -> pd.DataFrame:
         rows.append({"arm": cell.arm, "seed": cell.seed, "mass": k.mass.name, "structure": k.structure.name,
                      "temperature": k.temperature, "alpha": k.alpha, "value": run.data.metrics[metric],
                      "teacher": run.data.metrics.get("teacher/" + metric.split("/", 1)[-1], float("nan")),
-                     "end_time": run.info.end_time})
+                     "end_time": run.info.end_time,
+                     **{m: run.data.metrics.get(m, float("nan")) for m in extra}})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -49,8 +51,9 @@ def load_runs(study: Study, metric: str) -> pd.DataFrame:
     return df.sort_values("end_time").drop_duplicates(["arm", "seed"], keep="last").drop(columns="end_time")
 
 
-def summarize(df: pd.DataFrame, order: list[str], baseline: str | None) -> pd.DataFrame:
-    """Per arm: mean, std, n, 95% CI, and the paired difference to ``baseline``."""
+def summarize(df: pd.DataFrame, order: list[str], baseline: str | None, extra: list[str] = ()) -> pd.DataFrame:
+    """Per arm: mean, std, n, 95% CI, the paired difference to ``baseline``, and the
+    mean of each ``extra`` metric."""
     base = df[df.arm == baseline].set_index("seed").value.to_dict() if baseline else {}
     rows = []
     for arm in [a for a in order if a in set(df.arm)]:
@@ -59,6 +62,7 @@ def summarize(df: pd.DataFrame, order: list[str], baseline: str | None) -> pd.Da
         row = {"arm": arm, "mass": g.mass.iat[0], "structure": g.structure.iat[0],
                "T": g.temperature.iat[0], "alpha": g.alpha.iat[0], "mean": g.value.mean(),
                "std": g.value.std(ddof=1) if len(g) > 1 else float("nan"), "n": len(g), "ci_low": lo, "ci_high": hi}
+        row.update({m: g[m].mean() for m in extra})
         if baseline and arm != baseline:
             row.update({f"vs_{baseline}_{k}": v for k, v in paired(g.set_index("seed").value.to_dict(), base).items()})
         rows.append(row)
@@ -94,18 +98,22 @@ def factorial(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(summary: pd.DataFrame, effects: pd.DataFrame, baseline: str | None, metric: str) -> str:
+def markdown(summary: pd.DataFrame, effects: pd.DataFrame, baseline: str | None, metric: str,
+             extra: list[str] = ()) -> str:
     lines = [f"Metric: `{metric}` (percent), mean ± std over seeds; 95% CI is a t interval.", "",
              "| arm | mass | structure | T | α | mean ± std | n | 95% CI |" + (f" Δ vs {baseline} (paired) | p |" if baseline else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
-    for r in summary.itertuples():
-        line = (f"| {r.arm} | {r.mass} | {r.structure} | {r.T:g} | {r.alpha:g} | {pm(r.mean, r.std)} | {r.n} "
-                f"| [{r.ci_low * 100:.2f}, {r.ci_high * 100:.2f}] |")
-        if baseline and r.arm == baseline:
+    if extra:
+        lines[2] += "".join(f" {m} |" for m in extra)
+        lines[3] += "---|" * len(extra)
+    for d in summary.to_dict("records"):  # not itertuples: metric names hold '/'
+        line = (f"| {d['arm']} | {d['mass']} | {d['structure']} | {d['T']:g} | {d['alpha']:g} "
+                f"| {pm(d['mean'], d['std'])} | {d['n']} | [{d['ci_low'] * 100:.2f}, {d['ci_high'] * 100:.2f}] |")
+        if baseline and d["arm"] == baseline:
             line += " — | — |"
         elif baseline:
-            d = r._asdict()
             line += f" {pm(d[f'vs_{baseline}_diff_mean'], d[f'vs_{baseline}_diff_std'])} | {d[f'vs_{baseline}_p_value']:.3g} |"
+        line += "".join(" — |" if pd.isna(d[m]) else f" {d[m]:.3g} |" for m in extra)
         lines.append(line)
     if not effects.empty:
         lines += ["", "Factorial contrasts (paired by seed, averaged over the other factor):", "",
@@ -126,7 +134,9 @@ def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
     sns.set_theme(style="whitegrid", context="paper")
     order = [a for a in study.arms() if a in set(df.arm)]
     data = df.assign(pct=df.value * 100)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    factorial = study.config.analysis.factorial
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2) if factorial else (14, 4.6),
+                             gridspec_kw={"width_ratios": [1.4, 1] if factorial else [1, 0.001]})
     ax = axes[0]
     sns.stripplot(data=data, x="arm", y="pct", order=order, color="0.6", size=3, jitter=0.15, ax=ax, zorder=1)
     sns.pointplot(data=data, x="arm", y="pct", order=order, errorbar=lambda v: t_ci(v), linestyle="none",
@@ -141,7 +151,7 @@ def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.legend(loc="lower right", fontsize=8)
     kd = data[(data.alpha > 0) & (data.mass != "none")]
-    if kd.mass.nunique() >= 2 and kd.structure.nunique() >= 2:
+    if study.config.analysis.factorial and kd.mass.nunique() >= 2 and kd.structure.nunique() >= 2:
         sns.pointplot(data=kd, x="structure", y="pct", hue="mass", order=list(dict.fromkeys(kd.structure)),
                       errorbar=lambda v: t_ci(v), dodge=0.3, capsize=0.15, ax=axes[1])
         axes[1].set(ylabel=f"{metric} (%)", title="non-ground-truth mass x class-similarity structure")
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as e:
         print(f"analysis: error: {e}", file=sys.stderr)
         return 2
-    df = load_runs(study, args.metric)
+    extra = study.config.analysis.extra_metrics
+    df = load_runs(study, args.metric, extra)
     if df.empty:
         print(f"analysis: error: no finished runs of study '{study.name}' in {tracking.tracking_uri()}; "
               f"run 'make study STUDY={study.name}' first", file=sys.stderr)
@@ -174,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / study.name
     out.mkdir(parents=True, exist_ok=True)
     baseline = study.config.analysis.baseline
-    summary, effects = summarize(df, study.arms(), baseline), factorial(df)
+    summary = summarize(df, study.arms(), baseline, extra)
+    effects = factorial(df) if study.config.analysis.factorial else pd.DataFrame()
     summary.to_csv(out / "table.csv", index=False)
     effects.to_csv(out / "effects.csv", index=False)
-    md = markdown(summary, effects, baseline, args.metric)
+    md = markdown(summary, effects, baseline, args.metric, extra)
     (out / "table.md").write_text(md)
     paths = plot(df, study, args.metric, out)
     print(md)

@@ -69,3 +69,51 @@ def test_figures_and_tables_from_mlflow(smoke_run):
 def test_figures_without_runs_is_a_clean_error(mlflow_store, capsys):
     assert decomposition.main(["smoke"]) == 2
     assert "no finished runs of study 'smoke'" in capsys.readouterr().err
+
+
+IL_STUDY = """
+base:
+  data: {name: mnist1d, num_samples: 600}
+  student: {name: mlp, hidden: 16, depth: 1}
+  optim: {epochs: 2, batch_size: 64}
+  teacher: {model: {name: cnn1d, channels: 8, depth: 2}, optim: {epochs: 2, batch_size: 64}}
+seeds: [0, 1]
+arms:
+  - {name: ce, mass: none, alpha: 0.0}
+  - {name: dml, mass: peer, structure: peer, alpha: 0.5}
+  - {name: dkd, objective: dkd, temperature: 4.0, alpha: 1.0}
+  - name: "il_{structure_source}"
+    mass: {name: constant, eps: 0.2}
+    temperature: 4.0
+    alpha: 0.9
+    grid:
+      structure: [{name: explanation, source: cam}, {name: explanation, source: saliency, every: 2}]
+analysis: {baseline: ce, reference: [ce], extra_metrics: [train/similarity_spearman], heatmaps: [il_cam, il_saliency]}
+"""
+
+
+def test_introspective_arms_run_and_draw_heatmaps(mlflow_store, tmp_path):
+    from analysis import similarity
+
+    path = tmp_path / "il_smoke.yaml"
+    path.write_text(IL_STUDY)
+    study = load_study(path)
+    assert study.arms() == ["ce", "dml", "dkd", "il_cam", "il_saliency"]
+    assert run_study(study, tmp_path / "cache") == 0
+    client = tracking.client()
+    runs = tracking.search_cells(client, client.get_experiment_by_name("il_smoke").experiment_id)
+    by_arm = {r.data.tags["arm"]: r for r in runs}
+    assert "member1/val_acc" in by_arm["dml"].data.metrics
+    assert "train/loss_tckd" in by_arm["dkd"].data.metrics
+    il = by_arm["il_saliency"].data.metrics
+    assert {"train/similarity_spearman", "time/explain_ms"} <= set(il)
+    out = tmp_path / "figs"
+    assert decomposition.main([str(path), "--out", str(out)]) == 0
+    assert "train/similarity_spearman" in (out / "il_smoke" / "table.md").read_text()
+    assert similarity.main([str(path), "--out", str(out)]) == 0
+    import pandas as pd
+
+    sims = pd.read_csv(out / "il_smoke" / "similarity.csv")
+    assert list(sims.arm) == ["il_cam", "il_saliency"] and set(sims.n) == {2}
+    assert sims.spearman_mean.between(-1, 1).all()
+    assert (out / "il_smoke" / "similarity.png").stat().st_size > 0

@@ -133,3 +133,20 @@ def test_dry_run_lists_cells_without_training(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "5 arms x 2 seeds = 10 cells" in out.stdout and out.stdout.count("teacher+teacher") == 2
     assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_introspective_study_has_every_method_the_paper_compares():
+    study = load_study(ROOT / "studies" / "introspective.yaml")
+    arms = set(study.arms())
+    assert {"ce", "ls", "cp", "tfkd_reg", "dml", "kd", "dkd", "il_cam", "il_saliency", "il_grad_input"} <= arms
+    assert len(study.config.seeds) >= 3
+    il = next(c for c in study.cells if c.arm == "il_saliency")
+    assert il.knowledge.structure.params["source"] == "saliency" and il.knowledge.mass.name != "teacher"
+
+
+def test_template_reads_plugin_parameters():
+    from kdablate.study import arm_name
+
+    combo = {"structure": {"name": "explanation", "source": "cam"}, "temperature": 4.0}
+    assert arm_name("il_{structure_source}", combo) == "il_cam[temperature=4.0]"
+    assert arm_name("x", combo) == "x[structure=explanation,temperature=4.0]"

@@ -33,7 +33,7 @@ SIMILARITIES = ("cosine", "pearson", "neg_l2")
 
 def explanation_similarity(maps: torch.Tensor, labels: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """(B, K, *S) maps, (B,) labels -> (B, K) s_c = sim(E_y, E_c)."""
-    e = maps.flatten(2)
+    e = maps.reshape(maps.shape[0], maps.shape[1], -1)  # (B, K) scalar maps become D = 1
     if kind == "pearson":
         e = e - e.mean(2, keepdim=True)
     if kind in ("cosine", "pearson"):
@@ -41,7 +41,7 @@ def explanation_similarity(maps: torch.Tensor, labels: torch.Tensor, kind: str =
     e_y = e[torch.arange(len(labels)), labels]  # (B, D)
     if kind == "neg_l2":
         return -(e - e_y[:, None]).norm(dim=2)
-    return torch.einsum("bkd,bd->bk", e, e_y)
+    return torch.bmm(e, e_y[:, :, None]).squeeze(2)  # bmm: measured faster than einsum here
 
 
 def structure_from_similarity(sim: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
@@ -142,11 +142,13 @@ class ExplanationStructure(Component):
     def _update(self, r: torch.Tensor, labels: torch.Tensor, k: int) -> None:
         sums = torch.zeros(k, k).index_add_(0, labels, r.float())
         counts = torch.bincount(labels, minlength=k).float()
+        self._epoch_sums += sums
+        self._epoch_counts += counts
+        if self.params.every == 1 and self.params.fraction == 1:
+            return  # every sample is explained at every step: the class EMA is never read
         seen = counts > 0
         means = sums[seen] / counts[seen, None]
         self.class_matrix[seen] = self.params.ema * self.class_matrix[seen] + (1 - self.params.ema) * means
-        self._epoch_sums += sums
-        self._epoch_counts += counts
 
     def summary(self) -> dict[str, torch.Tensor]:
         """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""
