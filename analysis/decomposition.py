@@ -98,8 +98,20 @@ def factorial(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pair_table(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """Paired-by-seed differences a - b for each requested (a, b)."""
+    by_arm = {a: g.set_index("seed").value.to_dict() for a, g in df.groupby("arm")}
+    return pd.DataFrame([{"contrast": f"{a} - {b}", **paired(by_arm.get(a, {}), by_arm.get(b, {}))} for a, b in pairs])
+
+
+def contrast_lines(title: str, table: pd.DataFrame) -> list[str]:
+    rows = [f"| {d['contrast']} | {pm(d['diff_mean'], d['diff_std'])} | {d['n_pairs']} | {d['p_value']:.3g} |"
+            for d in table.to_dict("records")]
+    return ["", title, "", "| contrast | Δ mean ± std | n | p |", "|---|---|---|---|", *rows]
+
+
 def markdown(summary: pd.DataFrame, effects: pd.DataFrame, baseline: str | None, metric: str,
-             extra: list[str] = ()) -> str:
+             extra: list[str] = (), pairs: pd.DataFrame | None = None) -> str:
     lines = [f"Metric: `{metric}` (percent), mean ± std over seeds; 95% CI is a t interval.", "",
              "| arm | mass | structure | T | α | mean ± std | n | 95% CI |" + (f" Δ vs {baseline} (paired) | p |" if baseline else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
@@ -116,10 +128,10 @@ def markdown(summary: pd.DataFrame, effects: pd.DataFrame, baseline: str | None,
         line += "".join(" — |" if pd.isna(d[m]) else f" {d[m]:.3g} |" for m in extra)
         lines.append(line)
     if not effects.empty:
-        lines += ["", "Factorial contrasts (paired by seed, averaged over the other factor):", "",
-                  "| factor | contrast | Δ mean ± std | n | p |", "|---|---|---|---|---|"]
-        lines += [f"| {r.factor} | {r.contrast} | {pm(r.diff_mean, r.diff_std)} | {r.n_pairs} | {r.p_value:.3g} |"
-                  for r in effects.itertuples()]
+        effects = effects.assign(contrast=effects.factor + ": " + effects.contrast)
+        lines += contrast_lines("Factorial contrasts (paired by seed, averaged over the other factor):", effects)
+    if pairs is not None and not pairs.empty:
+        lines += contrast_lines("Paired comparisons (by seed):", pairs)
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     effects = factorial(df) if study.config.analysis.factorial else pd.DataFrame()
     summary.to_csv(out / "table.csv", index=False)
     effects.to_csv(out / "effects.csv", index=False)
-    md = markdown(summary, effects, baseline, args.metric, extra)
+    pairs = pair_table(df, study.config.analysis.pairs)
+    if not pairs.empty:
+        pairs.to_csv(out / "pairs.csv", index=False)
+    md = markdown(summary, effects, baseline, args.metric, extra, pairs)
     (out / "table.md").write_text(md)
     paths = plot(df, study, args.metric, out)
     print(md)

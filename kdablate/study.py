@@ -34,7 +34,8 @@ class StudyError(Exception):
 
 
 class ArmConfig(Frozen):
-    """One arm: knowledge overrides, and an optional ``grid`` crossed into sub-arms."""
+    """One arm: knowledge overrides, optional ``set`` overrides of any other field
+    (dotted paths), and an optional ``grid`` crossed into sub-arms."""
 
     name: str = Field(min_length=1)
     objective: ObjectiveSpec | None = None
@@ -45,6 +46,7 @@ class ArmConfig(Frozen):
     warmup_epochs: int | None = Field(None, ge=0)
     entropy_penalty: float | None = Field(None, ge=0)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of base, e.g. {optim.lr: 0.1}
 
     @field_validator("grid")
     @classmethod
@@ -58,7 +60,8 @@ class AnalysisConfig(Frozen):
     baseline: the arm paired differences are taken against; reference: arms drawn
     as lines; factorial: draw and tabulate the mass x structure contrasts;
     extra_metrics: more columns for the table; heatmaps: arms whose
-    explanation-derived class similarity is drawn beside the teacher's.
+    explanation-derived class similarity is drawn beside the teacher's; pairs:
+    (a, b) arms compared paired by seed.
     """
 
     baseline: str | None = None
@@ -66,6 +69,7 @@ class AnalysisConfig(Frozen):
     factorial: bool = False
     extra_metrics: list[str] = Field(default_factory=list)
     heatmaps: list[str] = Field(default_factory=list)
+    pairs: list[tuple[str, str]] = Field(default_factory=list)
 
 
 class StudyConfig(Frozen):
@@ -232,7 +236,7 @@ def _expand_arm(config: StudyConfig, arm: ArmConfig, path: Path, field: str) -> 
             for k, v in knowledge.items():
                 set_path(d, k, v.flat() if hasattr(v, "flat") else v)
             try:
-                for k, v in combo.items():
+                for k, v in {**arm.set, **combo}.items():
                     set_path(d, k, v)
                 cell = CellConfig.model_validate({**d, "arm": name, "seed": seed})
             except ConfigError as e:
@@ -254,7 +258,7 @@ def _check_analysis(config: StudyConfig, path: Path, arms: set[str]) -> None:
     a = config.analysis
     wanted = [("analysis.baseline", a.baseline)] + [
         (f"analysis.{key}[{i}]", r) for key in ("reference", "heatmaps") for i, r in enumerate(getattr(a, key))
-    ]
+    ] + [(f"analysis.pairs[{i}]", r) for i, pair in enumerate(a.pairs) for r in pair]
     for field, arm in wanted:
         if arm is not None and arm not in arms:
             raise StudyError(path, field, f"no arm named '{arm}'; arms: {', '.join(sorted(arms))}")
