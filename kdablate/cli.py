@@ -19,7 +19,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every pending cell of a study, logging to MLflow")
     run.add_argument("study", help="a study file, or the name of one in studies/")
-    run.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are small)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: the models are small)")
+    run.add_argument("--workers", type=int, default=1, help="cells run in this many local processes")
+    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--address", help="Ray cluster address for --executor ray (e.g. auto, host:6379)")
+    run.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                     help="save each cell's state every so many epochs to resume after a crash (0: never)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("KDABLATE_CACHE", ".cache/kdablate")))
     dry = sub.add_parser("dry-run", help="list the cells of a study without training")
     dry.add_argument("study")
@@ -43,6 +49,8 @@ def status(study: Study) -> int:
 
     client = tracking.client()
     exp = client.get_experiment_by_name(study.name)
+    if exp is not None:
+        tracking.reap_stale(client, exp.experiment_id)
     runs = tracking.search_cells(client, exp.experiment_id) if exp else []
     by_hash: dict[str, list] = {}
     for r in runs:
@@ -52,10 +60,12 @@ def status(study: Study) -> int:
         statuses = {r.info.status for r in by_hash.get(c.config_hash(), [])}
         state = next((s for s in ("FINISHED", "RUNNING", "FAILED", "KILLED") if s in statuses), "PENDING")
         counts[state] = counts.get(state, 0) + 1
-        if state == "FAILED":
-            reason = next(r.data.tags.get("failure_reason", "") for r in by_hash[c.config_hash()] if r.info.status == "FAILED")
-            print(f"FAILED  {c.arm} seed {c.seed}: {reason}")
-    print(f"study {study.name}: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
+        if state in ("FAILED", "KILLED", "RUNNING"):
+            run = next(r for r in by_hash[c.config_hash()] if r.info.status == state)
+            print(f"{state:8} {c.arm} seed {c.seed}: {run.data.tags.get('failure_reason', '')}")
+    names = {"FINISHED": "done", "PENDING": "pending", "RUNNING": "running", "FAILED": "failed", "KILLED": "killed"}
+    print(f"study {study.name}: {len(study.cells)} cells: "
+          + ", ".join(f"{counts.get(k, 0)} {v}" for k, v in names.items()))
     return 0
 
 
@@ -73,9 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return status(study)
-    from kdablate.runner import run_study
+    from kdablate.runner import RunOptions, run_study
 
-    failed = run_study(study, args.cache_dir, threads=args.threads)
+    if args.workers < 1 or args.threads < 1:
+        print("kdablate: error: --workers and --threads must be >= 1", file=sys.stderr)
+        return 2
+    opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
+                      checkpoint_every=args.checkpoint_every, executor=args.executor, address=args.address,
+                      progress=not args.no_progress)
+    failed = run_study(study, opts)
     if failed:
         print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)
     return 1 if failed else 0

@@ -1,16 +1,25 @@
 """Run a study: every pending cell through the shared trainer, logged to MLflow.
 
 One parent run per invocation, one child run per cell x seed. Cells whose
-config hash already has a FINISHED run are skipped, so a rerun resumes. A cell
-that raises or diverges is marked FAILED with the reason as a tag; the study
-goes on, and the exit code says that cells failed.
+config hash already has a FINISHED run are skipped, so a rerun resumes; RUNNING
+runs whose process died are marked KILLED first, and a cell with a checkpoint
+continues inside its old run from the last saved epoch. A cell that raises or
+diverges is marked FAILED with the reason as a tag; the study goes on, and the
+exit code says that cells failed.
+
+Cells run in this process, in ``workers`` local processes, or as Ray tasks on
+an existing cluster (``executor='ray'``); teachers are trained once, before the
+cells fan out.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -18,9 +27,32 @@ from kdablate import tracking
 from kdablate.config import CellConfig, flatten
 from kdablate.data import load_dataset
 from kdablate.objectives import build_method
+from kdablate.storage import Checkpoint
 from kdablate.study import Study
 from kdablate.teacher import get_teacher, teacher_model
 from kdablate.trainer import fit
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run a study (not part of any cell's config or hash)."""
+
+    cache_dir: Path = Path(".cache/kdablate")
+    threads: int = 1
+    workers: int = 1
+    checkpoint_every: int = 1
+    executor: str = "local"
+    address: str | None = None
+    uri: str | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CellOutcome:
+    arm: str
+    seed: int
+    status: str
+    message: str
 
 
 def provenance(threads: int) -> dict[str, str]:
@@ -35,77 +67,195 @@ def provenance(threads: int) -> dict[str, str]:
     }
 
 
-def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, cache_dir: Path) -> dict[str, float]:
+def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opts: RunOptions,
+               on_epoch: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
     """Train one cell, logging per-epoch metrics into ``run_id``; returns the reported metrics."""
     data = load_dataset(cell.data.name, cell.data.params)
-    teacher = get_teacher(cell, data, cache_dir) if cell.teacher is not None else None
-    online = None
-    if "teacher_model" in build_method(cell.knowledge).needs:
-        online = teacher_model(cell, data, teacher)
-    result = fit(
-        cell.student, data, cell.optim, cell.knowledge, cell.seed,
-        teacher=None if teacher is None else teacher.logits, report=cell.report,
-        on_epoch=lambda epoch, m: tracking.log_metrics(client, run_id, m, epoch), teacher_model=online,
-    )
+    teacher = get_teacher(cell, data, opts.cache_dir) if cell.teacher is not None else None
+    online = teacher_model(cell, data, teacher) if "teacher_model" in build_method(cell.knowledge).needs else None
+    ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id})
+    result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
+                 teacher=None if teacher is None else teacher.logits, report=cell.report,
+                 on_epoch=on_epoch, teacher_model=online, checkpoint=ckpt)
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     final = dict(result.metrics)
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})
         tracking.set_tags(client, run_id, {"teacher_key": teacher.key})
+    ckpt.clear()
     return final
 
 
-def run_cell(
-    client: tracking.MlflowClient, exp_id: str, parent: str, study: Study, cell: CellConfig,
-    cache_dir: Path, tags: dict[str, str],
-) -> str:
-    """One child run; returns its final status (FINISHED / FAILED). KeyboardInterrupt marks it KILLED."""
-    cell_tags = {**tags, "kind": "cell", "arm": cell.arm, "seed": str(cell.seed), "config_hash": cell.config_hash()}
+def checkpoint_path(cell: CellConfig, opts: RunOptions) -> Path:
+    return Path(opts.cache_dir) / "checkpoints" / f"{cell.config_hash()}.pt"
+
+
+def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: CellConfig, opts: RunOptions,
+             tags: dict[str, str]) -> tuple[str, bool]:
+    """The cell's run: the one its checkpoint names (reopened), else a new one. Returns (id, resumed)."""
+    saved = Checkpoint(checkpoint_path(cell, opts)).load() if opts.checkpoint_every else None
+    run_id = saved["meta"].get("run_id") if saved else None
+    if run_id:
+        try:
+            if client.get_run(run_id).info.status != "FINISHED":
+                client.update_run(run_id, status="RUNNING")
+                tracking.set_tags(client, run_id, {**tracking.owner_tags(), "resumed_from_epoch": str(saved["epoch"])})
+                return run_id, True
+        except Exception:  # noqa: BLE001 - the run is gone (another store): start afresh
+            pass
+        checkpoint_path(cell, opts).unlink(missing_ok=True)
+    cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
+                 "config_hash": cell.config_hash()}
     run_id = tracking.start_run(client, exp_id, f"{cell.arm}/s{cell.seed}", cell_tags, parent)
+    tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
+    client.log_text(run_id, json.dumps(cell.model_dump(mode="json"), indent=2), "config.json")
+    return run_id, False
+
+
+def run_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], opts: RunOptions) -> CellOutcome:
+    """One child run, FINISHED or FAILED; a KeyboardInterrupt marks it KILLED and propagates."""
+    client = tracking.client(opts.uri)
+    run_id, resumed = open_run(client, exp_id, parent, cell, opts, tags)
     t0 = time.time()
+    bar = cell_bar(cell, opts)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics(client, run_id, metrics, epoch)
+        if bar is not None:
+            bar.update(epoch - bar.n)
+            bar.set_postfix({"val/acc": f"{metrics['val/acc']:.3f}"})
+
     try:
-        tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
-        client.log_text(run_id, json.dumps(cell.model_dump(mode="json"), indent=2), "config.json")
-        final = train_cell(client, run_id, cell, cache_dir)
+        final = train_cell(client, run_id, cell, opts, on_epoch)
         final["time/wall_s"] = time.time() - t0
         tracking.log_metrics(client, run_id, final, cell.optim.epochs)
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+        tracking.terminate(client, run_id, "KILLED", "interrupted")
         raise
-    except Exception as e:  # noqa: BLE001 - any failure of one cell must not stop the study
-        reason = f"{type(e).__name__}: {e}"[:4000]
-        tracking.set_tags(client, run_id, {"failure_reason": reason})
-        client.set_terminated(run_id, "FAILED")
-        print(f"  FAILED {cell.arm} seed {cell.seed}: {reason}", flush=True)
-        return "FAILED"
-    client.set_terminated(run_id, "FINISHED")
-    print(f"  {cell.arm} seed {cell.seed}: test/acc {final['report/test_acc']:.4f} "
-          f"(val {final['report/val_acc']:.4f}, {final['time/wall_s']:.1f}s)", flush=True)
-    return "FINISHED"
+    except Exception as e:  # noqa: BLE001 - one failing cell must not stop the study
+        tracking.terminate(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        return CellOutcome(cell.arm, cell.seed, "FAILED", f"{type(e).__name__}: {e}")
+    finally:
+        if bar is not None:
+            bar.close()
+    tracking.terminate(client, run_id, "FINISHED")
+    note = " (resumed)" if resumed else ""
+    return CellOutcome(cell.arm, cell.seed, "FINISHED", f"test/acc {final['report/test_acc']:.4f} "
+                       f"(val {final['report/val_acc']:.4f}, {final['time/wall_s']:.1f}s){note}")
 
 
-def run_study(study: Study, cache_dir: Path, threads: int = 1, uri: str | None = None) -> int:
-    """Run every pending cell; returns the number of cells that FAILED."""
+def cell_bar(cell: CellConfig, opts: RunOptions) -> Any:
+    """A per-cell epoch bar, only when cells run in this process on a terminal."""
+    if not opts.progress or opts.workers > 1 or opts.executor != "local":
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cell.optim.epochs, desc=f"  {cell.arm} s{cell.seed}", unit="ep", leave=False, disable=None)
+
+
+def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    client = tracking.client(uri)
+
+
+def _run_sequential(cells: list[CellConfig], args: tuple, opts: RunOptions):
+    for cell in cells:
+        yield run_cell(cell, *args, opts)
+
+
+def _run_processes(cells: list[CellConfig], args: tuple, opts: RunOptions):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # spawn, not fork: forking a process that already runs torch / OpenMP threads is unsafe.
+    with cf.ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                initargs=(opts.threads,)) as pool:
+        futures = [pool.submit(run_cell, cell, *args, opts) for cell in cells]
+        try:
+            for future in cf.as_completed(futures):
+                yield future.result()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _run_ray(cells: list[CellConfig], args: tuple, opts: RunOptions):
+    import ray
+
+    ray.init(address=opts.address, log_to_driver=False, ignore_reinit_error=True)
+    task = ray.remote(num_cpus=opts.threads)(_ray_cell)
+    pending = [task.remote(cell, *args, opts) for cell in cells]
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    finally:
+        ray.shutdown()
+
+
+def _ray_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], opts: RunOptions) -> CellOutcome:
+    _init_worker(opts.threads)
+    return run_cell(cell, exp_id, parent, tags, opts)
+
+
+def resolve(opts: RunOptions) -> RunOptions:
+    """Absolute paths and URI (workers may start elsewhere), threads so workers x threads <= cores."""
+    cores = os.cpu_count() or 1
+    threads = opts.threads
+    if opts.executor == "local" and opts.workers * threads > cores:
+        threads = max(1, cores // opts.workers)
+        print(f"note: {opts.workers} workers x {opts.threads} threads > {cores} cores; using {threads} thread(s) each")
+    return dataclasses.replace(opts, threads=threads, cache_dir=Path(opts.cache_dir).resolve(),
+                               uri=opts.uri or tracking.tracking_uri())
+
+
+def ensure_teachers(cells: list[CellConfig], opts: RunOptions) -> None:
+    """Train every teacher the cells need once, before they fan out to workers."""
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.teacher is not None and cell.teacher_key() not in seen:
+            seen.add(cell.teacher_key())
+            get_teacher(cell, load_dataset(cell.data.name, cell.data.params), opts.cache_dir)
+
+
+def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
+    """Run every pending cell; returns the number of cells that FAILED."""
+    opts = resolve(opts)
+    _init_worker(opts.threads)
+    client = tracking.client(opts.uri)
     exp_id = tracking.experiment_id(client, study.name)
+    reaped = tracking.reap_stale(client, exp_id)
     done = tracking.finished_hashes(client, exp_id)
     pending = [c for c in study.cells if c.config_hash() not in done]
     print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(pending)} already finished, "
-          f"{len(pending)} to run", flush=True)
-    tags = {"study": study.name, **tracking.git_state(), **provenance(threads)}
-    parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}", {**tags, "kind": "study"})
+          f"{len(pending)} to run" + (f"; {len(reaped)} interrupted run(s) marked KILLED" if reaped else ""), flush=True)
+    tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads)}
+    parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                {**tags, **tracking.owner_tags(), "kind": "study", "workers": str(opts.workers)})
     client.log_artifact(parent, str(study.path))
     failed = 0
     try:
-        for i, cell in enumerate(pending, 1):
-            print(f"[{i}/{len(pending)}] {cell.arm} seed {cell.seed}", flush=True)
-            failed += run_cell(client, exp_id, parent, study, cell, cache_dir, tags) == "FAILED"
+        ensure_teachers(pending, opts)
+        execute = {"local": _run_processes if opts.workers > 1 else _run_sequential, "ray": _run_ray}[opts.executor]
+        failed = report_progress(execute(pending, (exp_id, parent, tags), opts), len(pending), study.name, opts)
     except KeyboardInterrupt:
-        client.set_terminated(parent, "KILLED")
+        tracking.terminate(client, parent, "KILLED", "interrupted")
         raise
     tracking.log_metrics(client, parent, {"study/cells": len(study.cells), "study/failed": failed}, 0)
-    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    tracking.terminate(client, parent, "FAILED" if failed else "FINISHED")
+    return failed
+
+
+def report_progress(outcomes, total: int, name: str, opts: RunOptions) -> int:
+    """Consume cell outcomes under one study bar (cells done / total, ETA); returns the failures."""
+    from tqdm import tqdm
+
+    failed = 0
+    with tqdm(total=total, desc=name, unit="cell", disable=None if opts.progress else True) as bar:
+        for i, out in enumerate(outcomes, 1):
+            failed += out.status == "FAILED"
+            tag = "FAILED " if out.status == "FAILED" else ""
+            tqdm.write(f"[{i}/{total}] {tag}{out.arm} seed {out.seed}: {out.message}")
+            bar.update(1)
     return failed

@@ -7,13 +7,8 @@ processes from training the same teacher twice.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -22,6 +17,7 @@ from torch import nn
 from kdablate.config import CellConfig, KnowledgeConfig
 from kdablate.data import DataBundle
 from kdablate.models import build_model
+from kdablate.storage import atomic_save, file_lock
 from kdablate.trainer import SPLITS, fit, predict
 
 
@@ -33,31 +29,6 @@ class Teacher:
     logits: dict[str, torch.Tensor]
     metrics: dict[str, float]
     path: Path
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held for the ``with`` block (POSIX flock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def train_teacher(cell: CellConfig, data: DataBundle) -> dict:

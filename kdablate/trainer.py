@@ -30,6 +30,7 @@ from kdablate.data import DataBundle
 from kdablate.metrics import evaluate, offdiagonal, spearman
 from kdablate.models import build_model
 from kdablate.objectives import Method, build_method
+from kdablate.storage import Checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 SPLITS = ("train", "val", "test")
@@ -190,14 +191,37 @@ def cohort_size(method: Method) -> int:
     return 2 if "peer" in method.needs else 1
 
 
+def snapshot(members: list[Member], gens: tuple[torch.Generator, torch.Generator], epoch: int, step: int,
+             best: dict) -> dict:
+    """Everything needed to continue training after ``epoch`` bit for bit."""
+    return {
+        "epoch": epoch, "step": step, "best": best, "gens": [g.get_state() for g in gens],
+        "members": [{"model": m.model.state_dict(), "opt": m.opt.state_dict(), "sched": m.sched.state_dict(),
+                     "method": m.method} for m in members],
+    }
+
+
+def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, torch.Generator]) -> tuple[int, int, dict]:
+    for m, saved in zip(members, state["members"]):
+        m.model.load_state_dict(saved["model"])
+        m.opt.load_state_dict(saved["opt"])
+        m.sched.load_state_dict(saved["sched"])
+        m.method = saved["method"]
+    for g, saved in zip(gens, state["gens"]):
+        g.set_state(saved)
+    return state["epoch"], state["step"], state["best"]
+
+
 def fit(
     model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
     teacher: dict[str, torch.Tensor] | None = None, report: str = "best_val",
     on_epoch: EpochCallback | None = None, teacher_model: nn.Module | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
     """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
     teacher: split -> (N, K) precomputed teacher logits, or None.
+    checkpoint: save the state every few epochs and, if one exists, resume from it.
     Selection only ever looks at val accuracy; test is logged, never chosen on.
     """
     steps_per_epoch = len(data.y_train) // optim.batch_size
@@ -205,25 +229,36 @@ def fit(
     members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch)
                for i in range(cohort_size(build_method(knowledge)))]
     gens = (seeded_generator(seed, 0), seeded_generator(seed, 1))
-    best, best_epoch, best_val, step, artifacts = None, 0, -1.0, 0, {}
-    for epoch in range(1, optim.epochs + 1):
+    epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        epoch, step, best = restore(saved, members, gens)
+    for epoch in range(epoch + 1, optim.epochs + 1):
         parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model)
         metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher)}
         for i, m in enumerate(members[1:], 1):
             extra = {**parts[i], **evaluate_model(m.model, data, teacher)}
             metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
-        summary, artifacts = epoch_summary(members[0].method, data, teacher, knowledge.temperature)
+        summary, best["artifacts"] = epoch_summary(members[0].method, data, teacher, knowledge.temperature)
         metrics.update(summary)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if report == "best_val" and metrics["val/acc"] > best_val:
-            best, best_epoch, best_val = copy.deepcopy(members[0].model.state_dict()), epoch, metrics["val/acc"]
-    model = members[0].model
-    if report == "best_val" and best is not None:
-        model.load_state_dict(best)
+        if report == "best_val" and metrics["val/acc"] > best["val"]:
+            best.update(state=copy.deepcopy(members[0].model.state_dict()), epoch=epoch, val=metrics["val/acc"])
+        if checkpoint is not None and checkpoint.due(epoch, optim.epochs):
+            checkpoint.save(snapshot(members, gens, epoch, step, best))
+    return report_result(members[0].model, data, teacher, report, best, optim.epochs)
+
+
+def report_result(model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, report: str,
+                  best: dict, epochs: int) -> FitResult:
+    """Load the reported weights and evaluate them: 'report/<split>_<metric>', 'report/epoch'."""
+    if report == "best_val" and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        epoch = best["epoch"]
     else:
-        best_epoch = optim.epochs
+        epoch = epochs
     final = evaluate_model(model, data, teacher)
     reported = {"report/" + k.replace("/", "_"): v for k, v in final.items()}
-    reported["report/epoch"] = float(best_epoch)
-    return FitResult(model, reported, artifacts)
+    reported["report/epoch"] = float(epoch)
+    return FitResult(model, reported, best["artifacts"])

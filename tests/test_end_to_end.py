@@ -8,7 +8,7 @@ import pytest
 
 from analysis import decomposition
 from kdablate import tracking
-from kdablate.runner import run_study
+from kdablate.runner import RunOptions, run_study
 from kdablate.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def smoke_run(mlflow_store, tmp_path):
     study = load_study(ROOT / "studies" / "smoke.yaml")
-    failed = run_study(study, tmp_path / "cache")
+    failed = run_study(study, RunOptions(cache_dir=tmp_path / "cache"))
     return study, tmp_path, failed
 
 
@@ -45,7 +45,7 @@ def test_smoke_study_logs_every_cell_and_resumes(smoke_run, capsys):
     # One teacher, trained once and reused by every cell.
     assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1
     capsys.readouterr()
-    assert run_study(study, tmp_path / "cache") == 0
+    assert run_study(study, RunOptions(cache_dir=tmp_path / "cache")) == 0
     assert "16 already finished, 0 to run" in capsys.readouterr().out
     assert len(tracking.search_cells(client, exp.experiment_id)) == 16
 
@@ -99,7 +99,7 @@ def test_introspective_arms_run_and_draw_heatmaps(mlflow_store, tmp_path):
     path.write_text(IL_STUDY)
     study = load_study(path)
     assert study.arms() == ["ce", "dml", "dkd", "il_cam", "il_saliency"]
-    assert run_study(study, tmp_path / "cache") == 0
+    assert run_study(study, RunOptions(cache_dir=tmp_path / "cache")) == 0
     client = tracking.client()
     runs = tracking.search_cells(client, client.get_experiment_by_name("il_smoke").experiment_id)
     by_arm = {r.data.tags["arm"]: r for r in runs}

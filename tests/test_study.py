@@ -99,6 +99,43 @@ BAD = [
     ("teacher needed but null", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  teacher: null"), "arms[1]",
      "base.teacher is null"),
     ("bad yaml", ("seeds: [0, 1]", "seeds: [0, 1"), "line", "invalid YAML"),
+    ("seed not an int", ("seeds: [0, 1]", "seeds: [0, one]"), "seeds[1]", "valid integer"),
+    ("repeated seeds", ("seeds: [0, 1]", "seeds: [1, 1]"), "seeds", "seeds repeat"),
+    ("eps out of range", ("eps: 0.4", "eps: 1.4"), "arms[1]", "eps must be in [0, 1]"),
+    ("component param wrong type", ("eps: 0.4", "eps: lots"), "arms[1]", "must be float, got str"),
+    ("model param unknown", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  student: {name: mlp, width: 3}"),
+     "base.student", "no parameter 'width'; allowed: hidden, depth"),
+    ("model param wrong type", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  student: {name: mlp, hidden: 1.5}"),
+     "base.student", "must be int, got float"),
+    ("dataset param out of range", ("num_samples: 500", "num_samples: 5"), "base.data", "num_samples must be >= 100"),
+    ("lr not positive", ("optim: {epochs: 1}", "optim: {epochs: 1, lr: 0}"), "base.optim.lr", "greater than 0"),
+    ("unknown schedule", ("optim: {epochs: 1}", "optim: {epochs: 1, schedule: step}"), "base.optim.schedule",
+     "'cosine' or 'constant'"),
+    ("unknown report rule", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  report: best_test"), "base.report",
+     "'last' or 'best_val'"),
+    ("unknown arm field", ("- {name: ce, mass: none, alpha: 0.0}", "- {name: ce, mass: none, alpha: 0.0, temp: 2}"),
+     "arms[0].temp", "unknown field"),
+    ("arm without name", ("- {name: ce, mass: none, alpha: 0.0}", "- {mass: none, alpha: 0.0}"), "arms[0].name",
+     "Field required"),
+    ("empty arms", ("arms:\n  - {name: ce, mass: none, alpha: 0.0}\n  - name: \"{mass}+{structure}\"",
+                    "arms: []\nx:\n  - name: \"{mass}+{structure}\""), "arms", "at least 1"),
+    ("unknown objective", ("- {name: ce, mass: none, alpha: 0.0}", "- {name: ce, objective: dkdd, alpha: 0.0}"),
+     "arms[0].objective", "unknown objective 'dkdd'"),
+    ("negative warm-up", ("- {name: ce, mass: none, alpha: 0.0}", "- {name: ce, warmup_epochs: -1}"),
+     "arms[0].warmup_epochs", "greater than or equal to 0"),
+    ("unknown explanation source", ("structure: [uniform, teacher]", "structure: [{name: explanation, source: lime}]"),
+     "arms[1]", "unknown explanation 'lime'"),
+    ("bad similarity", ("structure: [uniform, teacher]", "structure: [{name: explanation, similarity: dot}]"),
+     "arms[1]", "similarity must be one of cosine, pearson, neg_l2"),
+    ("axis over an unknown field", ("analysis: {baseline: ce, reference: [ce]}", "axes: {optim.lrr: [0.1]}"),
+     "optim.lrr", "unknown field"),
+    ("empty top-level axis", ("analysis: {baseline: ce, reference: [ce]}", "axes: {temperature: []}"), "axes",
+     "axis 'temperature' is empty"),
+    ("bad reference arm", ("reference: [ce]", "reference: [cee]"), "analysis.reference[0]", "no arm named 'cee'"),
+    ("bad study name", ("seeds: [0, 1]", "seeds: [0, 1]\nname: 'a b/c'"), "name", "should match pattern"),
+    ("arm override of unknown path", ("- {name: ce, mass: none, alpha: 0.0}",
+                                      "- {name: ce, mass: none, alpha: 0.0, set: {optim.momentun: 0.5}}"),
+     "momentun", "unknown field"),
 ]
 
 
@@ -111,6 +148,12 @@ def test_malformed_study_is_rejected_with_file_and_field(tmp_path, case, edit, f
     text = str(err.value)
     assert text.startswith(str(path)) and "\n" not in text
     assert field in err.value.field and message in text, text
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "just text\n", ""])
+def test_study_that_is_not_a_mapping(tmp_path, text):
+    with pytest.raises(StudyError, match="must be a YAML mapping"):
+        load_study(write(tmp_path, text))
 
 
 def test_missing_study_lists_known_ones(tmp_path):

@@ -81,3 +81,33 @@ def test_ece_and_agreement():
     assert ece(logits, 1 - labels) > 0.99  # confident and wrong
     assert ece(torch.zeros(4, 2), labels) == pytest.approx(0.0)  # 50% confident, 50% right
     assert agreement(logits, logits) == 1.0 and agreement(logits, -logits) == 0.0
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("knowledge", [
+    KnowledgeConfig(),
+    KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure={"name": "explanation", "every": 2, "fraction": 0.5},
+                    temperature=4.0, alpha=0.9),
+    KnowledgeConfig(mass="peer", structure="peer", alpha=0.5),
+], ids=["ce", "il", "dml"])
+def test_resume_from_checkpoint_is_bit_identical(tiny, tmp_path, knowledge):
+    from kdablate.storage import Checkpoint
+
+    spec, opt = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32)
+    straight = fit(spec, tiny, opt, knowledge, 0)
+
+    def crash_after_2(epoch, metrics):
+        if epoch == 2:
+            raise Interrupt
+
+    ckpt = Checkpoint(tmp_path / "cell.pt", every=1, meta={"run_id": "r1"})
+    with pytest.raises(Interrupt):
+        fit(spec, tiny, opt, knowledge, 0, on_epoch=crash_after_2, checkpoint=ckpt)
+    assert ckpt.load()["epoch"] == 1 and ckpt.load()["meta"] == {"run_id": "r1"}
+    epochs_seen = []
+    resumed = fit(spec, tiny, opt, knowledge, 0, checkpoint=ckpt, on_epoch=lambda e, m: epochs_seen.append(e))
+    assert epochs_seen == [2, 3, 4]
+    assert resumed.metrics == straight.metrics

@@ -1,0 +1,119 @@
+"""The study engine: kill -9 and resume, failures, status, parallel workers, provenance."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdablate import tracking
+from kdablate.runner import RunOptions, run_study
+from kdablate.study import load_study
+
+ENGINE_STUDY = """
+base:
+  data: {{name: mnist1d, num_samples: 1000}}
+  student: {{name: mlp, hidden: 64, depth: 2}}
+  optim: {{epochs: {epochs}, batch_size: 32}}
+  teacher: {{model: {{name: cnn1d, channels: 8, depth: 2}}, optim: {{epochs: 2, batch_size: 64}}}}
+seeds: [0, 1, 2]
+arms:
+  - {{name: ce, mass: none, alpha: 0.0}}
+  - {{name: kd, mass: teacher, structure: teacher, temperature: 4.0, alpha: 0.9}}
+{extra}
+"""
+
+
+def write_study(tmp_path: Path, epochs: int = 3, extra: str = "", name: str = "engine") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(ENGINE_STUDY.format(epochs=epochs, extra=extra))
+    return path
+
+
+def cli(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdablate.cli", *args], cwd=cwd, capture_output=True, text=True, **kw)
+
+
+def runs_by_status(study_name: str) -> dict[str, list]:
+    client = tracking.client()
+    exp = client.get_experiment_by_name(study_name)
+    out: dict[str, list] = {}
+    for r in tracking.search_cells(client, exp.experiment_id):
+        out.setdefault(r.info.status, []).append(r)
+    return out
+
+
+def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store, tmp_path):
+    path = write_study(tmp_path, epochs=25)
+    study = load_study(path)
+    proc = subprocess.Popen([sys.executable, "-m", "kdablate.cli", "run", str(path), "--no-progress"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = tracking.client(), time.time() + 120
+    while time.time() < deadline:  # kill once two cells finished and a third is mid-way
+        exp = client.get_experiment_by_name("engine")
+        runs = tracking.search_cells(client, exp.experiment_id) if exp else []
+        statuses = [r.info.status for r in runs]
+        running = [r for r in runs if r.info.status == "RUNNING"]
+        if statuses.count("FINISHED") >= 2 and running and client.get_metric_history(running[0].info.run_id, "val/acc"):
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = runs_by_status("engine")
+    assert before.get("RUNNING"), "the kill should have caught a cell mid-way"
+    rerun = cli("run", str(path), "--no-progress", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "interrupted run(s) marked KILLED" in rerun.stdout and "(resumed)" in rerun.stdout
+    after = runs_by_status("engine")
+    assert "RUNNING" not in after
+    finished = [r.data.tags["config_hash"] for r in after["FINISHED"]]
+    assert sorted(finished) == sorted(c.config_hash() for c in study.cells)  # exactly one per cell
+    resumed = [r for r in after["FINISHED"] if "resumed_from_epoch" in r.data.tags]
+    assert len(resumed) == 1
+    steps = [m.step for m in client.get_metric_history(resumed[0].info.run_id, "val/acc")]
+    assert sorted(set(steps)) == list(range(1, 26))  # a complete curve across the crash
+
+
+def test_failing_cells_are_marked_and_the_study_goes_on(mlflow_store, tmp_path):
+    bad = "  - {name: diverge, mass: none, alpha: 0.0, set: {optim.lr: 1.0e+6, optim.momentum: 0.0}}"
+    path = write_study(tmp_path, extra=bad, name="failing")
+    out = cli("run", str(path), "--no-progress", cwd=tmp_path)
+    assert out.returncode == 1 and "3 cell(s) FAILED" in out.stderr
+    by = runs_by_status("failing")
+    assert len(by["FINISHED"]) == 6 and len(by["FAILED"]) == 3
+    assert all("NonFiniteLoss" in r.data.tags["failure_reason"] for r in by["FAILED"])
+    status = cli("status", str(path), cwd=tmp_path)
+    assert "9 cells: 6 done, 0 pending, 0 running, 3 failed, 0 killed" in status.stdout
+    assert status.stdout.count("FAILED   diverge seed") == 3 and "NonFiniteLoss" in status.stdout
+
+
+def test_two_workers_share_one_sqlite_store_without_loss_or_duplicates(mlflow_store, tmp_path):
+    study = load_study(write_study(tmp_path, epochs=2, name="parallel"))
+    assert run_study(study, RunOptions(cache_dir=tmp_path / "cache", workers=2, progress=False)) == 0
+    by = runs_by_status("parallel")
+    assert set(by) == {"FINISHED"}
+    hashes = [r.data.tags["config_hash"] for r in by["FINISHED"]]
+    assert sorted(hashes) == sorted(c.config_hash() for c in study.cells)
+    assert len({r.data.tags["worker_pid"] for r in by["FINISHED"]}) == 2  # both workers did work
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1  # one teacher, trained once
+
+
+def test_every_run_records_its_provenance(mlflow_store, tmp_path):
+    study = load_study(write_study(tmp_path, epochs=1, name="prov"))
+    run_study(study, RunOptions(cache_dir=tmp_path / "cache", progress=False))
+    run = runs_by_status("prov")["FINISHED"][0]
+    t = run.data.tags
+    assert t["torch_version"].startswith("2.") and t["device"] == "cpu" and t["threads"] == "1"
+    assert t["deterministic"] == "true" and t["seed"] in {"0", "1", "2"}
+    assert {"git_commit", "git_dirty", "host", "worker_pid"} <= set(t)
+    assert run.data.metrics["time/wall_s"] > 0
+
+
+@pytest.mark.parametrize("bad", [("--workers", "0"), ("--threads", "0")])
+def test_bad_worker_counts_exit_2(tmp_path, bad):
+    out = cli("run", str(write_study(tmp_path)), *bad, cwd=tmp_path)
+    assert out.returncode == 2 and "must be >= 1" in out.stderr
