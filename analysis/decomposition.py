@@ -38,8 +38,9 @@ def load_runs(study: Study, metric: str, extra: list[str] = ()) -> pd.DataFrame:
         cell = wanted.get(run.data.tags.get("config_hash"))
         if cell is None or metric not in run.data.metrics:
             continue
+        mass, structure = component_labels(cell)
         k = cell.knowledge
-        rows.append({"arm": cell.arm, "seed": cell.seed, "mass": k.mass.name, "structure": k.structure.name,
+        rows.append({"arm": cell.arm, "seed": cell.seed, "mass": mass, "structure": structure,
                      "temperature": k.temperature, "alpha": k.alpha, "value": run.data.metrics[metric],
                      "teacher": run.data.metrics.get("teacher/" + metric.split("/", 1)[-1], float("nan")),
                      "end_time": run.info.end_time,
@@ -49,6 +50,17 @@ def load_runs(study: Study, metric: str, extra: list[str] = ()) -> pd.DataFrame:
         return df
     # Should two finished runs share a config (a race, a manual rerun), keep the latest.
     return df.sort_values("end_time").drop_duplicates(["arm", "seed"], keep="last").drop(columns="end_time")
+
+
+def component_labels(cell) -> tuple[str, str]:
+    """(mass, structure) as the table shows them: the explanation source is part of the structure,
+    and an objective other than the soft target stands in for both."""
+    k = cell.knowledge
+    if k.objective.name != "soft_target":
+        return "—", k.objective.name
+    s = k.structure
+    detail = s.params.get("source") or (s.params["base"] if s.params.get("base", "teacher") != "teacher" else None)
+    return k.mass.name, f"{s.name}:{detail}" if detail else s.name
 
 
 def summarize(df: pd.DataFrame, order: list[str], baseline: str | None, extra: list[str] = ()) -> pd.DataFrame:
@@ -135,6 +147,12 @@ def markdown(summary: pd.DataFrame, effects: pd.DataFrame, baseline: str | None,
     return "\n".join(lines) + "\n"
 
 
+def seed_range(df: pd.DataFrame) -> str:
+    """'10', or '5-10' when arms have different numbers of finished seeds."""
+    n = df.groupby("arm").seed.nunique()
+    return str(n.min()) if n.min() == n.max() else f"{n.min()}-{n.max()}"
+
+
 def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
     """Two panels: every arm with 95% CIs and reference lines; the mass x structure interaction."""
     import matplotlib
@@ -159,7 +177,7 @@ def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
             a.axhline(data[data.arm == ref].pct.mean(), ls="--", lw=1, color=f"C{i + 1}", label=f"{ref} (mean)")
     teacher = f", teacher {df.teacher.mean() * 100:.1f}%" if df.teacher.notna().any() else ""
     ax.set(xlabel="", ylabel=f"{metric} (%)",
-           title=f"{study.name}: mean and 95% CI over {df.seed.nunique()} seeds{teacher}")
+           title=f"{study.name}: mean and 95% CI over {seed_range(df)} seeds{teacher}")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.legend(loc="lower right", fontsize=8)
     kd = data[(data.alpha > 0) & (data.mass != "none")]

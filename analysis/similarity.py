@@ -52,10 +52,11 @@ def plot(panels: list[tuple[str, np.ndarray]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    vmax = max(float(np.max(m)) for _, m in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+    # Each panel on its own scale: a teacher at T=4 is far flatter than a sharp explanation softmax,
+    # and the question is which classes are similar, not how peaked the rows are.
     for ax, (title, m) in zip(axes[0], panels):
-        sns.heatmap(m, ax=ax, cmap="viridis", vmin=0, vmax=vmax, square=True, cbar=False)
+        sns.heatmap(m, ax=ax, cmap="viridis", vmin=0, square=True, cbar=True, cbar_kws={"shrink": 0.7})
         ax.set(title=title, xlabel="class c", ylabel="true class y")
         ax.title.set_fontsize(9)
     fig.tight_layout()

@@ -73,7 +73,11 @@ class DataSpec(PluginSpec):
 
 
 class OptimConfig(Frozen):
-    """SGD with momentum; ``schedule`` is applied per step."""
+    """SGD with momentum; ``schedule`` is applied per step.
+
+    multistep: lr x ``gamma`` at each epoch in ``milestones`` (the CIFAR KD recipe:
+    240 epochs, decays at 150, 180, 210).
+    """
 
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(128, gt=1)
@@ -81,7 +85,9 @@ class OptimConfig(Frozen):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "multistep"] = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = Field(0.1, gt=0, le=1)
 
 
 class TeacherConfig(Frozen):

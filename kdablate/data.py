@@ -20,7 +20,13 @@ DATASETS: Registry = Registry("dataset")
 
 @dataclasses.dataclass(frozen=True)
 class DataBundle:
-    """Splits as tensors: x_* (N, *input_shape) float32, y_* (N,) int64."""
+    """Splits as tensors: x_* (N, *input_shape), float32 or uint8 images; y_* (N,) int64.
+
+    mean / std: per-channel normalisation applied by ``prepare`` (uint8 is scaled
+    to [0, 1] first); augment: 'none' or 'crop_flip' (random crop with padding 4
+    and horizontal flip, on training batches only); class_groups: (K,) the
+    superclass of each class when the data has a hierarchy (CIFAR-100).
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -29,13 +35,56 @@ class DataBundle:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: str = "none"
+    class_groups: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (x, y) of a split; pass x through ``prepare`` before a model sees it."""
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def prepare(self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, *shape) raw batch -> float32 model input: scaled, normalised, augmented if ``train``."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        if self.mean is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            x = (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+        if train and self.augment == "crop_flip":
+            x = crop_flip(x, generator)
+        if x.dim() == 4:
+            # channels_last: measured +27-57% training throughput for convnets on this CPU.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:
+    """(B, C, H, W) -> random crops of the zero-padded images, half of them flipped (per sample)."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    # Gather rows then columns with per-sample offsets: no Python loop over the batch.
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, x.shape[1], h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices of a seeded subset of about ``n`` samples with (as far as possible) equal counts per class."""
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per = max(1, n // len(classes))
+    picks = [idx[torch.randperm(len(idx), generator=g)[:per]] for idx in (torch.nonzero(labels == c).squeeze(1) for c in classes)]
+    return torch.cat(picks).sort().values
 
 
 def split_train_val(
@@ -102,3 +151,13 @@ def _mnist1d(p: MNIST1D.Params) -> DataBundle:
 def load_dataset(name: str, params: dict) -> DataBundle:
     """Build the dataset plugin ``name`` with ``params`` and return its splits."""
     return DATASETS.build(name, params).load()
+
+
+def check_dataset(name: str, params: dict) -> None:
+    """Raise ConfigError now if the dataset's files are missing (plugins with a ``check``)."""
+    plugin = DATASETS.build(name, params)
+    if hasattr(plugin, "check"):
+        plugin.check()
+
+# Registers the image datasets (cifar10, cifar100, mnist, fashion_mnist, imagefolder).
+from kdablate import vision_data as _vision_data  # noqa: E402,F401

@@ -72,11 +72,14 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     """Train one cell, logging per-epoch metrics into ``run_id``; returns the reported metrics."""
     data = load_dataset(cell.data.name, cell.data.params)
     teacher = get_teacher(cell, data, opts.cache_dir) if cell.teacher is not None else None
-    online = teacher_model(cell, data, teacher) if "teacher_model" in build_method(cell.knowledge).needs else None
+    needs = build_method(cell.knowledge).needs
+    # Cached logits are of unaugmented images: with augmentation the teacher runs online (exact).
+    online_logits = data.augment != "none" and "teacher" in needs
+    model = teacher_model(cell, data, teacher) if online_logits or "teacher_model" in needs else None
     ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id})
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
                  teacher=None if teacher is None else teacher.logits, report=cell.report,
-                 on_epoch=on_epoch, teacher_model=online, checkpoint=ckpt)
+                 on_epoch=on_epoch, teacher_model=model, checkpoint=ckpt, online_teacher=online_logits)
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     final = dict(result.metrics)

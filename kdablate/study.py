@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import string
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdablate.config import CellConfig, Frozen, MassSpec, ObjectiveSpec, StructureSpec
+from kdablate.data import check_dataset
 from kdablate.objectives import build_method
 from kdablate.registry import ConfigError
 
@@ -218,6 +220,7 @@ def expand(config: StudyConfig, path: Path) -> list[CellConfig]:
     if dup:
         raise StudyError(path, "arms", f"two cells are both named '{dup[0]}'; use a name template like '{{mass}}+{{structure}}'")
     _check_analysis(config, path, set(names))
+    _check_data(cells, path)
     return cells
 
 
@@ -246,6 +249,15 @@ def _expand_arm(config: StudyConfig, arm: ArmConfig, path: Path, field: str) -> 
             _check_sources(cell, path, field)
             out.append(cell)
     return out
+
+
+def _check_data(cells: list[CellConfig], path: Path) -> None:
+    """Missing dataset files are a study error now, not a failed cell later."""
+    for spec in {json.dumps(c.data.model_dump(), sort_keys=True): c.data for c in cells}.values():
+        try:
+            check_dataset(spec.name, spec.params)
+        except ConfigError as e:
+            raise StudyError(path, "base.data", str(e)) from None
 
 
 def _check_sources(cell: CellConfig, path: Path, field: str) -> None:

@@ -36,7 +36,7 @@ def train_teacher(cell: CellConfig, data: DataBundle) -> dict:
     assert cell.teacher is not None
     seed = cell.seed if cell.teacher.seed is None else cell.teacher.seed
     result = fit(cell.teacher.model, data, cell.teacher.optim, KnowledgeConfig(), seed, report=cell.report)
-    logits = {s: predict(result.model, data.split(s)[0]) for s in SPLITS}
+    logits = {s: predict(result.model, data.split(s)[0], prepare=data.prepare) for s in SPLITS}
     return {
         "state_dict": result.model.state_dict(),
         "logits": logits,
@@ -62,4 +62,6 @@ def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher) -> nn.Mo
     spec = cell.teacher.model
     model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
     model.load_state_dict(torch.load(teacher.path, weights_only=True)["state_dict"])
+    if len(data.input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)

@@ -66,24 +66,29 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stream)
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(model: nn.Module, cfg: OptimConfig, steps: int,
+                   steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
     if cfg.schedule == "cosine":
         lam = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    elif cfg.schedule == "multistep":
+        lam = lambda s: cfg.gamma ** sum(s >= m * steps_per_epoch for m in cfg.milestones)  # noqa: E731
     else:
         lam = lambda s: 1.0  # noqa: E731
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lam)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(N, *shape) -> (N, K) logits in eval mode."""
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, chunk: int = 1024,
+            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, *shape) raw inputs -> (N, K) logits in eval mode, ``prepare`` applied per chunk."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    prepare = prepare or (lambda t: t)
+    out = torch.cat([model(prepare(x[i : i + chunk])) for i in range(0, len(x), chunk)])
     model.train(was_training)
     return out
 
@@ -94,7 +99,7 @@ def evaluate_model(
     out: dict[str, float] = {}
     for split in splits:
         x, y = data.split(split)
-        logits = predict(model, x)
+        logits = predict(model, x, prepare=data.prepare)
         if not torch.isfinite(logits).all():
             raise NonFiniteLoss(f"non-finite outputs on the {split} split")
         out.update(evaluate(logits, y, split, None if teacher is None else teacher[split]))
@@ -105,7 +110,9 @@ def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge
                 seed: int, steps_per_epoch: int) -> Member:
     torch.manual_seed(seed)
     model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
-    opt, sched = make_optimizer(model, optim, max(optim.epochs * steps_per_epoch, 1))
+    if len(data.input_shape) == 3:  # images: match the channels_last batches of DataBundle.prepare
+        model = model.to(memory_format=torch.channels_last)
+    opt, sched = make_optimizer(model, optim, max(optim.epochs * steps_per_epoch, 1), steps_per_epoch)
     member = Member(model, opt, sched, build_method(knowledge, steps_per_epoch))
     if "features" in member.method.needs:
         # The training forward's last feature map, so CAM needs no second forward.
@@ -115,7 +122,7 @@ def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge
 
 def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int,
                teacher_logits: torch.Tensor | None, teacher_model: nn.Module | None,
-               generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+               generator: torch.Generator, class_groups: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
     """One optimisation step of every cohort member on the batch (x, y)."""
     outputs = []
     for m in members:
@@ -128,7 +135,7 @@ def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: in
             y, num_classes, m.method.temperature, logits.detach(), teacher_logits, generator,
             peer_logits=torch.stack(others).mean(0) if others else None, inputs=x,
             models={"self": m.model, **({"teacher": teacher_model} if teacher_model is not None else {})},
-            features=m.features[-1] if m.features else None, step=step,
+            features=m.features[-1] if m.features else None, step=step, class_groups=class_groups,
         )
         parts = m.method(logits, ctx)
         if not torch.isfinite(parts["loss"]):
@@ -143,12 +150,17 @@ def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: in
     return results
 
 
-def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, torch.Generator],
-                step: int, teacher: dict[str, torch.Tensor] | None, teacher_model: nn.Module | None) -> tuple[list[dict[str, float]], int]:
-    """One pass over the train split; per member, the mean of each loss part ('train/<part>')."""
+def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
+                step: int, teacher: dict[str, torch.Tensor] | None, teacher_model: nn.Module | None,
+                online_teacher: bool = False) -> tuple[list[dict[str, float]], int]:
+    """One pass over the train split; per member, the mean of each loss part ('train/<part>').
+
+    online_teacher: the teacher's logits come from ``teacher_model`` on each (augmented)
+    batch instead of the cache, which only holds logits of unaugmented images.
+    """
     for m in members:
         m.model.train()
-    order_gen, component_gen = gens
+    order_gen, component_gen, augment_gen = gens
     perm = torch.randperm(len(data.y_train), generator=order_gen)
     # Drop the ragged last batch: BatchNorm cannot train on a batch of 1.
     n = len(perm) - len(perm) % batch_size
@@ -156,9 +168,14 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        t_logits = None if teacher is None else teacher["train"][idx]
-        parts = train_step(members, data.x_train[idx], data.y_train[idx], step, data.num_classes,
-                           t_logits, teacher_model, component_gen)
+        x = data.prepare(data.x_train[idx], train=True, generator=augment_gen)
+        if online_teacher:
+            with torch.inference_mode():
+                t_logits = teacher_model(x).clone()  # clone: a normal tensor outside inference mode
+        else:
+            t_logits = None if teacher is None else teacher["train"][idx]
+        parts = train_step(members, x, data.y_train[idx], step, data.num_classes,
+                           t_logits, teacher_model, component_gen, data.class_groups)
         step += 1
         for s, p in zip(sums, parts):
             for k, v in p.items():
@@ -191,7 +208,7 @@ def cohort_size(method: Method) -> int:
     return 2 if "peer" in method.needs else 1
 
 
-def snapshot(members: list[Member], gens: tuple[torch.Generator, torch.Generator], epoch: int, step: int,
+def snapshot(members: list[Member], gens: tuple[torch.Generator, ...], epoch: int, step: int,
              best: dict) -> dict:
     """Everything needed to continue training after ``epoch`` bit for bit."""
     return {
@@ -201,7 +218,7 @@ def snapshot(members: list[Member], gens: tuple[torch.Generator, torch.Generator
     }
 
 
-def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, torch.Generator]) -> tuple[int, int, dict]:
+def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...]) -> tuple[int, int, dict]:
     for m, saved in zip(members, state["members"]):
         m.model.load_state_dict(saved["model"])
         m.opt.load_state_dict(saved["opt"])
@@ -216,7 +233,7 @@ def fit(
     model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
     teacher: dict[str, torch.Tensor] | None = None, report: str = "best_val",
     on_epoch: EpochCallback | None = None, teacher_model: nn.Module | None = None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: Checkpoint | None = None, online_teacher: bool = False,
 ) -> FitResult:
     """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
@@ -228,13 +245,13 @@ def fit(
     # Member 0 uses the cell's seed, so its init matches the single-student arms.
     members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch)
                for i in range(cohort_size(build_method(knowledge)))]
-    gens = (seeded_generator(seed, 0), seeded_generator(seed, 1))
+    gens = (seeded_generator(seed, 0), seeded_generator(seed, 1), seeded_generator(seed, 2))
     epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
     for epoch in range(epoch + 1, optim.epochs + 1):
-        parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model)
+        parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model, online_teacher)
         metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher)}
         for i, m in enumerate(members[1:], 1):
             extra = {**parts[i], **evaluate_model(m.model, data, teacher)}

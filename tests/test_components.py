@@ -15,7 +15,7 @@ def ctx_for(batch: dict, temperature: float = 4.0, seed: int = 0) -> TargetConte
     """Every source a component may read: teacher and peer logits, inputs, models, features."""
     return TargetContext(batch["labels"], batch["k"], temperature, batch["student"], batch["teacher"],
                          torch.Generator().manual_seed(seed), peer_logits=batch["peer"], inputs=batch["inputs"],
-                         models=batch["models"], features=batch["features"])
+                         models=batch["models"], features=batch["features"], class_groups=batch["groups"])
 
 
 @pytest.mark.parametrize("mass,structure", list(itertools.product(MASSES.names(), STRUCTURES.names())))
@@ -123,3 +123,18 @@ def test_assemble_and_loss_shapes_and_zero_entries():
     out = soft_target_loss(torch.zeros(2, 3), y, q, 2.0, 0.5)
     assert set(out) == {"loss", "loss_ce", "loss_kd"}
     assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_oracle_structure_splits_mass_by_superclass(batch):
+    from kdablate.components.structure import oracle_structure
+
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    r = oracle_structure(torch.tensor([0, 3, 5]), groups, within=0.8)
+    torch.testing.assert_close(r[0], torch.tensor([0, 0.4, 0.4, 0.2 / 3, 0.2 / 3, 0.2 / 3]))
+    torch.testing.assert_close(r[1], torch.tensor([0.05, 0.05, 0.05, 0, 0.8, 0.05]))
+    torch.testing.assert_close(r[2], torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 0]))  # a superclass of one
+    obj = SoftTarget.from_specs({"name": "constant", "eps": 0.5}, {"name": "oracle", "within": 1.0}, 1.0, 1.0)
+    ctx = ctx_for(batch)
+    q = obj.target(ctx)
+    same = batch["groups"][batch["labels"]][:, None] == batch["groups"][None]
+    assert torch.allclose((q * ~same).sum(1)[batch["labels"] != 9], torch.tensor(0.0))

@@ -75,11 +75,16 @@ def test_every_model_maps_inputs_to_logits(name):
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
-def test_every_dataset_has_disjoint_labelled_splits(name):
-    data = load_dataset(name, {"num_samples": 500} if name == "mnist1d" else {})
+def test_every_dataset_has_disjoint_labelled_splits(name, tmp_path):
+    from tests.datafiles import WRITERS
+
+    assert name in WRITERS, f"add a writer of '{name}' files to tests/datafiles.py"
+    data = load_dataset(name, WRITERS[name](tmp_path))
     for split in ("train", "val", "test"):
         x, y = data.split(split)
         assert len(x) == len(y) > 0
-        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.dtype in (torch.float32, torch.uint8) and y.dtype == torch.int64
         assert int(y.min()) >= 0 and int(y.max()) < data.num_classes
+        batch = data.prepare(x[:4], train=True, generator=torch.Generator().manual_seed(0))
+        assert batch.dtype == torch.float32 and batch.shape == x[:4].shape and torch.isfinite(batch).all()
     assert data.x_train.shape[1:] == data.x_val.shape[1:] == data.x_test.shape[1:]

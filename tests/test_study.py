@@ -110,7 +110,7 @@ BAD = [
     ("dataset param out of range", ("num_samples: 500", "num_samples: 5"), "base.data", "num_samples must be >= 100"),
     ("lr not positive", ("optim: {epochs: 1}", "optim: {epochs: 1, lr: 0}"), "base.optim.lr", "greater than 0"),
     ("unknown schedule", ("optim: {epochs: 1}", "optim: {epochs: 1, schedule: step}"), "base.optim.schedule",
-     "'cosine' or 'constant'"),
+     "'cosine', 'constant' or 'multistep'"),
     ("unknown report rule", ("optim: {epochs: 1}", "optim: {epochs: 1}\n  report: best_test"), "base.report",
      "'last' or 'best_val'"),
     ("unknown arm field", ("- {name: ce, mass: none, alpha: 0.0}", "- {name: ce, mass: none, alpha: 0.0, temp: 2}"),

@@ -111,3 +111,17 @@ def test_resume_from_checkpoint_is_bit_identical(tiny, tmp_path, knowledge):
     resumed = fit(spec, tiny, opt, knowledge, 0, checkpoint=ckpt, on_epoch=lambda e, m: epochs_seen.append(e))
     assert epochs_seen == [2, 3, 4]
     assert resumed.metrics == straight.metrics
+
+
+def test_multistep_schedule_decays_at_milestones():
+    from kdablate.trainer import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    cfg = OptimConfig(epochs=10, lr=0.1, schedule="multistep", milestones=(3, 6), gamma=0.1)
+    opt, sched = make_optimizer(model, cfg, steps=50, steps_per_epoch=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.01) and lrs[30] == pytest.approx(0.001)

@@ -24,6 +24,7 @@ class TargetContext:
     models: 'self' and, when loaded, 'teacher' modules, for explanations.
     features: (B, C, *L) the student's last feature map from this step's forward, if captured.
     step: the global optimisation step (0-based).
+    class_groups: (K,) the superclass of each class, when the data has a hierarchy.
     """
 
     labels: torch.Tensor
@@ -37,6 +38,7 @@ class TargetContext:
     models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     features: torch.Tensor | None = None
     step: int = 0
+    class_groups: torch.Tensor | None = None
 
     def logits(self, source: str) -> torch.Tensor:
         """(B, K) logits of 'self', 'teacher' or 'peer'; a clear error if not loaded."""

@@ -133,3 +133,39 @@ class PermutedStructure(Component):
 
     def summary(self) -> dict[str, torch.Tensor]:
         return self.base.summary()
+
+
+def oracle_structure(labels: torch.Tensor, groups: torch.Tensor, within: float) -> torch.Tensor:
+    """(B,) labels, (K,) superclass of each class -> (B, K): ``within`` of the mass uniformly on
+    the other classes of y's superclass, the rest uniformly on the remaining classes.
+
+    When one side is empty (a superclass of one class), all of the mass goes to the other.
+    """
+    k = groups.shape[0]
+    others = torch.ones(len(labels), k, dtype=torch.bool).scatter(1, labels[:, None], False)
+    same = (groups[labels][:, None] == groups[None, :]) & others
+    far = others & ~same
+    n_same, n_far = same.sum(1, keepdim=True), far.sum(1, keepdim=True)
+    w_same = torch.where(n_far == 0, 1.0, torch.where(n_same == 0, 0.0, within))
+    r = w_same * same / n_same.clamp_min(1) + (1 - w_same) * far / n_far.clamp_min(1)
+    return r.float()
+
+
+@STRUCTURES.register("oracle")
+class OracleStructure(Component):
+    """Ground-truth class similarity from a known hierarchy (e.g. CIFAR-100 superclasses)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        within: float = 0.8
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.within <= 1.0:
+                raise ValueError(f"within must be in [0, 1], got {self.within}")
+
+    needs = frozenset({"hierarchy"})
+
+    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        if ctx.class_groups is None:
+            raise RuntimeError("structure 'oracle' needs a class hierarchy; this dataset has none (use cifar100)")
+        return oracle_structure(ctx.labels, ctx.class_groups, self.params.within).to(ctx.student_logits.dtype)
