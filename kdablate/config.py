@@ -133,13 +133,38 @@ class CellConfig(Frozen):
     report: Literal["last", "best_val"] = "best_val"
 
     def config_hash(self) -> str:
-        return stable_hash(self.model_dump(mode="json"))
+        """Hash of what differs from the defaults (see ``canonical``), so upgrading kdablate with a
+        new field or plugin parameter leaves the hashes of finished cells, and their reuse, intact."""
+        return stable_hash({"schema": HASH_SCHEMA, **canonical(self)})
 
     def teacher_key(self) -> str:
         """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""
         assert self.teacher is not None
         seed = self.seed if self.teacher.seed is None else self.teacher.seed
-        return stable_hash({"data": self.data.model_dump(), "teacher": self.teacher.model_dump(), "seed": seed})
+        return stable_hash({"data": canonical(self.data), "teacher": canonical(self.teacher), "seed": seed})
+
+
+# Bump when a default *changes meaning*: canonical() leaves defaults out of the hash.
+HASH_SCHEMA = 1
+
+
+def canonical(model: BaseModel) -> dict[str, Any]:
+    """The fields of ``model`` that differ from their defaults, recursively; plugin specs keep
+    their name and the parameters that differ from the plugin's own defaults."""
+    if isinstance(model, PluginSpec):
+        defaults = dataclasses.asdict(model.registry.params(model.name, {}))
+        return {"name": model.name, "params": {k: v for k, v in model.params.items() if defaults.get(k) != v}}
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            sub = canonical(value)
+            default = field.default if isinstance(field.default, BaseModel) else None
+            if default is None or sub != canonical(default):
+                out[name] = sub
+        elif field.is_required() or value != field.default:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def stable_hash(obj: Any) -> str:

@@ -193,3 +193,23 @@ def test_template_reads_plugin_parameters():
     combo = {"structure": {"name": "explanation", "source": "cam"}, "temperature": 4.0}
     assert arm_name("il_{structure_source}", combo) == "il_cam[temperature=4.0]"
     assert arm_name("x", combo) == "x[structure=explanation,temperature=4.0]"
+
+
+def test_hash_survives_new_defaulted_fields(tmp_path, monkeypatch):
+    """Adding a field or plugin parameter with a default must not invalidate finished cells."""
+    import dataclasses as dc
+
+    from kdablate.components import MASSES
+    from kdablate.config import canonical
+
+    study = load_study(write(tmp_path, GOOD))
+    before = [c.config_hash() for c in study.cells]
+    cell = study.cells[-1]
+    assert "optim" in canonical(cell) and "mass" in canonical(cell)["knowledge"]
+    params = MASSES.get("constant").Params
+    extended = dc.make_dataclass("Params", [("eps", float, dc.field(default=0.1)), ("new_knob", int, dc.field(default=3))],
+                                 frozen=True)
+    monkeypatch.setattr(MASSES.get("constant"), "Params", extended)
+    after = [c.config_hash() for c in load_study(write(tmp_path, GOOD, "b.yaml")).cells]
+    monkeypatch.setattr(MASSES.get("constant"), "Params", params)
+    assert after == before
