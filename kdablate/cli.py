@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                      help="save each cell's state every so many epochs to resume after a crash (0: never)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     run.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("KDABLATE_CACHE", ".cache/kdablate")))
     dry = sub.add_parser("dry-run", help="list the cells of a study without training")
     dry.add_argument("study")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
                       checkpoint_every=args.checkpoint_every, executor=args.executor, address=args.address,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, device=args.device, amp=args.amp)
     failed = run_study(study, opts)
     if failed:
         print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)

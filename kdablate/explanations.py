@@ -147,7 +147,9 @@ class CAM(Explanation):
             with torch.set_grad_enabled(create_graph):
                 features = feat_mod(inputs)
         weight = head.weight if create_graph else head.weight.detach()
-        return class_activation_maps(features, weight)
+        # Features captured under autocast may be bf16/fp16: compute the maps at the weights' precision.
+        dtype = torch.promote_types(features.dtype, weight.dtype)
+        return class_activation_maps(features.to(dtype), weight.to(dtype))
 
 
 def module_at(model: nn.Module, name: str) -> nn.Module:

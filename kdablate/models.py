@@ -74,3 +74,7 @@ def build_model(name: str, params: dict, input_shape: tuple[int, ...], num_class
     """The model plugin ``name`` with ``params``, for inputs of ``input_shape``."""
     cls = MODELS.get(name)
     return cls(MODELS.params(name, params), input_shape, num_classes)
+
+
+# Registers the CIFAR KD zoo (resnet8..110, resnet8x4/32x4, wrn, vgg, mobilenetv2, shufflenetv2, torchvision).
+from kdablate import zoo as _zoo  # noqa: E402,F401

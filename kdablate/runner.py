@@ -30,7 +30,7 @@ from kdablate.objectives import build_method
 from kdablate.storage import Checkpoint
 from kdablate.study import Study
 from kdablate.teacher import get_teacher, teacher_model
-from kdablate.trainer import fit
+from kdablate.trainer import Runtime, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,13 @@ class RunOptions:
     address: str | None = None
     uri: str | None = None
     progress: bool = True
+    device: str = "auto"
+    amp: str = "none"
+
+    def runtime(self) -> Runtime:
+        """'auto' picks CUDA when torch sees a GPU, else the CPU."""
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        return Runtime(device, self.amp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +62,16 @@ class CellOutcome:
     message: str
 
 
-def provenance(threads: int) -> dict[str, str]:
+def provenance(threads: int, runtime: Runtime = Runtime()) -> dict[str, str]:
     """Tags that say where and how a run was made."""
+    device = runtime.device
+    if device.startswith("cuda"):
+        device += f" ({torch.cuda.get_device_name(torch.device(device))})"
     return {
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "device": "cpu",
+        "device": device,
+        "amp": runtime.amp,
         "threads": str(threads),
         "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(),
         "host": platform.node(),
@@ -70,16 +81,20 @@ def provenance(threads: int) -> dict[str, str]:
 def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opts: RunOptions,
                on_epoch: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
     """Train one cell, logging per-epoch metrics into ``run_id``; returns the reported metrics."""
+    runtime = opts.runtime()
     data = load_dataset(cell.data.name, cell.data.params)
-    teacher = get_teacher(cell, data, opts.cache_dir) if cell.teacher is not None else None
+    if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
+        data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
+    teacher = get_teacher(cell, data, opts.cache_dir, runtime) if cell.teacher is not None else None
     needs = build_method(cell.knowledge).needs
     # Cached logits are of unaugmented images: with augmentation the teacher runs online (exact).
     online_logits = data.augment != "none" and "teacher" in needs
-    model = teacher_model(cell, data, teacher) if online_logits or "teacher_model" in needs else None
+    model = teacher_model(cell, data, teacher, runtime) if online_logits or "teacher_model" in needs else None
     ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id})
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
                  teacher=None if teacher is None else teacher.logits, report=cell.report,
-                 on_epoch=on_epoch, teacher_model=model, checkpoint=ckpt, online_teacher=online_logits)
+                 on_epoch=on_epoch, teacher_model=model, checkpoint=ckpt, online_teacher=online_logits,
+                 runtime=runtime)
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     final = dict(result.metrics)
@@ -219,7 +234,7 @@ def ensure_teachers(cells: list[CellConfig], opts: RunOptions) -> None:
     for cell in cells:
         if cell.teacher is not None and cell.teacher_key() not in seen:
             seen.add(cell.teacher_key())
-            get_teacher(cell, load_dataset(cell.data.name, cell.data.params), opts.cache_dir)
+            get_teacher(cell, load_dataset(cell.data.name, cell.data.params), opts.cache_dir, opts.runtime())
 
 
 def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
@@ -233,7 +248,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     pending = [c for c in study.cells if c.config_hash() not in done]
     print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(pending)} already finished, "
           f"{len(pending)} to run" + (f"; {len(reaped)} interrupted run(s) marked KILLED" if reaped else ""), flush=True)
-    tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads)}
+    tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads, opts.runtime())}
     parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 {**tags, **tracking.owner_tags(), "kind": "study", "workers": str(opts.workers)})
     client.log_artifact(parent, str(study.path))

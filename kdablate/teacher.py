@@ -18,7 +18,7 @@ from kdablate.config import CellConfig, KnowledgeConfig
 from kdablate.data import DataBundle
 from kdablate.models import build_model
 from kdablate.storage import atomic_save, file_lock
-from kdablate.trainer import SPLITS, fit, predict
+from kdablate.trainer import CPU, SPLITS, Runtime, fit, predict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,37 +31,39 @@ class Teacher:
     path: Path
 
 
-def train_teacher(cell: CellConfig, data: DataBundle) -> dict:
-    """Fit the teacher of ``cell`` with plain CE; return the cache record."""
+def train_teacher(cell: CellConfig, data: DataBundle, runtime: Runtime = CPU) -> dict:
+    """Fit the teacher of ``cell`` with plain CE; return the cache record (logits in inference mode)."""
     assert cell.teacher is not None
     seed = cell.seed if cell.teacher.seed is None else cell.teacher.seed
-    result = fit(cell.teacher.model, data, cell.teacher.optim, KnowledgeConfig(), seed, report=cell.report)
-    logits = {s: predict(result.model, data.split(s)[0], prepare=data.prepare) for s in SPLITS}
+    result = fit(cell.teacher.model, data, cell.teacher.optim, KnowledgeConfig(), seed, report=cell.report,
+                 runtime=runtime)
+    logits = {s: predict(result.model, data.split(s)[0], prepare=data.prepare, runtime=runtime) for s in SPLITS}
     return {
-        "state_dict": result.model.state_dict(),
+        "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
         "logits": logits,
         "metrics": result.metrics,
         "config": {"data": cell.data.model_dump(), "teacher": cell.teacher.model_dump(), "seed": seed},
     }
 
 
-def get_teacher(cell: CellConfig, data: DataBundle, cache_dir: Path) -> Teacher:
+def get_teacher(cell: CellConfig, data: DataBundle, cache_dir: Path, runtime: Runtime = CPU) -> Teacher:
     """The cached teacher of ``cell``, training and caching it first if needed."""
     key = cell.teacher_key()
     path = Path(cache_dir) / "teachers" / f"{key}.pt"
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
             print(f"training teacher {key} ({cell.teacher.model.name})", flush=True)
-            atomic_save(train_teacher(cell, data), path)
+            atomic_save(train_teacher(cell, data, runtime), path)
     record = torch.load(path, weights_only=True)
     return Teacher(key, record["logits"], record["metrics"], path)
 
 
-def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher) -> nn.Module:
+def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher, runtime: Runtime = CPU) -> nn.Module:
     """The cached teacher as a frozen module in eval mode (for teacher explanations)."""
     spec = cell.teacher.model
     model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
     model.load_state_dict(torch.load(teacher.path, weights_only=True)["state_dict"])
+    model = model.to(runtime.device)
     if len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)

@@ -14,11 +14,12 @@ the reported student; member 1 is logged under ``member1/``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -34,6 +35,30 @@ from kdablate.storage import Checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 SPLITS = ("train", "val", "test")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how the math runs: device ('cpu', 'cuda', 'cuda:1'...) and autocast ('none', 'bf16', 'fp16').
+
+    Data stays in (pinned) host memory; each batch is copied with ``non_blocking``.
+    """
+
+    device: str = "cpu"
+    amp: str = "none"
+
+    def autocast(self) -> ContextManager:
+        dtype = AMP_DTYPES[self.amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=dtype)
+
+    def to(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.device, non_blocking=True)
+
+
+CPU = Runtime()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -59,6 +84,7 @@ class Member:
     sched: torch.optim.lr_scheduler.LRScheduler
     method: Method
     features: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -83,23 +109,27 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, steps: int,
 
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, chunk: int = 1024,
-            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """(N, *shape) raw inputs -> (N, K) logits in eval mode, ``prepare`` applied per chunk."""
+            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, runtime: Runtime = CPU) -> torch.Tensor:
+    """(N, *shape) raw inputs -> (N, K) float32 logits on the CPU, in eval mode, ``prepare`` per chunk."""
     was_training = model.training
     model.eval()
     prepare = prepare or (lambda t: t)
-    out = torch.cat([model(prepare(x[i : i + chunk])) for i in range(0, len(x), chunk)])
+    outs = []
+    for i in range(0, len(x), chunk):
+        with runtime.autocast():
+            outs.append(model(runtime.to(prepare(x[i : i + chunk]))).float().cpu())
     model.train(was_training)
-    return out
+    return torch.cat(outs)
 
 
 def evaluate_model(
-    model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, splits: tuple[str, ...] = ("val", "test")
+    model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, splits: tuple[str, ...] = ("val", "test"),
+    runtime: Runtime = CPU,
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     for split in splits:
         x, y = data.split(split)
-        logits = predict(model, x, prepare=data.prepare)
+        logits = predict(model, x, prepare=data.prepare, runtime=runtime)
         if not torch.isfinite(logits).all():
             raise NonFiniteLoss(f"non-finite outputs on the {split} split")
         out.update(evaluate(logits, y, split, None if teacher is None else teacher[split]))
@@ -107,13 +137,15 @@ def evaluate_model(
 
 
 def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
-                seed: int, steps_per_epoch: int) -> Member:
-    torch.manual_seed(seed)
-    model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
+                seed: int, steps_per_epoch: int, runtime: Runtime = CPU) -> Member:
+    torch.manual_seed(seed)  # the init is drawn on the CPU, so it is the same on every device
+    model = build_model(spec.name, spec.params, data.input_shape, data.num_classes).to(runtime.device)
     if len(data.input_shape) == 3:  # images: match the channels_last batches of DataBundle.prepare
         model = model.to(memory_format=torch.channels_last)
     opt, sched = make_optimizer(model, optim, max(optim.epochs * steps_per_epoch, 1), steps_per_epoch)
     member = Member(model, opt, sched, build_method(knowledge, steps_per_epoch))
+    if runtime.amp == "fp16":  # fp16 needs loss scaling; bf16 has fp32's range and does not
+        member.scaler = torch.amp.GradScaler(torch.device(runtime.device).type)
     if "features" in member.method.needs:
         # The training forward's last feature map, so CAM needs no second forward.
         model.features.register_forward_hook(lambda m, i, out: member.features.append(out))
@@ -122,12 +154,14 @@ def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge
 
 def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int,
                teacher_logits: torch.Tensor | None, teacher_model: nn.Module | None,
-               generator: torch.Generator, class_groups: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
-    """One optimisation step of every cohort member on the batch (x, y)."""
+               generator: torch.Generator, class_groups: torch.Tensor | None = None,
+               runtime: Runtime = CPU) -> list[dict[str, torch.Tensor]]:
+    """One optimisation step of every cohort member on the batch (x, y), all on ``runtime.device``."""
     outputs = []
     for m in members:
         m.features.clear()
-        outputs.append(m.model(x))
+        with runtime.autocast():
+            outputs.append(m.model(x).float())
     results = []
     for i, (m, logits) in enumerate(zip(members, outputs)):
         others = [o.detach() for j, o in enumerate(outputs) if j != i]
@@ -138,21 +172,23 @@ def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: in
             features=m.features[-1] if m.features else None, step=step, class_groups=class_groups,
         )
         parts = m.method(logits, ctx)
-        if not torch.isfinite(parts["loss"]):
-            raise NonFiniteLoss(f"non-finite loss {parts['loss'].item()} at step {step}")
         m.opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        (m.scaler.scale(parts["loss"]) if m.scaler else parts["loss"]).backward()
         parts["acc"] = (logits.detach().argmax(1) == y).float().mean()
         results.append(parts)
     for m in members:  # after every member's backward: peers saw the same weights
-        m.opt.step()
+        if m.scaler:
+            m.scaler.step(m.opt)
+            m.scaler.update()
+        else:
+            m.opt.step()
         m.sched.step()
     return results
 
 
 def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
                 step: int, teacher: dict[str, torch.Tensor] | None, teacher_model: nn.Module | None,
-                online_teacher: bool = False) -> tuple[list[dict[str, float]], int]:
+                online_teacher: bool = False, runtime: Runtime = CPU) -> tuple[list[dict[str, float]], int]:
     """One pass over the train split; per member, the mean of each loss part ('train/<part>').
 
     online_teacher: the teacher's logits come from ``teacher_model`` on each (augmented)
@@ -168,19 +204,23 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        x = data.prepare(data.x_train[idx], train=True, generator=augment_gen)
+        x = runtime.to(data.prepare(data.x_train[idx], train=True, generator=augment_gen))
         if online_teacher:
-            with torch.inference_mode():
-                t_logits = teacher_model(x).clone()  # clone: a normal tensor outside inference mode
+            with torch.inference_mode(), runtime.autocast():
+                t_logits = teacher_model(x).float().clone()  # clone: a normal tensor outside inference mode
         else:
-            t_logits = None if teacher is None else teacher["train"][idx]
-        parts = train_step(members, x, data.y_train[idx], step, data.num_classes,
-                           t_logits, teacher_model, component_gen, data.class_groups)
+            t_logits = None if teacher is None else runtime.to(teacher["train"][idx])
+        parts = train_step(members, x, runtime.to(data.y_train[idx]), step, data.num_classes,
+                           t_logits, teacher_model, component_gen, runtime.to(data.class_groups), runtime)
         step += 1
         for s, p in zip(sums, parts):
             for k, v in p.items():
                 s[k] = s.get(k, 0.0) + v.detach()
     steps = max(n // batch_size, 1)
+    # Checked once per epoch, not per step: a per-step check is a host sync on a GPU, and a
+    # NaN anywhere in the epoch survives in the sum.
+    if not all(torch.isfinite(s["loss"]) for s in sums if "loss" in s):
+        raise NonFiniteLoss(f"non-finite training loss in the epoch ending at step {step}")
     out = [{f"train/{k}": (v / steps).item() for k, v in s.items()} for s in sums]
     out[0]["time/step_ms"] = 1000 * (time.perf_counter() - t0) / steps
     return out, step
@@ -233,7 +273,7 @@ def fit(
     model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
     teacher: dict[str, torch.Tensor] | None = None, report: str = "best_val",
     on_epoch: EpochCallback | None = None, teacher_model: nn.Module | None = None,
-    checkpoint: Checkpoint | None = None, online_teacher: bool = False,
+    checkpoint: Checkpoint | None = None, online_teacher: bool = False, runtime: Runtime = CPU,
 ) -> FitResult:
     """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
@@ -243,7 +283,7 @@ def fit(
     """
     steps_per_epoch = len(data.y_train) // optim.batch_size
     # Member 0 uses the cell's seed, so its init matches the single-student arms.
-    members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch)
+    members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch, runtime)
                for i in range(cohort_size(build_method(knowledge)))]
     gens = (seeded_generator(seed, 0), seeded_generator(seed, 1), seeded_generator(seed, 2))
     epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
@@ -251,10 +291,11 @@ def fit(
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
     for epoch in range(epoch + 1, optim.epochs + 1):
-        parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model, online_teacher)
-        metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher)}
+        parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model,
+                                  online_teacher, runtime)
+        metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, runtime=runtime)}
         for i, m in enumerate(members[1:], 1):
-            extra = {**parts[i], **evaluate_model(m.model, data, teacher)}
+            extra = {**parts[i], **evaluate_model(m.model, data, teacher, runtime=runtime)}
             metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
         summary, best["artifacts"] = epoch_summary(members[0].method, data, teacher, knowledge.temperature)
         metrics.update(summary)
@@ -264,18 +305,18 @@ def fit(
             best.update(state=copy.deepcopy(members[0].model.state_dict()), epoch=epoch, val=metrics["val/acc"])
         if checkpoint is not None and checkpoint.due(epoch, optim.epochs):
             checkpoint.save(snapshot(members, gens, epoch, step, best))
-    return report_result(members[0].model, data, teacher, report, best, optim.epochs)
+    return report_result(members[0].model, data, teacher, report, best, optim.epochs, runtime)
 
 
 def report_result(model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, report: str,
-                  best: dict, epochs: int) -> FitResult:
+                  best: dict, epochs: int, runtime: Runtime = CPU) -> FitResult:
     """Load the reported weights and evaluate them: 'report/<split>_<metric>', 'report/epoch'."""
     if report == "best_val" and best["state"] is not None:
         model.load_state_dict(best["state"])
         epoch = best["epoch"]
     else:
         epoch = epochs
-    final = evaluate_model(model, data, teacher)
+    final = evaluate_model(model, data, teacher, runtime=runtime)
     reported = {"report/" + k.replace("/", "_"): v for k, v in final.items()}
     reported["report/epoch"] = float(epoch)
     return FitResult(model, reported, best["artifacts"])

@@ -98,6 +98,8 @@ def test_similarities_and_structure():
 
 
 def test_models_for_cam_expose_features_and_head():
+    from tests.test_registry import input_shape_for
+
     for name in MODELS.names():
-        model = build_model(name, {}, (1, 40), K)
+        model = build_model(name, {}, input_shape_for(name), K)
         assert isinstance(model.head, torch.nn.Linear) and isinstance(model.features, torch.nn.Module)

@@ -65,10 +65,16 @@ def test_a_new_structure_needs_one_class_and_no_other_edit(monkeypatch, batch):
     assert "next_class" in STRUCTURES.names()
 
 
+def input_shape_for(name: str) -> tuple[int, ...]:
+    """Image models (the zoo) take (3, 32, 32); the MNIST-1D models a (1, 40) signal."""
+    return (3, 32, 32) if MODELS.get(name).__module__ == "kdablate.zoo" else (1, 40)
+
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_maps_inputs_to_logits(name):
-    model = build_model(name, {}, (1, 40), 10)
-    out = model(torch.randn(4, 1, 40))
+    shape = input_shape_for(name)
+    model = build_model(name, {}, shape, 10)
+    out = model(torch.randn(4, *shape))
     assert out.shape == (4, 10)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -125,3 +125,25 @@ def test_multistep_schedule_decays_at_milestones():
         opt.step()
         sched.step()
     assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.01) and lrs[30] == pytest.approx(0.001)
+
+
+def test_bf16_autocast_runs_and_learns_on_cpu():
+    from kdablate.trainer import Runtime
+
+    data = load_dataset("mnist1d", {"num_samples": 1000})
+    spec, opt = ModelSpec(name="cnn1d", params={"channels": 16, "depth": 2}), OptimConfig(epochs=8, batch_size=32)
+    kd = KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure={"name": "explanation", "source": "cam"},
+                         temperature=4.0, alpha=0.5)
+    fp32 = fit(spec, data, opt, kd, 0)
+    bf16 = fit(spec, data, opt, kd, 0, runtime=Runtime("cpu", "bf16"))
+    assert bf16.metrics["report/val_acc"] > 0.4  # chance is 0.1
+    assert abs(bf16.metrics["report/val_acc"] - fp32.metrics["report/val_acc"]) < 0.1
+    assert next(bf16.model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_runtime_resolves_auto_to_the_available_device():
+    from kdablate.runner import RunOptions
+
+    rt = RunOptions(device="auto").runtime()
+    assert rt.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert RunOptions(device="cpu", amp="bf16").runtime().amp == "bf16"

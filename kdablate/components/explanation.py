@@ -111,8 +111,9 @@ class ExplanationStructure(Component):
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         k, y = ctx.num_classes, ctx.labels
         if self.class_matrix is None:
-            self.class_matrix = uniform_structure(torch.arange(k), k)
-            self._epoch_sums, self._epoch_counts = torch.zeros(k, k), torch.zeros(k)
+            dev = y.device
+            self.class_matrix = uniform_structure(torch.arange(k, device=dev), k)
+            self._epoch_sums, self._epoch_counts = torch.zeros(k, k, device=dev), torch.zeros(k, device=dev)
         self._steps += 1
         r = self.class_matrix[y]
         if ctx.step % self.params.every:
@@ -140,7 +141,7 @@ class ExplanationStructure(Component):
         return structure_from_similarity(sim, ctx.labels[:n], self.params.tau)
 
     def _update(self, r: torch.Tensor, labels: torch.Tensor, k: int) -> None:
-        sums = torch.zeros(k, k).index_add_(0, labels, r.float())
+        sums = torch.zeros(k, k, device=r.device).index_add_(0, labels, r.float())
         counts = torch.bincount(labels, minlength=k).float()
         self._epoch_sums += sums
         self._epoch_counts += counts
@@ -155,9 +156,9 @@ class ExplanationStructure(Component):
         if self._epoch_sums is None:
             return {}
         k = self._epoch_sums.shape[0]
-        uniform = uniform_structure(torch.arange(k), k)
+        uniform = uniform_structure(torch.arange(k, device=self._epoch_sums.device), k)
         c = self._epoch_counts[:, None]
-        out = {"similarity": torch.where(c > 0, self._epoch_sums / c.clamp_min(1), uniform),
+        out = {"similarity": torch.where(c > 0, self._epoch_sums / c.clamp_min(1), uniform).cpu(),
                "explain_ms": torch.tensor(1000 * self._seconds / max(self._steps, 1))}
         self._epoch_sums.zero_()
         self._epoch_counts.zero_()

@@ -35,7 +35,7 @@ class NoMass(Component):
     """m = 0: the one-hot label."""
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return torch.zeros(ctx.labels.shape[0], dtype=ctx.student_logits.dtype)
+        return torch.zeros(ctx.labels.shape[0], dtype=ctx.student_logits.dtype, device=ctx.labels.device)
 
 
 @MASSES.register("constant")
@@ -51,7 +51,8 @@ class ConstantMass(Component):
                 raise ValueError(f"eps must be in [0, 1], got {self.eps}")
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return torch.full((ctx.labels.shape[0],), self.params.eps, dtype=ctx.student_logits.dtype)
+        return torch.full((ctx.labels.shape[0],), self.params.eps, dtype=ctx.student_logits.dtype,
+                          device=ctx.labels.device)
 
 
 @MASSES.register("virtual_teacher")
@@ -68,7 +69,7 @@ class VirtualTeacherMass(Component):
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         m = virtual_teacher_mass(self.params.a, ctx.temperature, ctx.num_classes)
-        return torch.full((ctx.labels.shape[0],), m, dtype=ctx.student_logits.dtype)
+        return torch.full((ctx.labels.shape[0],), m, dtype=ctx.student_logits.dtype, device=ctx.labels.device)
 
 
 class SourceMass(Component):

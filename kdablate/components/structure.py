@@ -33,7 +33,7 @@ def nongt_distribution(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def uniform_structure(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B,) labels -> (B, K) with 1/(K-1) off the true class and 0 on it."""
-    r = torch.full((labels.shape[0], num_classes), 1.0 / (num_classes - 1))
+    r = torch.full((labels.shape[0], num_classes), 1.0 / (num_classes - 1), device=labels.device)
     return r.scatter(1, labels[:, None], 0.0)
 
 
@@ -47,9 +47,10 @@ def permute_nongt(
     """
     b, k = r.shape
     # (B, K-1) column indices of the non-ground-truth classes, in class order.
-    cols = torch.arange(k).expand(b, k)
+    cols = torch.arange(k, device=r.device).expand(b, k)
     others = cols[cols != labels[:, None]].view(b, k - 1)
-    perm = torch.rand(b, k - 1, generator=generator).argsort(dim=1)
+    # Drawn on the CPU generator (reproducible on any device), then moved.
+    perm = torch.rand(b, k - 1, generator=generator).argsort(dim=1).to(r.device)
     shuffled = r.gather(1, others.gather(1, perm))
     return r.scatter(1, others, shuffled)
 
@@ -142,7 +143,7 @@ def oracle_structure(labels: torch.Tensor, groups: torch.Tensor, within: float) 
     When one side is empty (a superclass of one class), all of the mass goes to the other.
     """
     k = groups.shape[0]
-    others = torch.ones(len(labels), k, dtype=torch.bool).scatter(1, labels[:, None], False)
+    others = torch.ones(len(labels), k, dtype=torch.bool, device=labels.device).scatter(1, labels[:, None], False)
     same = (groups[labels][:, None] == groups[None, :]) & others
     far = others & ~same
     n_same, n_far = same.sum(1, keepdim=True), far.sum(1, keepdim=True)
