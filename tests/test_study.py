@@ -213,3 +213,14 @@ def test_hash_survives_new_defaulted_fields(tmp_path, monkeypatch):
     after = [c.config_hash() for c in load_study(write(tmp_path, GOOD, "b.yaml")).cells]
     monkeypatch.setattr(MASSES.get("constant"), "Params", params)
     assert after == before
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_validates(path, tmp_path, monkeypatch):
+    """Every file in studies/ loads; image studies find their data under ./data (written here)."""
+    from kdablate.fake_data import write_cifar
+
+    write_cifar(tmp_path / "data", "cifar100", 400, 100)
+    monkeypatch.chdir(tmp_path)
+    study = load_study(path)
+    assert study.cells and len({c.config_hash() for c in study.cells}) == len(study.cells)
