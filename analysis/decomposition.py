@@ -20,7 +20,8 @@ import pandas as pd
 
 from analysis.stats import paired, pm, t_ci
 from kdablate import tracking
-from kdablate.study import Study, StudyError, load_study
+from analysis.figures import pyplot, save, study_or_exit
+from kdablate.study import Study
 
 MASS, STRUCT = "params.knowledge.mass.name", "params.knowledge.structure.name"
 
@@ -155,13 +156,9 @@ def seed_range(df: pd.DataFrame) -> str:
 
 def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
     """Two panels: every arm with 95% CIs and reference lines; the mass x structure interaction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="paper")
+    plt = pyplot()
     order = [a for a in study.arms() if a in set(df.arm)]
     data = df.assign(pct=df.value * 100)
     factorial = study.config.analysis.factorial
@@ -188,11 +185,7 @@ def plot(df: pd.DataFrame, study: Study, metric: str, out: Path) -> list[Path]:
     else:
         axes[1].set_visible(False)
     fig.tight_layout()
-    paths = [out / "decomposition.png", out / "decomposition.pdf"]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return save(fig, out, "decomposition")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="report/test_acc")
     p.add_argument("--out", type=Path, default=Path("figures"))
     args = p.parse_args(argv)
-    try:
-        study = load_study(args.study)
-    except StudyError as e:
-        print(f"analysis: error: {e}", file=sys.stderr)
+    study = study_or_exit(args.study)
+    if study is None:
         return 2
     extra = study.config.analysis.extra_metrics
     df = load_runs(study, args.metric, extra)

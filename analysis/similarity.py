@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from kdablate import tracking
-from kdablate.study import Study, StudyError, load_study
+from analysis.figures import pyplot, save, study_or_exit
+from kdablate.study import Study
 
 
 def load_matrices(study: Study, arm: str) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
@@ -46,12 +47,9 @@ def load_matrices(study: Study, arm: str) -> tuple[list[np.ndarray], list[np.nda
 
 
 def plot(panels: list[tuple[str, np.ndarray]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
     # Each panel on its own scale: a teacher at T=4 is far flatter than a sharp explanation softmax,
     # and the question is which classes are similar, not how peaked the rows are.
@@ -60,11 +58,7 @@ def plot(panels: list[tuple[str, np.ndarray]], out: Path) -> list[Path]:
         ax.set(title=title, xlabel="class c", ylabel="true class y")
         ax.title.set_fontsize(9)
     fig.tight_layout()
-    paths = [out / "similarity.png", out / "similarity.pdf"]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return save(fig, out, "similarity")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("figures"))
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        study = load_study(args.study)
-    except StudyError as e:
-        print(f"analysis: error: {e}", file=sys.stderr)
+    study = study_or_exit(args.study)
+    if study is None:
         return 2
     if not study.config.analysis.heatmaps:
         return 0  # nothing to draw for this study
