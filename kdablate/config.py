@@ -95,11 +95,15 @@ class TeacherConfig(Frozen):
 
     seed: a fixed seed shares one teacher across student seeds (the usual KD
     protocol); ``null`` pairs each student seed with a teacher of the same seed.
+    views: with augmented data, 0 runs the teacher online on every batch (exact);
+    V > 0 caches its logits on V fixed augmented views of the training set, and the
+    student sees view (epoch mod V) of each image, so a KD step is a lookup again.
     """
 
     model: ModelSpec = ModelSpec(name="cnn1d")
     optim: OptimConfig = OptimConfig()
     seed: int | None = 0
+    views: int = Field(0, ge=0)
 
 
 class KnowledgeConfig(Frozen):
@@ -141,7 +145,8 @@ class CellConfig(Frozen):
         """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""
         assert self.teacher is not None
         seed = self.seed if self.teacher.seed is None else self.teacher.seed
-        return stable_hash({"data": canonical(self.data), "teacher": canonical(self.teacher), "seed": seed})
+        teacher = {k: v for k, v in canonical(self.teacher).items() if k != "views"}  # views: not the training
+        return stable_hash({"data": canonical(self.data), "teacher": teacher, "seed": seed})
 
 
 # Bump when a default *changes meaning*: canonical() leaves defaults out of the hash.

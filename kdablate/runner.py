@@ -29,7 +29,7 @@ from kdablate.data import load_dataset
 from kdablate.objectives import build_method
 from kdablate.storage import Checkpoint
 from kdablate.study import Study
-from kdablate.teacher import get_teacher, teacher_model
+from kdablate.teacher import get_teacher, get_teacher_views, teacher_model
 from kdablate.trainer import Runtime, fit
 
 
@@ -87,14 +87,17 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
         data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
     teacher = get_teacher(cell, data, opts.cache_dir, runtime) if cell.teacher is not None else None
     needs = build_method(cell.knowledge).needs
-    # Cached logits are of unaugmented images: with augmentation the teacher runs online (exact).
-    online_logits = data.augment != "none" and "teacher" in needs
+    # Cached logits are of unaugmented images: with augmentation the teacher runs online (exact),
+    # or, with teacher.views = V, is looked up on V cached augmented views.
+    augmented_kd = data.augment != "none" and "teacher" in needs
+    views = get_teacher_views(cell, data, teacher, runtime) if augmented_kd and cell.teacher.views else None
+    online_logits = augmented_kd and views is None
     model = teacher_model(cell, data, teacher, runtime) if online_logits or "teacher_model" in needs else None
     ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id})
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
                  teacher=None if teacher is None else teacher.logits, report=cell.report,
                  on_epoch=on_epoch, teacher_model=model, checkpoint=ckpt, online_teacher=online_logits,
-                 runtime=runtime)
+                 runtime=runtime, teacher_views=views)
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     final = dict(result.metrics)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kdablate.config import CellConfig, KnowledgeConfig
-from kdablate.data import DataBundle
+from kdablate.data import DataBundle, crop_flip_params
 from kdablate.models import build_model
 from kdablate.storage import atomic_save, file_lock
 from kdablate.trainer import CPU, SPLITS, Runtime, fit, predict
@@ -56,6 +56,32 @@ def get_teacher(cell: CellConfig, data: DataBundle, cache_dir: Path, runtime: Ru
             atomic_save(train_teacher(cell, data, runtime), path)
     record = torch.load(path, weights_only=True)
     return Teacher(key, record["logits"], record["metrics"], path)
+
+
+@torch.inference_mode()
+def view_logits(model: nn.Module, data: DataBundle, views: torch.Tensor, runtime: Runtime = CPU,
+                chunk: int = 512) -> torch.Tensor:
+    """(V, N, 3) fixed augmentations of the train split -> (V, N, K) teacher logits on them."""
+    out = torch.empty(views.shape[0], len(data.y_train), data.num_classes)
+    for v in range(views.shape[0]):
+        for i in range(0, len(data.y_train), chunk):
+            x = data.prepare(data.x_train[i : i + chunk], train=True, views=views[v, i : i + chunk])
+            with runtime.autocast():
+                out[v, i : i + chunk] = model(runtime.to(x)).float().cpu()
+    return out
+
+
+def get_teacher_views(cell: CellConfig, data: DataBundle, teacher: Teacher, runtime: Runtime = CPU) -> dict:
+    """{'views': (V, N, 3) augmentation params, 'logits': (V, N, K)}, computed once and cached."""
+    n_views = cell.teacher.views
+    path = teacher.path.with_name(f"{teacher.key}-views{n_views}.pt")
+    with file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            g = torch.Generator().manual_seed(int(teacher.key[:8], 16))  # fixed per teacher and data
+            views = torch.stack([crop_flip_params(len(data.y_train), g) for _ in range(n_views)])
+            logits = view_logits(teacher_model(cell, data, teacher, runtime), data, views, runtime)
+            atomic_save({"views": views, "logits": logits}, path)
+    return torch.load(path, weights_only=True)
 
 
 def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher, runtime: Runtime = CPU) -> nn.Module:

@@ -188,11 +188,13 @@ def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: in
 
 def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
                 step: int, teacher: dict[str, torch.Tensor] | None, teacher_model: nn.Module | None,
-                online_teacher: bool = False, runtime: Runtime = CPU) -> tuple[list[dict[str, float]], int]:
+                online_teacher: bool = False, runtime: Runtime = CPU,
+                view: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[dict[str, float]], int]:
     """One pass over the train split; per member, the mean of each loss part ('train/<part>').
 
     online_teacher: the teacher's logits come from ``teacher_model`` on each (augmented)
     batch instead of the cache, which only holds logits of unaugmented images.
+    view: ((N, 3) augmentations, (N, K) teacher logits on them): this epoch's cached view.
     """
     for m in members:
         m.model.train()
@@ -204,8 +206,11 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        x = runtime.to(data.prepare(data.x_train[idx], train=True, generator=augment_gen))
-        if online_teacher:
+        x = runtime.to(data.prepare(data.x_train[idx], train=True, generator=augment_gen,
+                                    views=None if view is None else view[0][idx]))
+        if view is not None:
+            t_logits = runtime.to(view[1][idx])
+        elif online_teacher:
             with torch.inference_mode(), runtime.autocast():
                 t_logits = teacher_model(x).float().clone()  # clone: a normal tensor outside inference mode
         else:
@@ -274,6 +279,7 @@ def fit(
     teacher: dict[str, torch.Tensor] | None = None, report: str = "best_val",
     on_epoch: EpochCallback | None = None, teacher_model: nn.Module | None = None,
     checkpoint: Checkpoint | None = None, online_teacher: bool = False, runtime: Runtime = CPU,
+    teacher_views: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
@@ -291,8 +297,12 @@ def fit(
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
     for epoch in range(epoch + 1, optim.epochs + 1):
+        view = None
+        if teacher_views is not None:  # epoch e sees view (e - 1) mod V of every image
+            v = (epoch - 1) % teacher_views["views"].shape[0]
+            view = (teacher_views["views"][v], teacher_views["logits"][v])
         parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model,
-                                  online_teacher, runtime)
+                                  online_teacher, runtime, view)
         metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, runtime=runtime)}
         for i, m in enumerate(members[1:], 1):
             extra = {**parts[i], **evaluate_model(m.model, data, teacher, runtime=runtime)}
