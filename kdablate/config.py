@@ -157,7 +157,10 @@ def canonical(model: BaseModel) -> dict[str, Any]:
     """The fields of ``model`` that differ from their defaults, recursively; plugin specs keep
     their name and the parameters that differ from the plugin's own defaults."""
     if isinstance(model, PluginSpec):
-        defaults = dataclasses.asdict(model.registry.params(model.name, {}))
+        # Field defaults read off the dataclass: instantiating Params would run its checks
+        # (a data_root that must exist, say) on values nobody asked for.
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(model.registry.get(model.name).Params)}
         return {"name": model.name, "params": {k: v for k, v in model.params.items() if defaults.get(k) != v}}
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
