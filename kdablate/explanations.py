@@ -17,6 +17,7 @@ Zhou et al. 2016 (CAM); Selvaraju et al. 2017 (Grad-CAM); Sundararajan et al.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import torch
@@ -45,7 +46,7 @@ def _leaf(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.detach().requires_grad_(True)
 
 
-class Explanation:
+class Explanation(abc.ABC):
     """Base of explanation plugins: holds ``params``; subclasses implement ``attribute``."""
 
     needs_features = False
@@ -53,9 +54,10 @@ class Explanation:
     def __init__(self, params: object) -> None:
         self.params = params
 
+    @abc.abstractmethod
     def attribute(self, model: nn.Module, inputs: torch.Tensor, create_graph: bool = False,
-                  features: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+                  features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, *shape) -> (B, K, *S) maps for every class; ``features``: this step's last feature map."""
 
 
 @EXPLANATIONS.register("saliency")

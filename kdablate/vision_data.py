@@ -10,6 +10,7 @@ normalises (and, for training, augments) each batch as float.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import pickle
 from pathlib import Path
@@ -141,7 +142,7 @@ def decoded(name: str, root: Path, reader, extra: str = "") -> dict[str, torch.T
     return torch.load(path, weights_only=True)
 
 
-class VisionDataset:
+class VisionDataset(abc.ABC):
     """Base of the image dataset plugins: read, cache, subset, split, and describe batches."""
 
     name = ""
@@ -151,8 +152,9 @@ class VisionDataset:
     def __init__(self, params: VisionParams) -> None:
         self.params = params
 
-    def read(self, root: Path) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, root: Path) -> dict[str, torch.Tensor]:
+        """Decode the files under ``root``: x_/y_ train and test, uint8 images and int64 labels."""
 
     def check(self) -> None:
         """Fail early (at study load) when the files are missing; reads only the listing."""

@@ -1,6 +1,7 @@
 """What a knowledge component may read when it builds its part of a soft target."""
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import torch
@@ -52,7 +53,7 @@ class TargetContext:
         return torch.softmax(self.logits(source) / self.temperature, dim=1)
 
 
-class Component:
+class Component(abc.ABC):
     """Base of mass and structure plugins: holds the checked ``Params``.
 
     ``needs`` names what the component reads beyond the student ('teacher',
@@ -66,8 +67,9 @@ class Component:
     def __init__(self, params: object) -> None:
         self.params = params
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        """(B,) mass or (B, K) structure for the batch in ``ctx``."""
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per-epoch statistics to log (e.g. a class-similarity matrix); resets them."""
