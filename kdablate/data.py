@@ -48,6 +48,11 @@ class DataBundle:
         """Raw (x, y) of a split; pass x through ``prepare`` before a model sees it."""
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
+    @functools.cached_property
+    def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean / std as tensors, built once rather than on every batch."""
+        return torch.tensor(self.mean), torch.tensor(self.std)
+
     def prepare(self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None,
                 views: torch.Tensor | None = None) -> torch.Tensor:
         """(B, *shape) raw batch -> float32 model input: scaled, normalised, augmented if ``train``.
@@ -57,8 +62,9 @@ class DataBundle:
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         if self.mean is not None:
+            mean, std = self._normalisation
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            x = (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+            x = (x - mean.view(shape)) / std.view(shape)
         if train and self.augment == "crop_flip":
             x = apply_crop_flip(x, views if views is not None else crop_flip_params(len(x), generator))
         if x.dim() == 4:

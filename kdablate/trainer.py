@@ -203,6 +203,7 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     # Drop the ragged last batch: BatchNorm cannot train on a batch of 1.
     n = len(perm) - len(perm) % batch_size
     sums: list[dict[str, torch.Tensor]] = [{} for _ in members]
+    groups = runtime.to(data.class_groups)  # once per epoch, not per batch
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
@@ -216,7 +217,7 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
         else:
             t_logits = None if teacher is None else runtime.to(teacher["train"][idx])
         parts = train_step(members, x, runtime.to(data.y_train[idx]), step, data.num_classes,
-                           t_logits, teacher_model, component_gen, runtime.to(data.class_groups), runtime)
+                           t_logits, teacher_model, component_gen, groups, runtime)
         step += 1
         for s, p in zip(sums, parts):
             for k, v in p.items():
