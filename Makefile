@@ -22,9 +22,9 @@ study: $(STAMP)
 	  [ $$rc -eq 2 ] && exit 2; \
 	  $(MAKE) --no-print-directory figures STUDY=$(STUDY) || exit $$?; exit $$rc
 
+# Tables, figures and report.md of a study, from MLflow, into figures/$(STUDY)/.
 figures: $(STAMP)
-	$(BIN)/python -m analysis.decomposition $(STUDY)
-	$(BIN)/python -m analysis.similarity $(STUDY)
+	$(BIN)/python -m analysis.report $(STUDY)
 
 dry-run: $(STAMP)
 	$(BIN)/kdablate dry-run $(STUDY)

@@ -13,15 +13,30 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return F.cross_entropy(logits.double(), labels).item()
 
 
-def ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error with ``bins`` equal-width confidence bins (Guo et al., 2017)."""
+def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: sample count, summed confidence, summed correctness.
+
+    Sums rather than means, so bins pool across seeds by addition (a reliability
+    diagram over seeds is the pooled sums divided by the pooled counts).
+    """
     conf, pred = torch.softmax(logits.double(), 1).max(1)
     correct = (pred == labels).double()
     # A confidence of exactly 1.0 belongs to the last bin, not one past it.
     idx = (conf * bins).long().clamp_max(bins - 1)
-    count = torch.bincount(idx, minlength=bins).double()
-    gap = torch.bincount(idx, conf - correct, minlength=bins).abs()
-    return (gap.sum() / count.sum()).item()
+    return {"count": torch.bincount(idx, minlength=bins).double().tolist(),
+            "conf_sum": torch.bincount(idx, conf, minlength=bins).tolist(),
+            "correct_sum": torch.bincount(idx, correct, minlength=bins).tolist()}
+
+
+def ece_from_bins(b: dict[str, list[float]]) -> float:
+    """Expected calibration error of ``reliability`` bins: sum |conf - correct| / N."""
+    gaps = sum(abs(c - k) for c, k in zip(b["conf_sum"], b["correct_sum"]))
+    return gaps / max(sum(b["count"]), 1.0)
+
+
+def ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error with ``bins`` equal-width confidence bins (Guo et al., 2017)."""
+    return ece_from_bins(reliability(logits, labels, bins))
 
 
 def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:

@@ -100,6 +100,8 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
                  runtime=runtime, teacher_views=views)
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
+    for split, bins in result.calibration.items():
+        client.log_text(run_id, json.dumps(bins), f"calibration/{split}.json")
     final = dict(result.metrics)
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})

@@ -1,0 +1,88 @@
+"""Figures from the runs' JSON artifacts: class-similarity heatmaps and reliability diagrams.
+
+similarity/: K x K matrices, row y averaging the structure over training samples of
+class y (``kdablate.trainer.epoch_summary``): the model's own explanations, the
+teacher's soft targets and, where the data has a class hierarchy, the oracle.
+calibration/: per-split reliability bins of the reported model
+(``kdablate.metrics.reliability``), pooled over seeds by adding them.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis import plots
+from analysis.runs import StudyRuns, json_artifacts
+
+if TYPE_CHECKING:
+    from analysis.report import Report
+
+
+def offdiag(m: np.ndarray) -> np.ndarray:
+    return m[~np.eye(len(m), dtype=bool)]
+
+
+def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd.DataFrame]:
+    """Seed-mean matrices (teacher, oracle, then each heatmap arm's explanation) and the
+    Spearman correlations of their off-diagonal entries, pairwise."""
+    mats: dict[str, np.ndarray] = {}
+    for arm in runs.study.config.analysis.heatmaps:
+        found = [files for _, files in json_artifacts(runs, arm, "similarity")]
+        if not found:
+            continue
+        mats[arm] = np.mean([f["similarity_explanation"] for f in found], 0)
+        for other in ("teacher", "oracle"):
+            got = [f[f"similarity_{other}"] for f in found if f"similarity_{other}" in f]
+            if got and other not in mats:
+                mats[other] = np.mean(got, 0)
+    names = [n for n in ("teacher", "oracle") if n in mats] + [n for n in mats if n not in ("teacher", "oracle")]
+    rho = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
+    for a, b in itertools.combinations(names, 2):
+        rho.loc[a, b] = rho.loc[b, a] = stats.spearmanr(offdiag(mats[a]), offdiag(mats[b])).statistic
+    return [(n, mats[n]) for n in names], rho
+
+
+def similarity_figure(rep: "Report", runs: StudyRuns) -> None:
+    panels, rho = similarity_panels(runs)
+    if not panels:
+        if runs.study.config.analysis.heatmaps:
+            rep.note(f"Similarity: no 'similarity/' artifacts in the runs of {runs.study.config.analysis.heatmaps}.")
+        return
+    ref = "teacher" if "teacher" in rho else None
+    titled = [(name if ref is None or name == ref else f"{name}\nSpearman vs teacher {rho.loc[name, ref]:.2f}", m)
+              for name, m in panels]
+    rho.to_csv(rep.out / "similarity.csv")
+    rep.files.append(rep.out / "similarity.csv")
+    rep.figure(plots.heatmaps(titled), "similarity",
+               "Class similarity, seed-mean matrices (row y: where the non-ground-truth mass of class y goes): "
+               "teacher soft targets, the oracle hierarchy where the data has one, and each arm's own explanations. "
+               "Titles: Spearman correlation of the off-diagonal entries with the teacher's; all pairs in "
+               "[similarity.csv](similarity.csv).")
+
+
+def pooled_bins(runs: StudyRuns, split: str = "test") -> dict[str, dict[str, np.ndarray]]:
+    """arm -> reliability bins summed over its seeds (arms without calibration artifacts left out)."""
+    out = {}
+    for arm in runs.order:
+        found = [files[split] for _, files in json_artifacts(runs, arm, "calibration") if split in files]
+        if found:
+            out[arm] = {k: np.sum([f[k] for f in found], 0) for k in ("count", "conf_sum", "correct_sum")}
+    return out
+
+
+def calibration_figure(rep: "Report", runs: StudyRuns) -> None:
+    bins = pooled_bins(runs)
+    if not bins:
+        rep.note("Calibration: these runs have no 'calibration/' reliability bins (runs made before kdablate "
+                 "logged them); the ECE column of the table is from the logged `report/test_ece`.")
+        return
+    cells = runs.cells
+    ece = {arm: (cells.loc[cells.arm == arm, "report/test_ece"].mean(),
+                 cells.loc[cells.arm == arm, "report/test_ece"].std(ddof=1)) for arm in bins}
+    rep.figure(plots.reliability(bins, ece), "calibration",
+               "Reliability diagrams on test (15 equal-width confidence bins, pooled over seeds): accuracy per "
+               "bin against the diagonal of perfect calibration; ECE in percent, mean ± std over seeds.")

@@ -1,0 +1,187 @@
+"""The study figures. Each function takes frames and returns a matplotlib Figure, unsaved, so
+tests can read the drawn data back (bar heights, line points) and compare it to the runs.
+
+Accuracies are drawn in percent with Student-t 95% CIs over seeds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.figures import COLUMN_IN, PAGE_IN, pyplot
+from analysis.stats import t_ci
+
+
+def _rotate(ax: Any) -> None:
+    for t in ax.get_xticklabels():
+        t.set_rotation(35)
+        t.set_ha("right")
+        t.set_rotation_mode("anchor")
+
+
+def _mean_ci(groups: list[pd.Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and 95% t-CI bounds (percent) of each group of fractions; NaN for an empty group."""
+    out = np.full((len(groups), 3), np.nan)
+    for i, v in enumerate(groups):
+        v = v.dropna() * 100
+        if len(v):
+            out[i] = (v.mean(), *t_ci(v))
+    return out[:, 0], out[:, 1], out[:, 2]
+
+
+def decomposition_bars(summary: pd.DataFrame, cells: pd.DataFrame, metric: str, vs: pd.DataFrame | None,
+                       references: list[str], title: str) -> Any:
+    """Bars: per-arm mean with a 95% CI and the seeds as dots; marks from ``vs`` above the bars;
+    the ``references`` arms' means as dashed lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(PAGE_IN, 2.8))
+    x = np.arange(len(summary))
+    mean = summary["mean"].to_numpy() * 100
+    err = np.vstack([mean - summary.ci_low * 100, summary.ci_high * 100 - mean])
+    ax.bar(x, mean, color="C0", alpha=0.75, width=0.7, zorder=2)
+    ax.errorbar(x, mean, yerr=err, fmt="none", ecolor="black", capsize=2.5, lw=0.9, zorder=3)
+    for i, arm in enumerate(summary.arm):
+        v = cells.loc[cells.arm == arm, metric].dropna() * 100
+        jitter = np.linspace(-0.18, 0.18, len(v)) if len(v) > 1 else np.zeros(len(v))
+        ax.scatter(i + jitter, v, s=4, color="0.25", zorder=4, linewidths=0)
+    marks = {} if vs is None else dict(zip(vs.a, vs.mark))
+    top = summary.ci_high.to_numpy() * 100
+    for i, arm in enumerate(summary.arm):
+        if marks.get(arm):
+            ax.text(i, top[i], marks[arm], ha="center", va="bottom", fontsize=7)
+    for j, ref in enumerate(r for r in references if r in set(summary.arm)):
+        ax.axhline(float(summary.loc[summary.arm == ref, "mean"].iat[0]) * 100, ls="--", lw=0.8,
+                   color=f"C{j + 1}", label=f"{ref}", zorder=1)
+    lo = np.nanmin(summary.ci_low.to_numpy() * 100)
+    ax.set_ylim(max(0.0, lo - 0.15 * (np.nanmax(top) - lo) - 1), np.nanmax(top) + 0.1 * (np.nanmax(top) - lo) + 0.5)
+    ax.set_xticks(x, summary.arm)
+    _rotate(ax)
+    ax.set(ylabel=f"{metric} (%)", title=title)
+    if references:
+        ax.legend(loc="lower right", title="reference (mean)", frameon=True)
+    return fig
+
+
+def interaction(grid: pd.DataFrame, metric: str) -> Any:
+    """Interaction plot: structure levels on x, one line per mass, mean ± 95% CI."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.6))
+    structs = list(dict.fromkeys(grid.structure))
+    for j, (mass, g) in enumerate(grid.groupby("mass", sort=False)):
+        m, lo, hi = _mean_ci([g.loc[g.structure == s, metric] for s in structs])
+        ax.errorbar(np.arange(len(structs)) + (j - 0.5) * 0.08, m, yerr=[m - lo, hi - m],
+                    marker="o", ms=3.5, capsize=2.5, lw=1.2, label=mass, color=f"C{j}")
+    ax.set_xticks(range(len(structs)), structs)
+    ax.set(xlabel="class-similarity structure", ylabel=f"{metric} (%)", title="mass × structure")
+    ax.legend(title="non-GT mass", frameon=True)
+    return fig
+
+
+def temperature(cells: pd.DataFrame, metric: str, references: dict[str, float]) -> Any:
+    """Accuracy against temperature (log2 axis), one line per arm family, mean ± 95% CI;
+    arms without a temperature sweep as horizontal lines (``references``: name -> mean)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.6))
+    for j, (fam, g) in enumerate(cells.groupby("family", sort=False)):
+        ts = sorted(g.temperature.unique())
+        m, lo, hi = _mean_ci([g.loc[g.temperature == t, metric] for t in ts])
+        ax.errorbar(ts, m, yerr=[m - lo, hi - m], marker="o", ms=3.5, capsize=2.5, lw=1.2, label=fam,
+                    color=f"C{j}")
+    for k, (name, mean) in enumerate(references.items()):
+        ax.axhline(mean * 100, ls="--", lw=0.8, color=f"C{k + 5}", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="temperature T", ylabel=f"{metric} (%)", title="accuracy against temperature")
+    ax.legend(frameon=True, ncols=2)
+    return fig
+
+
+def _facets(n: int, per_row: int = 5, height: float = 1.5) -> tuple[Any, np.ndarray]:
+    plt = pyplot()
+    cols = min(n, per_row)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, height * rows + 0.4), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
+    """Per arm: val and test accuracy against epoch, mean over seeds with a 95% CI band."""
+    fig, axes = _facets(len(order))
+    for ax, arm in zip(axes, order):
+        for j, (metric, g) in enumerate(hist[hist.arm == arm].groupby("metric", sort=True)):
+            by = g.groupby("epoch").value
+            m = by.mean() * 100
+            band = np.array([t_ci(v) for _, v in by]) * 100
+            ax.plot(m.index, m.to_numpy(), lw=1, color=f"C{j}", label=metric)
+            ax.fill_between(m.index, band[:, 0], band[:, 1], color=f"C{j}", alpha=0.25, lw=0)
+        ax.set_title(arm)
+    axes[0].legend(loc="lower right")
+    fig.supxlabel("epoch", fontsize=8)
+    fig.supylabel("accuracy (%)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliability(bins: dict[str, dict[str, np.ndarray]], ece: dict[str, tuple[float, float]]) -> Any:
+    """Reliability diagrams: per arm, accuracy against confidence over seeds' pooled bins,
+    the diagonal of perfect calibration, and ECE (mean ± std over seeds) in the title."""
+    fig, axes = _facets(len(bins), height=1.45)
+    for ax, (arm, b) in zip(axes, bins.items()):
+        n = len(b["count"])
+        centers = (np.arange(n) + 0.5) / n
+        acc = np.divide(b["correct_sum"], b["count"], out=np.full(n, np.nan), where=b["count"] > 0)
+        ax.bar(centers, acc, width=1 / n, color="C0", alpha=0.8, edgecolor="white", lw=0.3)
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.3")
+        m, s = ece[arm]
+        ax.set_title(f"{arm}\nECE {m * 100:.2f} ± {s * 100:.2f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+    fig.supxlabel("confidence", fontsize=8)
+    fig.supylabel("accuracy", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def metric_points(cells: pd.DataFrame, order: list[str], metric: str, title: str,
+                  line: float | None = None) -> Any:
+    """Per arm: mean ± 95% CI of ``metric`` (in percent) with the seeds as dots."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(PAGE_IN, 2.4))
+    for i, arm in enumerate(order):
+        v = cells.loc[cells.arm == arm, metric].dropna() * 100
+        if v.empty:
+            continue
+        lo, hi = t_ci(v)
+        ax.errorbar([i], [v.mean()], yerr=[[v.mean() - lo], [hi - v.mean()]], fmt="D", ms=3.5, capsize=2.5,
+                    color="C0")
+        ax.scatter(np.full(len(v), i + 0.2), v, s=4, color="0.4", linewidths=0)
+    if line is not None:
+        ax.axhline(line * 100, ls="--", lw=0.8, color="C1")
+    ax.set_xticks(range(len(order)), order)
+    _rotate(ax)
+    ax.set(ylabel=f"{metric} (%)", title=title)
+    return fig
+
+
+def heatmaps(panels: list[tuple[str, np.ndarray]]) -> Any:
+    """Class-similarity matrices side by side, each on its own colour scale."""
+    import seaborn as sns
+
+    plt = pyplot()
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, 1.9 * rows + 0.3), squeeze=False)
+    # Each panel on its own scale: a teacher at T=4 is far flatter than a sharp explanation softmax,
+    # and the question is which classes are similar, not how peaked the rows are.
+    for ax, (title, m) in zip(axes.flat, panels):
+        sns.heatmap(m, ax=ax, cmap="viridis", vmin=0, square=True, cbar=True, cbar_kws={"shrink": 0.7},
+                    xticklabels=m.shape[0] <= 20, yticklabels=m.shape[0] <= 20)
+        ax.set(title=title, xlabel="class c", ylabel="true class y")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
