@@ -53,8 +53,11 @@ def similarity_figure(rep: "Report", runs: StudyRuns) -> None:
             rep.note(f"Similarity: no 'similarity/' artifacts in the runs of {runs.study.config.analysis.heatmaps}.")
         return
     ref = "teacher" if "teacher" in rho else None
-    titled = [(name if ref is None or name == ref else f"{name}\nSpearman vs teacher {rho.loc[name, ref]:.2f}", m)
+    titled = [(name if ref is None or name == ref else f"{name}\nρ vs teacher = {rho.loc[name, ref]:.2f}", m)
               for name, m in panels]
+    if "oracle" not in rho:
+        rep.note("Similarity: the data has no class hierarchy (class groups), so there is no oracle panel; "
+                 "CIFAR-100 has one (its 20 superclasses).")
     rho.to_csv(rep.out / "similarity.csv")
     rep.files.append(rep.out / "similarity.csv")
     rep.figure(plots.heatmaps(titled), "similarity",

@@ -53,15 +53,21 @@ def against(cells: pd.DataFrame, order: list[str], reference: str, metric: str) 
 
 
 def factorial_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """The largest set of soft-target arms sharing (T, alpha) that crosses >= 2 masses with
-    >= 2 structures; empty when the study has no such grid."""
+    """The largest complete mass x structure crossing (>= 2 x 2) among soft-target arms that
+    share (T, alpha); empty when the study has none. Arms outside the crossing (e.g. an
+    explanation structure tried with one mass only) are left out of it."""
     kd = cells[(cells.alpha > 0) & ~cells.mass.isin(["none", "—"])]
-    if kd.empty:
-        return kd
-    _, grid = max(kd.groupby(["temperature", "alpha"]), key=lambda kv: kv[1].arm.nunique())
-    if grid.mass.nunique() < 2 or grid.structure.nunique() < 2:
-        return grid.iloc[:0]
-    return grid
+    best, size = kd.iloc[:0], 0
+    for _, group in kd.groupby(["temperature", "alpha"]):
+        masses = list(dict.fromkeys(group.mass))
+        has = {m: set(group.structure[group.mass == m]) for m in masses}
+        for r in range(2, len(masses) + 1):
+            for subset in itertools.combinations(masses, r):
+                structs = set.intersection(*(has[m] for m in subset))
+                if len(structs) >= 2 and r * len(structs) > size:
+                    best = group[group.mass.isin(subset) & group.structure.isin(structs)]
+                    size = r * len(structs)
+    return best
 
 
 def factorial(cells: pd.DataFrame, metric: str) -> pd.DataFrame:

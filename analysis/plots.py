@@ -61,7 +61,7 @@ def decomposition_bars(summary: pd.DataFrame, cells: pd.DataFrame, metric: str, 
     _rotate(ax)
     ax.set(ylabel=f"{metric} (%)", title=title)
     if references:
-        ax.legend(loc="lower right", title="reference (mean)", frameon=True)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="reference (mean)", frameon=True)
     return fig
 
 
@@ -93,6 +93,9 @@ def temperature(cells: pd.DataFrame, metric: str, references: dict[str, float]) 
     for k, (name, mean) in enumerate(references.items()):
         ax.axhline(mean * 100, ls="--", lw=0.8, color=f"C{k + 5}", label=name)
     ax.set_xscale("log", base=2)
+    temps = sorted(cells.temperature.unique())
+    ax.set_xticks(temps, [f"{t:g}" for t in temps])
+    ax.minorticks_off()
     ax.set(xlabel="temperature T", ylabel=f"{metric} (%)", title="accuracy against temperature")
     ax.legend(frameon=True, ncols=2)
     return fig
@@ -172,9 +175,9 @@ def heatmaps(panels: list[tuple[str, np.ndarray]]) -> Any:
     import seaborn as sns
 
     plt = pyplot()
-    cols = min(len(panels), 4)
+    cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, 1.9 * rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, 2.2 * rows + 0.3), squeeze=False)
     # Each panel on its own scale: a teacher at T=4 is far flatter than a sharp explanation softmax,
     # and the question is which classes are similar, not how peaked the rows are.
     for ax, (title, m) in zip(axes.flat, panels):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def header(runs: StudyRuns, metric: str) -> list[str]:
              "- Comparisons are paired by seed (arms that share a seed share the init and data order): paired "
              "t-test and Wilcoxon signed-rank, Holm-corrected within each family; d_z is Cohen's d of the "
              f"paired differences. {tables.MARKS}.", ""]
+    n_min = int(runs.cells.groupby("arm").seed.nunique().min())
+    if n_min <= 6:  # the exact signed-rank test cannot go below 2 / 2^n, whatever the effect
+        lines.insert(-1, f"- With n = {n_min} seeds the smallest attainable two-sided Wilcoxon p is "
+                     f"{2 / 2 ** n_min:.3g}; read p_W as a robustness check, not a test of power.")
     if teacher is not None and teacher.notna().any():
         lines.insert(-1, f"- Teacher: {teacher.mean() * 100:.2f}% ({metric.split('/', 1)[-1]}).")
     if not runs.missing.empty:
@@ -170,8 +175,21 @@ def figures_section(rep: Report, runs: StudyRuns, metric: str, stats: dict[str, 
                    "seeds as dots.")
 
 
+OUTPUTS = ("report", "table", "effects", "pairs", "similarity", "decomposition", "interaction", "temperature",
+           "learning_curves", "calibration", "agreement")
+
+
+def clean(out: Path) -> None:
+    """Remove this script's earlier outputs, so a figure the runs no longer support cannot linger."""
+    for p in out.glob("*"):
+        if p.is_file() and (p.stem in OUTPUTS or p.stem.startswith("vs_")) and p.suffix in (".md", ".tex", ".csv",
+                                                                                          ".png", ".pdf"):
+            p.unlink()
+
+
 def build(runs: StudyRuns, out: Path, metric: str) -> Report:
     out.mkdir(parents=True, exist_ok=True)
+    clean(out)
     rep = Report(out, header(runs, metric))
     stats = comparisons(rep, runs, metric)
     factorial_section(rep, runs, metric)
@@ -197,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("figures"))
     p.add_argument("--no-log", action="store_true", help="do not log the figures to the study's parent run")
     args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's file is noise
     study = study_or_exit(args.study)
     if study is None:
         return 2

@@ -79,3 +79,9 @@ def test_smoke_study_on_ray_into_a_tracking_server(mlflow_server, ray_head, tmp_
     driver = client.search_runs([exp_id], "tags.kind = 'study'")[0].data.tags["worker_pid"]
     assert driver not in {r.data.tags["worker_pid"] for r in runs}
     assert "config.json" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    # The report reads the same runs back through the server (artifacts proxied over HTTP).
+    from analysis import report
+
+    assert report.main([str(ROOT / "studies" / "smoke.yaml"), "--out", str(tmp_path / "figures")]) == 0
+    assert (tmp_path / "figures" / "smoke" / "calibration.png").stat().st_size > 0
+    assert f"read from `{mlflow_server}`" in (tmp_path / "figures" / "smoke" / "report.md").read_text()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import decomposition
+from analysis import report
 from kdablate import tracking
 from kdablate.runner import RunOptions, run_study
 from kdablate.study import load_study
@@ -51,24 +51,33 @@ def test_smoke_study_logs_every_cell_and_resumes(smoke_run, capsys):
 
 
 def test_figures_and_tables_from_mlflow(smoke_run):
+    """A real (trained) study through the whole report: every file, logged to the parent run."""
     study, tmp_path, _ = smoke_run
-    assert decomposition.main(["smoke", "--out", str(tmp_path / "figures")]) == 0
+    assert report.main(["smoke", "--out", str(tmp_path / "figures")]) == 0
     out = tmp_path / "figures" / "smoke"
-    for name in ("decomposition.png", "decomposition.pdf", "table.csv", "table.md", "effects.csv"):
+    for name in ("report.md", "decomposition.png", "decomposition.pdf", "interaction.pdf", "learning_curves.png",
+                 "calibration.png", "agreement.pdf", "table.csv", "table.md", "table.tex", "effects.tex"):
         assert (out / name).stat().st_size > 0, name
     import pandas as pd
 
     table = pd.read_csv(out / "table.csv")
     assert list(table.arm) == study.arms() and set(table.n) == {2}
-    assert {"mean", "std", "ci_low", "ci_high", "vs_ce_diff_mean", "vs_ce_p_value"} <= set(table.columns)
     effects = pd.read_csv(out / "effects.csv")
-    assert list(effects.contrast) == ["teacher - constant", "permuted - uniform", "teacher - permuted"]
+    assert list(effects.effect[:3]) == ["mass: teacher − constant", "structure: permuted − uniform",
+                                        "structure: teacher − permuted"]
     assert "| teacher+teacher |" in (out / "table.md").read_text()
+    client = tracking.client()
+    exp = client.get_experiment_by_name("smoke")
+    parent = client.search_runs([exp.experiment_id], "tags.kind = 'study'")[0]
+    assert "figures/report.md" in {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
 
 
 def test_figures_without_runs_is_a_clean_error(mlflow_store, capsys):
-    assert decomposition.main(["smoke"]) == 2
-    assert "no finished runs of study 'smoke'" in capsys.readouterr().err
+    assert report.main(["smoke"]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("analysis: error:")]
+    assert len(ours) == 1 and "Traceback" not in err
+    assert "no finished runs" in ours[0] and "make study STUDY=smoke" in ours[0]
 
 
 IL_STUDY = """
@@ -93,8 +102,6 @@ analysis: {baseline: ce, reference: [ce], extra_metrics: [train/similarity_spear
 
 
 def test_introspective_arms_run_and_draw_heatmaps(mlflow_store, tmp_path):
-    from analysis import similarity
-
     path = tmp_path / "il_smoke.yaml"
     path.write_text(IL_STUDY)
     study = load_study(path)
@@ -108,12 +115,11 @@ def test_introspective_arms_run_and_draw_heatmaps(mlflow_store, tmp_path):
     il = by_arm["il_saliency"].data.metrics
     assert {"train/similarity_spearman", "time/explain_ms"} <= set(il)
     out = tmp_path / "figs"
-    assert decomposition.main([str(path), "--out", str(out)]) == 0
-    assert "train/similarity_spearman" in (out / "il_smoke" / "table.md").read_text()
-    assert similarity.main([str(path), "--out", str(out)]) == 0
+    assert report.main([str(path), "--out", str(out)]) == 0
+    assert "ρ(expl., teacher)" in (out / "il_smoke" / "table.md").read_text()
     import pandas as pd
 
-    sims = pd.read_csv(out / "il_smoke" / "similarity.csv")
-    assert list(sims.arm) == ["il_cam", "il_saliency"] and set(sims.n) == {2}
-    assert sims.spearman_mean.between(-1, 1).all()
+    sims = pd.read_csv(out / "il_smoke" / "similarity.csv", index_col=0)
+    assert list(sims.index) == ["teacher", "il_cam", "il_saliency"]
+    assert sims.to_numpy().min() >= -1 and sims.to_numpy().max() <= 1
     assert (out / "il_smoke" / "similarity.png").stat().st_size > 0

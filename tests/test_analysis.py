@@ -1,0 +1,209 @@
+"""The analysis against a synthetic MLflow store with known numbers: tables, statistics
+(checked against scipy), the factorial, every figure's file and drawn data, partial studies."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis import decomposition as dec
+from analysis import plots, report, runs as runs_mod
+from analysis.stats import holm, paired, t_ci
+from kdablate import tracking
+from kdablate.config import flatten
+from kdablate.study import load_study
+
+STUDY = """
+description: synthetic
+base:
+  data: {name: mnist1d, num_samples: 600}
+  student: {name: mlp, hidden: 16, depth: 1}
+  optim: {epochs: 3, batch_size: 64}
+  teacher: {model: {name: cnn1d, channels: 8, depth: 2}, optim: {epochs: 2}}
+  report: best_val
+seeds: [0, 1, 2, 3, 4]
+arms:
+  - {name: ce, mass: none, alpha: 0.0}
+  - name: "{mass}+{structure}"
+    temperature: 4.0
+    alpha: 0.9
+    grid: {mass: [{name: constant, eps: 0.45}, teacher], structure: [uniform, teacher]}
+  - {name: kd, mass: teacher, structure: teacher, alpha: 0.9, grid: {temperature: [2.0, 8.0]}}
+  - {name: il, mass: {name: constant, eps: 0.2}, structure: {name: explanation, source: cam}, temperature: 4.0, alpha: 0.9}
+analysis:
+  baseline: ce
+  reference: [ce, teacher+teacher]
+  factorial: true
+  pairs: [[teacher+teacher, teacher+uniform]]
+  heatmaps: [il]
+"""
+# Per-arm means (fractions); a seed effect shared by all arms makes the pairing matter.
+MEANS = {"ce": 0.60, "constant+uniform": 0.63, "constant+teacher": 0.66, "teacher+uniform": 0.62,
+         "teacher+teacher": 0.67, "kd[temperature=2.0]": 0.64, "kd[temperature=8.0]": 0.65, "il": 0.64}
+FAILED, ABSENT = ("il", 4), ("kd[temperature=8.0]", 3)
+BINS = {"count": [0.0] * 13 + [40.0, 60.0], "conf_sum": [0.0] * 13 + [36.0, 58.0], "correct_sum": [0.0] * 13 + [30.0, 57.0]}
+
+
+def value(arm: str, seed: int) -> float:
+    rng = np.random.default_rng(seed * 100 + sorted(MEANS).index(arm))
+    return MEANS[arm] + 0.01 * (seed - 2) + float(rng.normal(0, 0.006))
+
+
+def log_cell(client, exp_id: str, parent: str, cell, status: str = "FINISHED") -> None:
+    tags = {"kind": "cell", "arm": cell.arm, "seed": str(cell.seed), "config_hash": cell.config_hash()}
+    run_id = tracking.start_run(client, exp_id, f"{cell.arm}/s{cell.seed}", tags, parent)
+    tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
+    v = value(cell.arm, cell.seed)
+    for epoch in (1, 2, 3):  # val/test climb to the reported value
+        tracking.log_metrics(client, run_id, {"val/acc": v - 0.1 / epoch, "test/acc": v - 0.12 / epoch}, epoch)
+    tracking.log_metrics(client, run_id, {"report/test_acc": v, "report/val_acc": v + 0.01, "report/test_ece": 0.05,
+                                          "report/test_agreement": v + 0.02, "teacher/test_acc": 0.98}, 3)
+    client.log_text(run_id, json.dumps(BINS), "calibration/test.json")
+    if cell.arm == "il":
+        k = np.arange(100, dtype=float).reshape(10, 10)
+        client.log_text(run_id, json.dumps((k / k.sum(1, keepdims=True)).tolist()), "similarity/similarity_explanation.json")
+        client.log_text(run_id, json.dumps((k.T / k.T.sum(1, keepdims=True)).tolist()), "similarity/similarity_teacher.json")
+    if status != "FINISHED":
+        tracking.terminate(client, run_id, status, "RuntimeError: synthetic failure")
+    else:
+        tracking.terminate(client, run_id, status)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The synthetic store, built once, and the report of it in figs/synth/ (module-wide: it takes seconds)."""
+    tmp_path = tmp_path_factory.mktemp("analysis")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+        mp.chdir(tmp_path)
+        path = tmp_path / "synth.yaml"
+        path.write_text(STUDY)
+        study = load_study(path)
+        client = tracking.client()
+        exp_id = tracking.experiment_id(client, study.name)
+        parent = tracking.start_run(client, exp_id, "synth-parent", {"kind": "study"})
+        for cell in study.cells:
+            if (cell.arm, cell.seed) != ABSENT:
+                log_cell(client, exp_id, parent, cell, "FAILED" if (cell.arm, cell.seed) == FAILED else "FINISHED")
+        assert report.main([str(path), "--out", str(tmp_path / "figs")]) == 0
+        yield study, tmp_path, parent, runs_mod.load(study), client.list_artifacts(parent, "figures")
+
+
+def known(arm: str) -> dict[int, float]:
+    return {s: value(arm, s) for s in range(5) if (arm, s) not in (FAILED, ABSENT)}
+
+
+def test_params_come_back_typed(store):
+    runs = store[3]
+    row = runs.cells[runs.cells.arm == "kd[temperature=2.0]"].iloc[0]
+    cols = runs.cells
+    assert row["temperature"] == 2.0 and pd.api.types.is_float_dtype(cols["temperature"])
+    assert pd.api.types.is_integer_dtype(cols["param:optim.epochs"]) and pd.api.types.is_integer_dtype(cols.seed)
+    assert cols["param:optim.nesterov"].dtype == bool and row["param:optim.milestones"] == []
+    assert row["param:knowledge.mass.name"] == "teacher" and row["family"] == "kd"
+    assert runs_mod.cast_param("None") is None and runs_mod.cast_param("cnn1d") == "cnn1d"
+
+
+def test_partial_study_lists_missing_cells(store):
+    runs = store[3]
+    missing = {(r.arm, r.seed): r.status for r in runs.missing.itertuples()}
+    assert missing == {FAILED: "FAILED", ABSENT: "NOT STARTED"}
+    assert len(runs.cells) == len(store[0].cells) - 2
+
+
+def test_table_values_match_the_runs(store):
+    tmp_path = store[1]
+    table = pd.read_csv(tmp_path / "figs" / "synth" / "table.csv").set_index("arm")
+    for arm in MEANS:
+        v = np.array(list(known(arm).values()))
+        assert table.loc[arm, "mean"] == pytest.approx(v.mean(), abs=1e-12)
+        assert table.loc[arm, "std"] == pytest.approx(v.std(ddof=1), abs=1e-12)
+        assert table.loc[arm, "n"] == len(v)
+        assert (table.loc[arm, "ci_low"], table.loc[arm, "ci_high"]) == pytest.approx(
+            stats.t.interval(0.95, len(v) - 1, v.mean(), stats.sem(v)))
+    md = (tmp_path / "figs" / "synth" / "table.md").read_text()
+    il = np.array(list(known("il").values())) * 100
+    assert f"| il | constant | explanation:cam | 4 | 0.9 | {il.mean():.2f} ± {il.std(ddof=1):.2f} | 4 |" in md
+    assert "Reporting rule: 'best_val'" in md and "never used to choose" in md
+
+
+def test_statistics_match_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.65, 0.01, 8), rng.normal(0.63, 0.01, 8)
+    got = paired(dict(enumerate(a)), dict(enumerate(b)))
+    assert got["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-12)
+    assert got["p_wilcoxon"] == pytest.approx(stats.wilcoxon(a - b).pvalue, rel=1e-12)
+    assert got["d_z"] == pytest.approx((a - b).mean() / (a - b).std(ddof=1))
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(stats.t.interval(0.95, 7, (a - b).mean(), stats.sem(a - b)))
+    # Holm by its definition: sorted p times (m - rank), made monotone, capped at 1.
+    p = [0.01, 0.04, 0.03, 0.2, math.nan]
+    assert holm(p)[:4] == pytest.approx([0.04, 0.09, 0.09, 0.2]) and math.isnan(holm(p)[4])
+    assert t_ci([1.0]) == (1.0, 1.0)
+
+
+def test_comparisons_and_factorial_against_hand_computation(store):
+    runs = store[3]
+    vs = dec.against(runs.cells, runs.order, "ce", "report/test_acc").set_index("a")
+    ce = known("ce")
+    raw = {}
+    for arm in MEANS:
+        if arm == "ce":
+            continue
+        x = known(arm)
+        seeds = sorted(set(x) & set(ce))
+        raw[arm] = stats.ttest_rel([x[s] for s in seeds], [ce[s] for s in seeds]).pvalue
+        assert vs.loc[arm, "n_pairs"] == len(seeds)
+        assert vs.loc[arm, "p_value"] == pytest.approx(raw[arm], rel=1e-10)
+    assert list(vs.loc[list(raw), "p_holm"]) == pytest.approx(holm(list(raw.values())))
+    eff = dec.factorial(runs.cells, "report/test_acc").set_index("effect")
+    tt, tu, ct, cu = (known(a) for a in ("teacher+teacher", "teacher+uniform", "constant+teacher", "constant+uniform"))
+    mass = np.mean([((tt[s] - ct[s]) + (tu[s] - cu[s])) / 2 for s in range(5)])
+    inter = [(tt[s] - tu[s]) - (ct[s] - cu[s]) for s in range(5)]
+    assert eff.loc["mass: teacher − constant", "diff_mean"] == pytest.approx(mass)
+    row = eff.loc["(teacher − constant) × (teacher − uniform)"]
+    assert row["diff_mean"] == pytest.approx(np.mean(inter))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(stats.t.interval(0.95, 4, np.mean(inter), stats.sem(inter)))
+
+
+FIGURES = ("decomposition", "interaction", "temperature", "learning_curves", "similarity", "calibration", "agreement")
+
+
+def test_every_figure_is_written_linked_and_logged(store):
+    tmp_path = store[1]
+    out = tmp_path / "figs" / "synth"
+    text = (out / "report.md").read_text()
+    for stem in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
+        assert f"({stem}.png)" in text and f"({stem}.pdf)" in text
+    for stem in ("table", "effects", "pairs"):
+        tex = (out / f"{stem}.tex").read_text()
+        assert r"\toprule" in tex and r"\bottomrule" in tex and "Reporting rule" in tex
+    assert "il: FAILED (seeds 4)" in text and "kd[temperature=8.0]: NOT STARTED (seeds 3)" in text
+    assert "teacher+teacher beats ce by +" in text and "n = 5)" in text
+    logged = {f.path for f in store[4]}
+    assert {"figures/report.md", "figures/decomposition.pdf", "figures/table.tex"} <= logged
+
+
+def test_drawn_data_matches_the_runs(store):
+    runs = store[3]
+    metric = "report/test_acc"
+    summary = dec.summarize(runs.cells, runs.order, metric)
+    fig = plots.decomposition_bars(summary, runs.cells, metric, None, ["ce"], "t")
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == pytest.approx([100 * np.mean(list(known(a).values())) for a in runs.order])
+    grid = dec.factorial_cells(runs.cells)
+    lines = plots.interaction(grid, metric).axes[0].lines
+    drawn = {tuple(np.round(np.asarray(line.get_ydata(), float), 9)) for line in lines if len(line.get_ydata()) == 2}
+    for mass in ("constant", "teacher"):
+        ys = tuple(np.round([100 * np.mean(list(known(f"{mass}+{s}").values())) for s in ("uniform", "teacher")], 9))
+        assert ys in drawn
+    kd = runs.cells[runs.cells.family == "kd"]
+    temp = plots.temperature(kd, metric, {}).axes[0].lines[0]
+    assert list(temp.get_xdata()) == [2.0, 8.0]
+    assert list(temp.get_ydata()) == pytest.approx([100 * np.mean(list(known(f"kd[temperature={t}]").values()))
+                                                    for t in ("2.0", "8.0")])
