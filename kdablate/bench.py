@@ -1,131 +1,118 @@
-"""Per-step cost of introspective learning against a CE step, measured side by side.
+"""The benchmark suite: ``make bench`` (``python -m kdablate.bench``).
 
-    python -m kdablate.bench [--steps 20] [--rounds 5]
+    python -m kdablate.bench [--sections trainer,levers,il,system] [--compile] [--quick]
 
-For K=10 and K=100, on the default MLP student and a CAM-friendly CNN, times a
-plain CE step and an IL step per explanation source (constant mass +
-explanation structure), plus the cheap saliency schedules (every n steps, a
-fraction of the batch). Variants are interleaved round by round so drift hits
-them alike; each ratio is the median over rounds of (variant ms / CE ms).
-Targets: cam <= x1.10, saliency (cheapest setting that keeps accuracy) <= x3.
-The 'soft target, uniform' row is the KD loss alone, so the explanation's own
-overhead is the difference to it.
+Prints one table, every ratio measured side by side in this process
+(interleaved rounds, medians, warm-up excluded; see ``kdablate.bench_core``),
+for the default data (MNIST-1D-shaped signals, MLP student, K = 10) and for
+32x32x3 images with ResNet-20, and writes it with the machine's description to
+``figures/bench/bench.json``. Sections:
+
+* ``trainer`` (``bench_trainer``): the trainer against a hand-written loop, KD
+  (cached / online teacher) against CE, the data pipeline against the model step;
+  the ResNet-20 step's GFLOP/s against a large convolution's (``bench_levers``);
+* ``levers`` (``bench_levers``): channels_last, bf16 autocast, and with
+  ``--compile`` torch.compile;
+* ``il`` (``bench_explain``): an IL step per explanation source against a CE step;
+* ``system`` (``bench_system``): a study of 8 cells with 2 workers against 1, and
+  peak RSS of a cell, of the study, and of a ResNet-20 cell.
+
+Timings run on ``--threads`` torch threads (default 1, as each cell of a study does).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import statistics
+import os
+import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
-from kdablate.data import DataBundle
-from kdablate.explanations import EXPLANATIONS
-from kdablate.trainer import make_member, train_step
+from kdablate import bench_explain, bench_levers, bench_system, bench_trainer
+from kdablate.bench_core import FULL, QUICK, Row, Scale, table
 
-# name -> (model, input shape): the default MNIST-1D student, a CAM-friendly 1-D CNN, and the
-# CIFAR-size ResNet-20 on 32x32x3 images, where a step is big enough for fixed overheads to vanish.
-# ResNet-20 is measured at K=10 only, in 2 rounds, without integrated gradients: a step of
-# those is tens of seconds on this CPU and would dominate the benchmark's 10-minute budget.
-MODELS = {
-    "mlp": (ModelSpec(name="mlp"), (1, 40), (10, 100), None),
-    "cnn1d-32": (ModelSpec(name="cnn1d", params={"channels": 32, "depth": 3}), (1, 40), (10, 100), None),
-    "resnet20": (ModelSpec(name="resnet20"), (3, 32, 32), (10,), 2),
+SECTIONS = ("trainer", "levers", "il", "system")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(threads: int) -> dict[str, str | int]:
+    return {"cpu": cpu_name(), "cores": os.cpu_count() or 1, "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def trainer_section(scale: Scale, _compile: bool) -> list[Row]:
+    rows, _ = bench_trainer.trainer_rows(bench_trainer.DEFAULT, scale)
+    resnet, extra = bench_trainer.trainer_rows(bench_trainer.RESNET, scale)
+    return rows + resnet + [bench_levers.gflops_row(scale, extra["ce_step_s"])]
+
+
+def system_section(scale: Scale, _compile: bool) -> list[Row]:
+    return bench_system.study_rows(scale) + [bench_system.resnet_memory_row(scale)]
+
+
+RUNNERS: dict[str, Callable[[Scale, bool], list[Row]]] = {
+    "trainer": trainer_section,
+    "levers": bench_levers.lever_rows,
+    "il": lambda scale, _: bench_explain.all_rows(scale),
+    "system": system_section,
 }
-CYCLE = 4  # every window is a whole number of the longest 'every' schedule, so schedules average right
 
 
-def variants(skip: tuple[str, ...] = ()) -> dict[str, KnowledgeConfig]:
-    il = dict(mass={"name": "constant", "eps": 0.2}, temperature=4.0, alpha=0.9)
-    # The same soft target with a uniform structure: what IL costs beyond the KD loss itself.
-    out = {"ce": KnowledgeConfig(), "soft target, uniform": KnowledgeConfig(structure="uniform", **il)}
-    for source in (n for n in EXPLANATIONS.names() if n not in skip):
-        # Integrated gradients multiplies the forward by its steps: 8 keeps the benchmark short
-        # (it is meant for offline comparison, not training).
-        params = {"steps": 8} if source == "integrated_gradients" else {}
-        out[f"il {source}"] = KnowledgeConfig(
-            structure={"name": "explanation", "source": source, "source_params": params}, **il)
-    for every, fraction in ((2, 1.0), (4, 1.0), (1, 0.25), (4, 0.5)):
-        name = f"il saliency every={every} fraction={fraction}"
-        out[name] = KnowledgeConfig(structure={"name": "explanation", "every": every, "fraction": fraction}, **il)
-    return out
+def run(sections: tuple[str, ...], scale: Scale, with_compile: bool = False) -> list[Row]:
+    rows: list[Row] = []
+    for name in sections:
+        t0 = time.perf_counter()
+        new = RUNNERS[name](scale, with_compile)
+        for r in new:
+            print(f"  {r.section:34} {r.name:58} {r.value:10.3f} {r.unit:9} {r.status:4} {r.note}", flush=True)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        rows += new
+    return rows
 
 
-def synthetic(num_classes: int, shape: tuple[int, ...] = (1, 40), n: int = 512) -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g)
-    if len(shape) == 3:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return DataBundle(x, y, x[:64], y[:64], x[:64], y[:64], num_classes)
-
-
-def time_steps(member, data: DataBundle, steps: int, batch: int, start: int) -> float:
-    """Mean ms of ``steps`` training steps."""
-    t0 = time.perf_counter()
-    for s in range(start, start + steps):
-        i = (s * batch) % (len(data.y_train) - batch)
-        train_step([member], data.x_train[i : i + batch], data.y_train[i : i + batch], s, data.num_classes,
-                   None, None, torch.Generator().manual_seed(s))
-    return 1000 * (time.perf_counter() - t0) / steps
-
-
-def bench(spec: ModelSpec, shape: tuple[int, ...], num_classes: int, steps: int, rounds: int,
-          batch: int = 128, budget_s: float = 0.5, max_step_s: float = 2.0,
-          skip: tuple[str, ...] = ()) -> dict[str, tuple[float, float, str]]:
-    """variant -> (median ms per step, median ratio to CE, note).
-
-    Each variant runs ``steps`` steps per round, fewer when that would take more than
-    ``budget_s`` (but at least 2). A variant slower than ``max_step_s`` a step (integrated
-    gradients with 100 classes on a ResNet) is timed on a single step only and says so.
-    """
-    data = synthetic(num_classes, shape)
-    optim = OptimConfig(epochs=1000, batch_size=batch)
-    members = {name: make_member(spec, data, optim, k, 0, 4) for name, k in variants(skip).items()}
-    first = {}
-    for name, m in members.items():  # warm-up (allocator, first calls), then one whole cycle as an estimate
-        time_steps(m, data, 1, batch, 0)
-        first[name] = time_steps(m, data, CYCLE, batch, 0)
-    timed = [n for n in members if first[n] <= max_step_s * 1000]
-    n_steps = {n: CYCLE * max(1, min(steps, int(budget_s * 1000 / first[n])) // CYCLE) for n in timed}
-    ms: dict[str, list[float]] = {name: [] for name in timed}
-    for r in range(rounds):
-        for name in timed:
-            ms[name].append(time_steps(members[name], data, n_steps[name], batch, CYCLE * (r + 1)))
-    out = {name: (statistics.median(v), statistics.median(a / c for a, c in zip(v, ms["ce"])), "")
-           for name, v in ms.items()}
-    ce = out["ce"][0]
-    out.update({n: (first[n], first[n] / ce, f"{CYCLE} steps once") for n in members if n not in timed})
-    return out
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="kdablate's benchmark suite (see the module docstring).")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile (tens of seconds to compile)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs, numbers mean nothing")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=Path("figures/bench/bench.json"))
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="IL step cost against a CE step, side by side.")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, default=Path("figures/bench/explanations.json"))
-    args = p.parse_args(argv)
+    args = parse(argv)
+    sections = tuple(s for s in args.sections.split(",") if s)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown section(s): {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), batch 128, median of {args.rounds} rounds "
-          f"x {args.steps} steps")
-    results = {}
-    for model_name, (spec, shape, ks, rounds) in MODELS.items():
-        skip = ("integrated_gradients",) if model_name == "resnet20" else ()
-        for k in ks:
-            print(f"\n{model_name}, K={k}")
-            print(f"  {'variant':42} {'ms/step':>9} {'x CE':>7}")
-            rows = bench(spec, shape, k, args.steps, min(args.rounds, rounds or args.rounds), skip=skip)
-            results[f"{model_name}/K={k}"] = {n: {"ms": ms, "x_ce": r, "note": note} for n, (ms, r, note) in rows.items()}
-            for name, (ms, ratio, note) in rows.items():
-                print(f"  {name:42} {ms:9.2f} {ratio:7.2f}  {note}", flush=True)
+    scale = QUICK if args.quick else FULL
+    info = machine(args.threads)
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} thread(s), "
+          f"batch {scale.batch}", flush=True)
+    t0 = time.perf_counter()
+    rows = run(sections, scale, args.compile)
+    elapsed = time.perf_counter() - t0
+    print(f"\n{table(rows)}\n\n{sum(r.ok is True for r in rows)} targets met, "
+          f"{sum(r.ok is False for r in rows)} missed; {elapsed:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads,
-                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}, indent=1))
-        print(f"\nwrote {args.json}")
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info, "scale": dataclasses.asdict(scale),
+                  "seconds": elapsed, "rows": [{**dataclasses.asdict(r), "status": r.status} for r in rows]}
+        args.json.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

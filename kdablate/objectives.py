@@ -58,6 +58,10 @@ class SoftTargetObjective:
     def summary(self) -> dict[str, torch.Tensor]:
         return {**self.core.mass.summary(), **self.core.structure.summary()}
 
+    def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
+        """(N, K) q of every sample in ``ctx`` when it depends on nothing that changes in training."""
+        return self.core.target(ctx) if self.core.static else None
+
 
 @OBJECTIVES.register("dkd")
 class DKDObjective:
@@ -81,6 +85,9 @@ class DKDObjective:
 
     def summary(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
+        return None
 
 
 @dataclasses.dataclass
@@ -113,6 +120,11 @@ class Method:
 
     def summary(self) -> dict[str, torch.Tensor]:
         return self.objective.summary()
+
+    def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
+        """The objective's precomputable target (see ``SoftTarget.static``), or None."""
+        fn = getattr(self.objective, "static_target", None)
+        return None if fn is None else fn(ctx)
 
 
 def build_method(knowledge: Any, steps_per_epoch: int = 1) -> Method:

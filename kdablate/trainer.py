@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -89,6 +89,7 @@ class Member:
     method: Method
     features: list[torch.Tensor] = dataclasses.field(default_factory=list)
     scaler: torch.amp.GradScaler | None = None
+    static_target: tuple[tuple, torch.Tensor | None] | None = None  # (key, q) kept across epochs
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -202,16 +203,29 @@ def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: in
     return results
 
 
+def epoch_batches(t: torch.Tensor | None, order: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor | None]:
+    """The rows ``order`` of ``t`` in batches: one gather for the epoch, then views. None: Nones."""
+    if t is None:
+        return (None,) * -(-len(order) // batch_size)
+    return t.index_select(0, order).split(batch_size)
+
+
 def static_targets(member: Member, data: DataBundle, teacher: dict[str, torch.Tensor] | None,
                    groups: torch.Tensor | None, runtime: Runtime = CPU) -> torch.Tensor | None:
     """(N, K) the member's soft target for every train sample when it is static (a function of
     the label and the cached teacher logits only, e.g. KD, label smoothing), else None.
-    Built once per epoch, it turns the per-step mass and structure ops into one lookup."""
-    y = runtime.to(data.y_train)
-    t = None if teacher is None else runtime.to(teacher["train"])
-    ctx = TargetContext(y, data.num_classes, member.method.temperature,
-                        torch.empty(0, data.num_classes, device=y.device), t, class_groups=groups)
-    return member.method.static_target(ctx)
+    Built once per cell (kept while the data and teacher logits are the same tensors), it turns
+    the per-step mass and structure ops into one lookup."""
+    if teacher is None and "teacher" in member.method.needs:  # online teacher or teacher views
+        return None
+    key = (id(data.y_train), None if teacher is None else id(teacher["train"]), id(groups))
+    if member.static_target is None or member.static_target[0] != key:
+        y = runtime.to(data.y_train)
+        t = None if teacher is None else runtime.to(teacher["train"])
+        ctx = TargetContext(y, data.num_classes, member.method.temperature,
+                            torch.empty(0, data.num_classes, device=y.device), t, class_groups=groups)
+        member.static_target = (key, member.method.static_target(ctx))
+    return member.static_target[1]
 
 
 def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
@@ -236,23 +250,25 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     groups = runtime.to(data.class_groups)  # once per epoch, not per batch
     cached = None if view is not None or online_teacher else teacher
     targets = [static_targets(m, data, cached, groups, runtime) for m in members]
+    # The epoch's samples gathered once, in order, then sliced into batches (views): a step
+    # indexes nothing. Labels, teacher logits and targets go to the device once per epoch.
+    order = perm[:n]
+    y_epoch = runtime.to(data.y_train.index_select(0, order))
+    xs = epoch_batches(data.x_train, order, batch_size)
+    vs = epoch_batches(None if view is None else view[0], order, batch_size)
+    logits = view[1] if view is not None else None if online_teacher or teacher is None else teacher["train"]
+    ts = epoch_batches(runtime.to(logits), runtime.to(order), batch_size)
+    qs = [epoch_batches(q, runtime.to(order), batch_size) for q in targets]
     preds = [torch.empty(n, dtype=torch.long, device=runtime.device) for _ in members]
+    pred_batches = [p.split(batch_size) for p in preds]
     t0 = time.perf_counter()
-    for i in range(0, n, batch_size):
-        idx = perm[i : i + batch_size]  # index_select: a fraction of the cost of advanced indexing
-        x = runtime.to(data.prepare(data.x_train.index_select(0, idx), train=True, generator=augment_gen,
-                                    views=None if view is None else view[0].index_select(0, idx)))
-        if view is not None:
-            t_logits = runtime.to(view[1].index_select(0, idx))
-        elif online_teacher:
+    for b, (xb, yb, vb, t_logits) in enumerate(zip(xs, y_epoch.split(batch_size), vs, ts)):
+        x = runtime.to(data.prepare(xb, train=True, generator=augment_gen, views=vb))
+        if online_teacher and view is None:
             with torch.inference_mode(), runtime.autocast():
                 t_logits = teacher_model(x).float().clone()  # clone: a normal tensor outside inference mode
-        else:
-            t_logits = None if teacher is None else runtime.to(teacher["train"].index_select(0, idx))
-        parts = train_step(members, x, runtime.to(data.y_train.index_select(0, idx)), step, data.num_classes,
-                           t_logits, teacher_model, component_gen, groups, runtime,
-                           [None if q is None else q.index_select(0, idx) for q in targets],
-                           [p[i : i + batch_size] for p in preds])
+        parts = train_step(members, x, yb, step, data.num_classes, t_logits, teacher_model, component_gen,
+                           groups, runtime, [q[b] for q in qs], [p[b] for p in pred_batches])
         step += 1
         for log, p in zip(logged, parts):
             for k, v in p.items():
@@ -260,9 +276,8 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     steps = max(n // batch_size, 1)
     sums = [{k: torch.stack(v).float().sum() for k, v in log.items()} for log in logged]
     if n:  # train accuracy: the epoch's predictions against its labels, in one comparison
-        seen = runtime.to(data.y_train.index_select(0, perm[:n]))
         for s, p in zip(sums, preds):
-            s["acc"] = (p == seen).float().sum() / batch_size
+            s["acc"] = (p == y_epoch).float().sum() / batch_size
     # Checked once per epoch, not per step: a per-step check is a host sync on a GPU, and a
     # NaN anywhere in the epoch survives in the sum.
     if not all(torch.isfinite(s["loss"]) for s in sums if "loss" in s):

@@ -148,13 +148,3 @@ def test_runtime_resolves_auto_to_the_available_device():
     assert rt.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert RunOptions(device="cpu", amp="bf16").runtime().amp == "bf16"
 
-
-def test_bench_measures_every_explanation_source():
-    """Keeps `make bench` from rotting; it asserts shape, not speed (speed is for the bench itself)."""
-    from kdablate import bench
-    from kdablate.explanations import EXPLANATIONS
-
-    rows = bench.bench(ModelSpec(name="mlp", params={"hidden": 16}), (1, 40), 10, steps=4, rounds=1, budget_s=0.05)
-    assert rows["ce"][1] == 1.0
-    assert {f"il {s}" for s in EXPLANATIONS.names()} <= set(rows)
-    assert all(ms > 0 and ratio > 0 for ms, ratio, _ in rows.values())

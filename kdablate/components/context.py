@@ -26,6 +26,7 @@ class TargetContext:
     features: (B, C, *L) the student's last feature map from this step's forward, if captured.
     step: the global optimisation step (0-based).
     class_groups: (K,) the superclass of each class, when the data has a hierarchy.
+    target: (B, K) the soft target q, when the trainer precomputed it (see ``Component.static``).
     """
 
     labels: torch.Tensor
@@ -40,6 +41,7 @@ class TargetContext:
     features: torch.Tensor | None = None
     step: int = 0
     class_groups: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
     def logits(self, source: str) -> torch.Tensor:
         """(B, K) logits of 'self', 'teacher' or 'peer'; a clear error if not loaded."""
@@ -59,10 +61,13 @@ class Component(abc.ABC):
     ``needs`` names what the component reads beyond the student ('teacher',
     'peer', 'teacher_model', 'features'), so the trainer loads only what a cell
     uses. ``differentiable`` components let gradients flow through the target.
+    ``static`` components are a fixed function of (labels, cached teacher logits, T,
+    class_groups) per sample, so the trainer may build their target once per epoch.
     """
 
     needs: frozenset[str] = frozenset()
     differentiable: bool = False
+    static: bool = False
 
     def __init__(self, params: object) -> None:
         self.params = params

@@ -34,6 +34,8 @@ def virtual_teacher_mass(a: float, temperature: float, num_classes: int) -> floa
 class NoMass(Component):
     """m = 0: the one-hot label."""
 
+    static = True
+
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return torch.zeros(ctx.labels.shape[0], dtype=ctx.student_logits.dtype, device=ctx.labels.device)
 
@@ -41,6 +43,8 @@ class NoMass(Component):
 @MASSES.register("constant")
 class ConstantMass(Component):
     """m = eps for every sample."""
+
+    static = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -58,6 +62,8 @@ class ConstantMass(Component):
 @MASSES.register("virtual_teacher")
 class VirtualTeacherMass(Component):
     """Tf-KD-reg: the mass of softmax(p^d / T), p^d = a on y and (1-a)/(K-1) elsewhere."""
+
+    static = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -88,6 +94,8 @@ class SourceMass(Component):
 @MASSES.register("teacher")
 class TeacherMass(SourceMass):
     """m = 1 - p_teacher,T[y]."""
+
+    static = True
 
     source = "teacher"
 

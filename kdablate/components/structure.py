@@ -70,6 +70,8 @@ def class_mean_structure(r: torch.Tensor, labels: torch.Tensor, num_classes: int
 class UniformStructure(Component):
     """r_c = 1/(K-1): no class similarity at all."""
 
+    static = True
+
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return uniform_structure(ctx.labels, ctx.num_classes).to(ctx.student_logits.dtype)
 
@@ -90,6 +92,8 @@ class SourceStructure(Component):
 @STRUCTURES.register("teacher")
 class TeacherStructure(SourceStructure):
     """The teacher's class similarity (Hinton KD)."""
+
+    static = True
 
     source = "teacher"
 

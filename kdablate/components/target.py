@@ -34,13 +34,76 @@ def soft_target_loss(
     loss_kd is T^2 * KL(q || softmax(z/T)), averaged over the batch; the T^2 keeps
     its gradient scale independent of T (Hinton et al., 2015).
     """
-    ce = F.cross_entropy(student_logits, labels)
-    log_p = F.log_softmax(student_logits / temperature, dim=1)
-    # kl_div uses xlogy, so zero entries of q (one-hot, masked classes) are exact.
-    kd = F.kl_div(log_p, target, reduction="batchmean") * temperature**2
+    if alpha != 0 and not target.requires_grad:  # the usual stop-gradient target: one fused node
+        total, ce, kd = _FusedSoftTargetLoss.apply(student_logits, labels, target, temperature, alpha)
+        return {"loss": total, "loss_ce": ce, "loss_kd": kd}
+    ce, kd = _ce_and_kd(student_logits, labels, target, temperature)
     # alpha == 0 must be plain CE even if a target were degenerate (0 * nan = nan).
     total = ce if alpha == 0 else (1 - alpha) * ce + alpha * kd
     return {"loss": total, "loss_ce": ce.detach(), "loss_kd": kd.detach()}
+
+
+def _ce_and_kd(z: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, temperature: float,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    ce = F.cross_entropy(z, labels)
+    log_p = F.log_softmax(z / temperature, dim=1)
+    # kl_div uses xlogy, so zero entries of q (one-hot, masked classes) are exact.
+    return ce, F.kl_div(log_p, target, reduction="batchmean") * temperature**2
+
+
+def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax over dim 1 of (B, K) logits, the same values.
+
+    For K < 16 torch's CPU kernel over a short last dim costs ~20 us at B = 128 (measured
+    here, torch 2.14), 4x the same kernel over dim 0 of the transposed view.
+    """
+    if z.shape[1] < 16 and not z.is_cuda:
+        return F.log_softmax(z.t(), dim=0).t()
+    return F.log_softmax(z, dim=1)
+
+
+class _FusedSoftTargetLoss(torch.autograd.Function):
+    """(1 - a) CE + a T^2 KL(q || softmax(z/T)) as one autograd node, q a constant.
+
+    The gradient is written out, [(1 - a)(softmax(z) - onehot(y)) + a T (softmax(z/T) - q)] / B,
+    instead of a dozen small backward nodes: on a sub-millisecond step those nodes cost more
+    than the model (measured: a KD step x1.3 a CE step on the MLP, ~x1.1 fused).
+    """
+
+    @staticmethod
+    def forward(ctx, z, labels, target, temperature, alpha):  # noqa: ANN001, ANN205
+        log_p1 = log_softmax_rows(z)
+        ce = F.nll_loss(log_p1, labels)
+        log_pt = log_softmax_rows(z / temperature)
+        kd = F.kl_div(log_pt, target, reduction="batchmean") * temperature**2
+        total = (1 - alpha) * ce + alpha * kd
+        ctx.save_for_backward(log_p1, log_pt, labels, target)
+        ctx.temperature, ctx.alpha = temperature, alpha
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
+        log_p1, log_pt, labels, target = ctx.saved_tensors
+        a, t = ctx.alpha, ctx.temperature
+        grad = torch.add(log_p1.exp().mul_(1 - a), log_pt.exp().sub_(target), alpha=a * t)
+        grad.scatter_add_(1, labels[:, None], grad.new_full((len(labels), 1), a - 1))
+        return grad.mul_(grad_total / len(labels)), None, None, None, None
+
+
+def ce_only_loss(student_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """soft_target_loss with the one-hot target and alpha = 0, without building the target.
+
+    loss_kd, T^2 KL(one-hot || softmax(z/T)) = T^2 CE(z/T, y), is logged only, so it is
+    computed without autograd (and is the CE itself at T = 1); target_mass is 0.
+    """
+    ce = F.cross_entropy(student_logits, labels)
+    if temperature == 1:
+        kd = ce.detach()
+    else:
+        with torch.no_grad():
+            kd = F.cross_entropy(student_logits / temperature, labels) * temperature**2
+    return {"loss": ce, "loss_ce": ce.detach(), "loss_kd": kd, "target_mass": torch.zeros((), device=ce.device)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +129,12 @@ class SoftTarget:
         """Knowledge sources ('teacher', ...) this target reads; none when alpha is 0."""
         return frozenset() if self.alpha == 0 else self.mass.needs | self.structure.needs
 
+    @property
+    def static(self) -> bool:
+        """q is a fixed function of each sample's label and cached teacher logits: the trainer
+        may build it for the whole train split at once and look it up per batch."""
+        return self.alpha != 0 and self.mass.static and self.structure.static and not self.structure.differentiable
+
     def target(self, ctx: TargetContext) -> torch.Tensor:
         """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
         is differentiable (then gradients flow through the explanations into the model)."""
@@ -75,10 +144,9 @@ class SoftTarget:
     def __call__(self, student_logits: torch.Tensor, ctx: TargetContext, alpha: float | None = None) -> dict[str, torch.Tensor]:
         """alpha: overrides ``self.alpha`` for this step (warm-up ramps)."""
         alpha = self.alpha if alpha is None else alpha
-        if self.alpha == 0:  # CE only: no source needs to be present
-            q = F.one_hot(ctx.labels, ctx.num_classes).to(student_logits.dtype)
-        else:
-            q = self.target(ctx)
+        if self.alpha == 0:  # CE only: no source needs to be present, no target to build
+            return ce_only_loss(student_logits, ctx.labels, self.temperature)
+        q = self.target(ctx) if ctx.target is None else ctx.target
         out = soft_target_loss(student_logits, ctx.labels, q, self.temperature, alpha)
         out["target_mass"] = 1.0 - q.gather(1, ctx.labels[:, None]).mean()
         return out
