@@ -67,6 +67,7 @@ def log_cell(client, exp_id: str, parent: str, cell, status: str = "FINISHED") -
         k = np.arange(100, dtype=float).reshape(10, 10)
         client.log_text(run_id, json.dumps((k / k.sum(1, keepdims=True)).tolist()), "similarity/similarity_explanation.json")
         client.log_text(run_id, json.dumps((k.T / k.T.sum(1, keepdims=True)).tolist()), "similarity/similarity_teacher.json")
+        client.log_text(run_id, json.dumps(np.eye(10)[::-1].tolist()), "similarity/similarity_oracle.json")
     if status != "FINISHED":
         tracking.terminate(client, run_id, status, "RuntimeError: synthetic failure")
     else:
@@ -183,6 +184,8 @@ def test_every_figure_is_written_linked_and_logged(store):
     for stem in ("table", "effects", "pairs"):
         tex = (out / f"{stem}.tex").read_text()
         assert r"\toprule" in tex and r"\bottomrule" in tex and "Reporting rule" in tex
+    rho = pd.read_csv(out / "similarity.csv", index_col=0)
+    assert list(rho.index) == ["teacher", "oracle", "il"] and np.allclose(np.diag(rho), 1)
     assert "il: FAILED (seeds 4)" in text and "kd[temperature=8.0]: NOT STARTED (seeds 3)" in text
     assert "teacher+teacher beats ce by +" in text and "n = 5)" in text
     logged = {f.path for f in store[4]}
@@ -207,3 +210,46 @@ def test_drawn_data_matches_the_runs(store):
     assert list(temp.get_xdata()) == [2.0, 8.0]
     assert list(temp.get_ydata()) == pytest.approx([100 * np.mean(list(known(f"kd[temperature={t}]").values()))
                                                     for t in ("2.0", "8.0")])
+
+
+def test_latex_escapes_and_sentences():
+    from analysis import tables
+
+    assert tables.tex("il_cam & 50% ± 1 — Δ") == r"il\_cam \& 50\% $\pm$ 1 -- $\Delta$"
+    d = {"a": "kd", "b": "ce", "n_pairs": 5, "diff_mean": 0.048, "diff_std": 0.015, "ci_low": 0.03, "ci_high": 0.066,
+         "p_value": 0.001, "p_holm": 0.004, "p_wilcoxon": 0.0625, "d_z": 3.2}
+    assert tables.sentence(d).startswith("kd beats ce by +4.80 ± 1.50 points (95% CI [+3.00, +6.60]; paired t, p = 0.001")
+    assert tables.sentence({**d, "diff_mean": -0.048}).startswith("kd trails ce by 4.80 ± 1.50 points")
+    assert "not significant" in tables.sentence({**d, "p_holm": 0.2})
+    assert "no test" in tables.sentence({**d, "n_pairs": 1})
+
+
+def test_trainer_logs_oracle_similarity_and_reliability_bins():
+    """The trainer's side of the figures: the oracle matrix where the data has class groups,
+    and reliability bins that add up to the split and reproduce the logged ECE."""
+    import torch
+
+    from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+    from kdablate.data import DataBundle
+    from kdablate.metrics import ece_from_bins
+    from kdablate.trainer import epoch_summary, fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 40, generator=g), torch.randint(0, 6, (96,), generator=g)
+    data = DataBundle(x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:], 6, class_groups=torch.tensor([0, 0, 0, 1, 1, 2]))
+
+    class Explaining:  # a method whose epoch summary holds an explanation similarity matrix
+        def summary(self) -> dict:
+            return {"similarity": torch.softmax(torch.randn(6, 6, generator=g), 1)}
+
+    metrics, artifacts = epoch_summary(Explaining(), data, None, 4.0)
+    oracle = artifacts["similarity_oracle"]
+    assert oracle[0].tolist() == pytest.approx([0, 0.5, 0.5, 0, 0, 0]) and oracle[5].tolist() == pytest.approx([0.2] * 5 + [0])
+    assert -1 <= metrics["train/similarity_oracle_spearman"] <= 1
+    result = fit(ModelSpec(name="mlp", params={"hidden": 8}), data, OptimConfig(epochs=2, batch_size=16),
+                 KnowledgeConfig(), seed=0)
+    for split, n in (("val", 16), ("test", 16)):
+        bins = result.calibration[split]
+        assert sum(bins["count"]) == n and len(bins["count"]) == 15
+        assert ece_from_bins(bins) == pytest.approx(result.metrics[f"report/{split}_ece"])
+        assert sum(bins["correct_sum"]) / n == pytest.approx(result.metrics[f"report/{split}_acc"])
