@@ -17,12 +17,14 @@ from scipy import stats
 
 from analysis import plots
 from analysis.runs import StudyRuns, json_artifacts
+from kdablate.metrics import ece_from_bins
 
 if TYPE_CHECKING:
     from analysis.report import Report
 
 
 def offdiag(m: np.ndarray) -> np.ndarray:
+    """(K, K) -> (K*(K-1),) entries off the diagonal."""
     return m[~np.eye(len(m), dtype=bool)]
 
 
@@ -47,6 +49,7 @@ def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd
 
 
 def similarity_figure(rep: "Report", runs: StudyRuns) -> None:
+    """Heatmaps of the seed-mean similarity matrices, or a note saying what is missing."""
     panels, rho = similarity_panels(runs)
     if not panels:
         if runs.study.config.analysis.heatmaps:
@@ -67,25 +70,28 @@ def similarity_figure(rep: "Report", runs: StudyRuns) -> None:
                "[similarity.csv](similarity.csv).")
 
 
-def pooled_bins(runs: StudyRuns, split: str = "test") -> dict[str, dict[str, np.ndarray]]:
-    """arm -> reliability bins summed over its seeds (arms without calibration artifacts left out)."""
-    out = {}
+def pooled_bins(runs: StudyRuns, split: str = "test") -> tuple[dict[str, dict[str, np.ndarray]],
+                                                                 dict[str, tuple[float, float]]]:
+    """arm -> reliability bins summed over its seeds, and arm -> (mean, std) over seeds of the
+    ECE of each seed's own bins (arms without calibration artifacts left out)."""
+    pooled, ece = {}, {}
     for arm in runs.order:
         found = [files[split] for _, files in json_artifacts(runs, arm, "calibration") if split in files]
         if found:
-            out[arm] = {k: np.sum([f[k] for f in found], 0) for k in ("count", "conf_sum", "correct_sum")}
-    return out
+            pooled[arm] = {k: np.sum([f[k] for f in found], 0) for k in ("count", "conf_sum", "correct_sum")}
+            per_seed = np.array([ece_from_bins(f) for f in found])
+            ece[arm] = (float(per_seed.mean()), float(per_seed.std(ddof=1)) if len(found) > 1 else float("nan"))
+    return pooled, ece
 
 
 def calibration_figure(rep: "Report", runs: StudyRuns) -> None:
-    bins = pooled_bins(runs)
+    """Reliability diagrams per arm, or a note that the runs hold no bins."""
+    bins, ece = pooled_bins(runs)
     if not bins:
         rep.note("Calibration: these runs have no 'calibration/' reliability bins (runs made before kdablate "
                  "logged them); the ECE column of the table is from the logged `report/test_ece`.")
         return
-    cells = runs.cells
-    ece = {arm: (cells.loc[cells.arm == arm, "report/test_ece"].mean(),
-                 cells.loc[cells.arm == arm, "report/test_ece"].std(ddof=1)) for arm in bins}
     rep.figure(plots.reliability(bins, ece), "calibration",
-               "Reliability diagrams on test (15 equal-width confidence bins, pooled over seeds): accuracy per "
-               "bin against the diagonal of perfect calibration; ECE in percent, mean ± std over seeds.")
+               "Reliability diagrams on test (15 equal-width confidence bins, pooled over seeds; bins with under "
+               "0.5% of the samples not drawn): accuracy per bin against the diagonal of perfect calibration; ECE "
+               f"in percent, mean ± std over seeds. Reporting rule: {runs.report_rule()}.")

@@ -15,7 +15,7 @@ import pandas as pd
 from analysis.stats import holm, one_sample, paired, stars, t_ci
 
 
-def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: list[str] = ()) -> pd.DataFrame:
+def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """Per arm: mass, structure, T, alpha, mean, std, n, ci_low, ci_high, and the mean of each ``extra``."""
     rows = []
     for arm in order:
@@ -32,6 +32,7 @@ def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: list[st
 
 
 def by_seed(cells: pd.DataFrame, arm: str, metric: str) -> dict[int, float]:
+    """seed -> the arm's ``metric`` (seeds where it is missing left out)."""
     g = cells[cells.arm == arm].dropna(subset=[metric]) if metric in cells else cells.iloc[:0]
     return dict(zip(g.seed, g[metric]))
 
@@ -52,13 +53,20 @@ def against(cells: pd.DataFrame, order: list[str], reference: str, metric: str) 
     return compare(cells, [(a, reference) for a in order if a != reference], metric)
 
 
-def factorial_cells(cells: pd.DataFrame) -> pd.DataFrame:
+def factorial_cells(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The largest complete mass x structure crossing (>= 2 x 2) among soft-target arms that
-    share (T, alpha); empty when the study has none. Arms outside the crossing (e.g. an
-    explanation structure tried with one mass only) are left out of it."""
+    share (T, alpha), one arm per (mass, structure) cell; and the arms of that (T, alpha)
+    left out of it (a second arm on a cell already taken, e.g. an explanation schedule
+    variant, or a level not crossed with every mass). Empty when the study has none.
+
+    ``cells`` must be in study order: the first arm on a cell keeps it, and the levels
+    keep the order in which the study's arms introduce them.
+    """
     kd = cells[(cells.alpha > 0) & ~cells.mass.isin(["none", "—"])]
-    best, size = kd.iloc[:0], 0
-    for _, group in kd.groupby(["temperature", "alpha"]):
+    best, size, left_out = kd.iloc[:0], 0, []
+    for _, group in kd.groupby(["temperature", "alpha"], sort=False):
+        firsts = group.drop_duplicates(["mass", "structure"])  # the first arm on each cell
+        group = group[group.arm.isin(firsts.arm)]
         masses = list(dict.fromkeys(group.mass))
         has = {m: set(group.structure[group.mass == m]) for m in masses}
         for r in range(2, len(masses) + 1):
@@ -67,7 +75,9 @@ def factorial_cells(cells: pd.DataFrame) -> pd.DataFrame:
                 if len(structs) >= 2 and r * len(structs) > size:
                     best = group[group.mass.isin(subset) & group.structure.isin(structs)]
                     size = r * len(structs)
-    return best
+                    everyone = kd[(kd.temperature == best.temperature.iat[0]) & (kd.alpha == best.alpha.iat[0])]
+                    left_out = [a for a in dict.fromkeys(everyone.arm) if a not in set(best.arm)]
+    return best, left_out
 
 
 def factorial(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -80,7 +90,7 @@ def factorial(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
     depends on the other. Rows: kind, effect, statistics of ``one_sample``, Holm p over
     all rows.
     """
-    grid = factorial_cells(cells)
+    grid, _ = factorial_cells(cells)
     if grid.empty:
         return pd.DataFrame()
     table = grid.pivot_table(index="seed", columns=["mass", "structure"], values=metric)

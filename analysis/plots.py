@@ -32,37 +32,54 @@ def _mean_ci(groups: list[pd.Series]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return out[:, 0], out[:, 1], out[:, 2]
 
 
-def decomposition_bars(summary: pd.DataFrame, cells: pd.DataFrame, metric: str, vs: pd.DataFrame | None,
-                       references: list[str], title: str) -> Any:
-    """Bars: per-arm mean with a 95% CI and the seeds as dots; marks from ``vs`` above the bars;
-    the ``references`` arms' means as dashed lines."""
+def decomposition(summary: pd.DataFrame, cells: pd.DataFrame, metric: str, vs: pd.DataFrame | None,
+                  references: list[str], title: str) -> Any:
+    """Top: per-arm mean with a 95% CI, seeds as dots, the ``references`` arms' means dashed.
+    Bottom (with ``vs``, the comparisons against the baseline): bars of the paired difference
+    to the baseline from zero, its 95% CI and its mark, so no bar is read off a cut axis."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(PAGE_IN, 2.8))
-    x = np.arange(len(summary))
+    rows = 2 if vs is not None else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(PAGE_IN, 2.3 * rows + 0.6), sharex=True, squeeze=False)
+    ax, x = axes[0, 0], np.arange(len(summary))
     mean = summary["mean"].to_numpy() * 100
-    err = np.vstack([mean - summary.ci_low * 100, summary.ci_high * 100 - mean])
-    ax.bar(x, mean, color="C0", alpha=0.75, width=0.7, zorder=2)
-    ax.errorbar(x, mean, yerr=err, fmt="none", ecolor="black", capsize=2.5, lw=0.9, zorder=3)
+    ax.errorbar(x, mean, yerr=[mean - summary.ci_low * 100, summary.ci_high * 100 - mean], fmt="D", ms=3.5,
+                capsize=2.5, lw=0.9, color="C0", zorder=3)
     for i, arm in enumerate(summary.arm):
         v = cells.loc[cells.arm == arm, metric].dropna() * 100
-        jitter = np.linspace(-0.18, 0.18, len(v)) if len(v) > 1 else np.zeros(len(v))
-        ax.scatter(i + jitter, v, s=4, color="0.25", zorder=4, linewidths=0)
-    marks = {} if vs is None else dict(zip(vs.a, vs.mark))
-    top = summary.ci_high.to_numpy() * 100
-    for i, arm in enumerate(summary.arm):
-        if marks.get(arm):
-            ax.text(i, top[i], marks[arm], ha="center", va="bottom", fontsize=7)
+        ax.scatter(i + 0.22 + np.linspace(-0.05, 0.05, len(v)), v, s=4, color="0.45", zorder=2, linewidths=0)
     for j, ref in enumerate(r for r in references if r in set(summary.arm)):
         ax.axhline(float(summary.loc[summary.arm == ref, "mean"].iat[0]) * 100, ls="--", lw=0.8,
-                   color=f"C{j + 1}", label=f"{ref}", zorder=1)
-    lo = np.nanmin(summary.ci_low.to_numpy() * 100)
-    ax.set_ylim(max(0.0, lo - 0.15 * (np.nanmax(top) - lo) - 1), np.nanmax(top) + 0.1 * (np.nanmax(top) - lo) + 0.5)
-    ax.set_xticks(x, summary.arm)
-    _rotate(ax)
-    ax.set(ylabel=f"{metric} (%)", title=title)
+                   color=f"C{j + 1}", label=ref, zorder=1)
     if references:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="reference (mean)", frameon=True)
+    ax.set(ylabel=f"{metric} (%)", title=title)
+    if vs is not None:
+        _delta_bars(axes[1, 0], summary, vs)
+    axes[-1, 0].set_xticks(x, summary.arm)
+    _rotate(axes[-1, 0])
+    fig.align_ylabels(axes[:, 0])
     return fig
+
+
+def _delta_bars(ax: Any, summary: pd.DataFrame, vs: pd.DataFrame) -> None:
+    """Bars of each arm's paired difference to the baseline (the arm absent from ``vs``)."""
+    by = vs.set_index("a")
+    d = np.array([by.diff_mean.get(a, 0.0) for a in summary.arm]) * 100
+    lo = np.array([by.ci_low.get(a, np.nan) for a in summary.arm]) * 100
+    hi = np.array([by.ci_high.get(a, np.nan) for a in summary.arm]) * 100
+    x = np.arange(len(summary))
+    ax.bar(x, d, color=np.where(d >= 0, "C0", "C3"), alpha=0.8, width=0.7, zorder=2)
+    ax.errorbar(x, d, yerr=[d - lo, hi - d], fmt="none", ecolor="black", capsize=2.5, lw=0.9, zorder=3)
+    for i, arm in enumerate(summary.arm):
+        mark = by.mark.get(arm, "")
+        if mark:
+            top = hi[i] if d[i] >= 0 else lo[i]
+            ax.annotate(mark, (i, top), xytext=(0, 2 if d[i] >= 0 else -2), textcoords="offset points",
+                        ha="center", va="bottom" if d[i] >= 0 else "top", fontsize=7)
+    ax.axhline(0, color="0.2", lw=0.8)
+    base = next(a for a in summary.arm if a not in by.index)
+    ax.set(ylabel=f"Δ vs {base} (points)")
+    ax.margins(y=0.15)
 
 
 def interaction(grid: pd.DataFrame, metric: str) -> Any:
@@ -107,9 +124,15 @@ def _facets(n: int, per_row: int = 5, height: float = 1.5) -> tuple[Any, np.ndar
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, height * rows + 0.4), squeeze=False,
                              sharex=True, sharey=True)
-    for ax in axes.flat[n:]:
+    for i, ax in enumerate(axes.flat[n:], n):
         ax.set_visible(False)
+        axes.flat[i - cols].xaxis.set_tick_params(labelbottom=True)  # the panel above ends its column
     return fig, axes.flat
+
+
+def facet_title(arm: str) -> str:
+    """A panel title that fits a fifth of a page: 'kd[temperature=4.0]' -> 'kd\n[T=4.0]'."""
+    return arm.replace("[temperature=", "[T=").replace("[", "\n[", 1) if len(arm) > 18 else arm
 
 
 def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
@@ -122,7 +145,7 @@ def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
             band = np.array([t_ci(v) for _, v in by]) * 100
             ax.plot(m.index, m.to_numpy(), lw=1, color=f"C{j}", label=metric)
             ax.fill_between(m.index, band[:, 0], band[:, 1], color=f"C{j}", alpha=0.25, lw=0)
-        ax.set_title(arm)
+        ax.set_title(facet_title(arm))
     axes[0].legend(loc="lower right")
     fig.supxlabel("epoch", fontsize=8)
     fig.supylabel("accuracy (%)", fontsize=8)
@@ -130,18 +153,22 @@ def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
     return fig
 
 
-def reliability(bins: dict[str, dict[str, np.ndarray]], ece: dict[str, tuple[float, float]]) -> Any:
-    """Reliability diagrams: per arm, accuracy against confidence over seeds' pooled bins,
-    the diagonal of perfect calibration, and ECE (mean ± std over seeds) in the title."""
+def reliability(bins: dict[str, dict[str, np.ndarray]], ece: dict[str, tuple[float, float]],
+                min_share: float = 0.005) -> Any:
+    """Reliability diagrams: per arm, accuracy against confidence over seeds' pooled bins, the
+    diagonal of perfect calibration, and ECE (mean ± std over seeds) in the title. Bins
+    holding less than ``min_share`` of the samples are not drawn: one or two samples
+    would set a bar's height by chance."""
     fig, axes = _facets(len(bins), height=1.45)
     for ax, (arm, b) in zip(axes, bins.items()):
         n = len(b["count"])
         centers = (np.arange(n) + 0.5) / n
-        acc = np.divide(b["correct_sum"], b["count"], out=np.full(n, np.nan), where=b["count"] > 0)
+        keep = b["count"] >= max(1.0, min_share * b["count"].sum())
+        acc = np.divide(b["correct_sum"], b["count"], out=np.full(n, np.nan), where=keep)
         ax.bar(centers, acc, width=1 / n, color="C0", alpha=0.8, edgecolor="white", lw=0.3)
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.3")
         m, s = ece[arm]
-        ax.set_title(f"{arm}\nECE {m * 100:.2f} ± {s * 100:.2f}")
+        ax.set_title(f"{facet_title(arm)}\nECE {m * 100:.2f} ± {s * 100:.2f}")
         ax.set(xlim=(0, 1), ylim=(0, 1))
     fig.supxlabel("confidence", fontsize=8)
     fig.supylabel("accuracy", fontsize=8)

@@ -38,29 +38,44 @@ DEFAULT_EXTRA = ["report/test_ece", "report/test_agreement"]
 
 @dataclasses.dataclass
 class Report:
-    """What has been written so far: sections of report.md and the files behind them."""
+    """What has been written so far: sections of report.md and the files behind them.
+
+    rule: the reporting rule of ``metric``, printed in every caption."""
 
     out: Path
+    study: str
+    metric: str
+    rule: str
     sections: list[str] = dataclasses.field(default_factory=list)
     files: list[Path] = dataclasses.field(default_factory=list)
 
     def figure(self, fig: object, stem: str, caption: str) -> None:
+        """Save ``fig`` as PNG and PDF and link it with its caption."""
         self.files += save(fig, self.out, stem)
-        self.sections += [f"![{stem}]({stem}.png)", "", f"*{caption}* [PDF]({stem}.pdf)", ""]
+        self.sections += [f"![{stem}]({stem}.png)", "", f"*{tables.md_escape(caption)}* [PDF]({stem}.pdf)", ""]
 
     def note(self, text: str) -> None:
-        """Say in the report why a figure is not there."""
+        """Say in the report why something is not there."""
         self.sections += [f"> {text}", ""]
 
     def table(self, frame: pd.DataFrame, head: list[str], rows: list[list[str]], stem: str, cap: str) -> None:
+        """Write a table as CSV (the numbers), Markdown and LaTeX, and put it in the report."""
         frame.to_csv(self.out / f"{stem}.csv", index=False)
         (self.out / f"{stem}.md").write_text(tables.markdown(head, rows, cap))
-        (self.out / f"{stem}.tex").write_text(tables.latex(head, rows, cap, stem))
+        (self.out / f"{stem}.tex").write_text(tables.latex(head, rows, cap, f"{self.study}-{stem}"))
         self.files += [self.out / f"{stem}.{x}" for x in ("csv", "md", "tex")]
         self.sections += [tables.markdown(head, rows, cap), f"Also as [LaTeX]({stem}.tex) and [CSV]({stem}.csv).", ""]
 
 
+def metric_rule(runs: StudyRuns, metric: str) -> str:
+    """How ``metric``'s value was chosen: the cells' reporting rule for 'report/*' metrics."""
+    if metric.startswith("report/"):
+        return runs.report_rule()
+    return "the value at the run's last logged step (no checkpoint selection; not the study's reporting rule)"
+
+
 def references(runs: StudyRuns) -> list[str]:
+    """The baseline and reference arms that have finished runs, baseline first."""
     a = runs.study.config.analysis
     return [r for r in dict.fromkeys([a.baseline, *a.reference]) if r is not None and r in runs.order]
 
@@ -71,108 +86,130 @@ def seed_range(runs: StudyRuns) -> str:
     return str(n.min()) if n.min() == n.max() else f"{n.min()}–{n.max()}"
 
 
-def header(runs: StudyRuns, metric: str) -> list[str]:
-    teacher = runs.cells.get("teacher/" + metric.split("/", 1)[-1])
+def header(runs: StudyRuns, rep: Report) -> list[str]:
+    """Title, what was measured and how, the teacher, and the cells that are missing."""
+    teacher = runs.cells.get("teacher/" + rep.metric.split("/", 1)[-1])
+    n_min = int(runs.cells.groupby("arm").seed.nunique().min())
     lines = [f"# Study `{runs.study.name}`", "", runs.study.config.description, "",
-             f"- Metric: `{metric}`, in percent; mean ± std over seeds, 95% CIs are Student t over seeds.",
-             f"- **Reporting rule:** {runs.report_rule()}; test numbers are those of that epoch.",
+             f"- Metric: `{rep.metric}`, in percent; mean ± std over seeds, 95% CIs are Student t over seeds.",
+             f"- **Reporting rule:** {rep.rule}.",
              f"- Runs: {len(runs.cells)} finished cells of {len(runs.study.cells)}, {seed_range(runs)} seeds per arm, "
              f"read from `{runs.uri}`; study file `{runs.study.path}`.",
              "- Comparisons are paired by seed (arms that share a seed share the init and data order): paired "
-             "t-test and Wilcoxon signed-rank, Holm-corrected within each family; d_z is Cohen's d of the "
-             f"paired differences. {tables.MARKS}.", ""]
-    n_min = int(runs.cells.groupby("arm").seed.nunique().min())
+             "t-test and Wilcoxon signed-rank; p-values are Holm-adjusted within each section's family (so one "
+             "comparison can appear in two families with two adjusted p-values); 95% CIs are unadjusted. In "
+             f"sentences, ± is the standard deviation of the per-seed differences. {tables.MARKS}."]
     if n_min <= 6:  # the exact signed-rank test cannot go below 2 / 2^n, whatever the effect
-        lines.insert(-1, f"- With n = {n_min} seeds the smallest attainable two-sided Wilcoxon p is "
-                     f"{2 / 2 ** n_min:.3g}; read p_W as a robustness check, not a test of power.")
+        lines.append(f"- With {n_min} seed{'s' if n_min > 1 else ''} in the smallest arm, the smallest attainable "
+                     f"two-sided Wilcoxon p is {2 / 2 ** n_min:.3g}: read p_W as a robustness check.")
     if teacher is not None and teacher.notna().any():
-        lines.insert(-1, f"- Teacher: {teacher.mean() * 100:.2f}% ({metric.split('/', 1)[-1]}).")
+        lines.append(f"- Teacher: {teacher.mean() * 100:.2f}% ({rep.metric.split('/', 1)[-1]}).")
+    lines.append("")
     if not runs.missing.empty:
-        counts = runs.missing.groupby(["arm", "status"]).seed.apply(lambda s: ", ".join(map(str, s)))
+        counts = runs.missing.groupby(["arm", "status"], sort=False).seed.apply(lambda s: ", ".join(map(str, s)))
         lines += [f"**Partial study: {len(runs.missing)} cells have no finished run**; statistics use the "
                   "seeds that exist:", ""]
-        lines += [f"- {arm}: {status} (seeds {seeds})" for (arm, status), seeds in counts.items()]
-        lines.append("")
+        lines += [f"- {arm}: {status} (seeds {seeds})" for (arm, status), seeds in counts.items()] + [""]
     return lines
 
 
-def comparisons(rep: Report, runs: StudyRuns, metric: str) -> dict[str, pd.DataFrame]:
+def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
     """The main table (against the baseline) and one sentence per arm against each reference."""
     a = runs.study.config.analysis
     extra = [m for m in DEFAULT_EXTRA + a.extra_metrics if m in runs.cells]
-    summary = dec.summarize(runs.cells, runs.order, metric, extra)
-    refs = references(runs)
-    vs = {ref: dec.against(runs.cells, runs.order, ref, metric) for ref in refs}
+    summary = dec.summarize(runs.cells, runs.order, rep.metric, tuple(extra))
+    vs = {ref: dec.against(runs.cells, runs.order, ref, rep.metric) for ref in references(runs)}
     base = a.baseline if a.baseline in vs else None
     head, rows = tables.main_rows(summary, vs.get(base), extra)
     rep.sections += ["## Arms", ""]
-    rep.table(summary, head, rows, "table", tables.caption(metric, runs.report_rule(), base, len(summary) - 1))
+    if base is None:
+        rep.note("No `analysis.baseline` with finished runs: the table has no paired differences.")
+    rep.table(summary, head, rows, "table", tables.caption(rep.metric, rep.rule, base, len(summary) - 1))
     for ref, table in vs.items():
-        table.to_csv(rep.out / f"vs_{ref}.csv", index=False)
+        table.to_csv(rep.out / f"vs_{safe(ref)}.csv", index=False)
         rep.sections += [f"### Against `{ref}`", ""] + [f"- {tables.sentence(d)}" for d in table.to_dict("records")]
         rep.sections.append("")
     return {"summary": summary, **vs}
 
 
-def factorial_section(rep: Report, runs: StudyRuns, metric: str) -> pd.DataFrame:
-    effects = dec.factorial(runs.cells, metric) if runs.study.config.analysis.factorial else pd.DataFrame()
+def safe(name: str) -> str:
+    """An arm name usable in a file name."""
+    return "".join(c if c.isalnum() or c in "+-_.=" else "_" for c in name)
+
+
+def factorial_section(rep: Report, runs: StudyRuns) -> None:
+    """Main effects and interactions of the mass x structure crossing, its table and its plot."""
+    effects = dec.factorial(runs.cells, rep.metric) if runs.study.config.analysis.factorial else pd.DataFrame()
     if effects.empty:
-        return effects
+        if runs.study.config.analysis.factorial:
+            rep.note("Factorial: no complete mass × structure crossing (≥ 2 × 2) among the finished arms.")
+        return
+    grid, left_out = dec.factorial_cells(runs.cells)
     rep.sections += ["## Factorial decomposition: mass × structure", "",
-                     "A main effect is a level minus the previous one, averaged over the other factor's levels; an "
-                     "interaction is the difference of those differences (does what the structure adds depend on "
-                     "the mass?).", ""]
+                     f"Crossing: mass {list(dict.fromkeys(grid.mass))} × structure "
+                     f"{list(dict.fromkeys(grid.structure))} at T = {grid.temperature.iat[0]:g}, "
+                     f"α = {grid.alpha.iat[0]:g}" + (f"; left out of it: {', '.join(left_out)}" if left_out else "")
+                     + ". A main effect is a level minus the previous one, averaged over the other factor's levels; "
+                     "an interaction is the difference of those differences (does what the structure adds depend on "
+                     "the mass?). Main effects and interactions form one Holm family.", ""]
     rep.sections += [f"- {tables.sentence(d, d['effect'])}" for d in effects.to_dict("records")] + [""]
     head, rows = tables.effect_rows(effects)
-    rep.table(effects, head, rows, "effects", tables.caption(metric, runs.report_rule(), None, 0)
-              + f" Paired by seed; p Holm-corrected over the {len(effects)} effects. {tables.MARKS}.")
-    rep.figure(plots.interaction(dec.factorial_cells(runs.cells), metric), "interaction",
+    rep.table(effects, head, rows, "effects", tables.effects_caption(rep.metric, rep.rule, "Factorial effects",
+                                                                     len(effects)))
+    rep.figure(plots.interaction(grid, rep.metric), "interaction",
                "Interaction plot: mean and 95% CI per mass × structure cell; parallel lines mean no interaction.")
-    return effects
 
 
-def pairs_section(rep: Report, runs: StudyRuns, metric: str) -> None:
+def pairs_section(rep: Report, runs: StudyRuns) -> None:
+    """The study's declared (a, b) comparisons, one Holm family."""
     declared = runs.study.config.analysis.pairs
     if not declared:
         return
-    pairs = dec.compare(runs.cells, [tuple(p) for p in declared], metric)
+    pairs = dec.compare(runs.cells, [tuple(p) for p in declared], rep.metric)
     rep.sections += ["## Declared comparisons", ""] + [f"- {tables.sentence(d)}" for d in pairs.to_dict("records")]
     rep.sections.append("")
     head, rows = tables.effect_rows(pairs)
-    rep.table(pairs, head, rows, "pairs", tables.caption(metric, runs.report_rule(), None, 0)
-              + f" Paired by seed; p Holm-corrected over the {len(pairs)} comparisons. {tables.MARKS}.")
+    rep.table(pairs, head, rows, "pairs", tables.effects_caption(rep.metric, rep.rule, "Declared comparisons",
+                                                                 len(pairs)))
 
 
-def figures_section(rep: Report, runs: StudyRuns, metric: str, stats: dict[str, pd.DataFrame]) -> None:
+def figures_section(rep: Report, runs: StudyRuns, stats: dict[str, pd.DataFrame]) -> None:
+    """Every figure the runs support; a note for each that they do not."""
     a = runs.study.config.analysis
-    summary, base = stats["summary"], a.baseline if a.baseline in stats else None
+    base = a.baseline if a.baseline in stats else None
     rep.sections += ["## Figures", ""]
-    rep.figure(plots.decomposition_bars(summary, runs.cells, metric, stats.get(base), references(runs),
-                                        f"{runs.study.name}: mean and 95% CI over {seed_range(runs)} seeds"),
-               "decomposition", f"Per arm: mean {metric} with 95% CI, seeds as dots, reference means dashed; marks "
-               f"against {base} ({tables.MARKS}). Reporting rule: {runs.report_rule()}.")
-    swept = runs.cells.groupby("family").temperature.nunique()
-    if (swept > 1).any():
-        lines = runs.cells[runs.cells.family.isin(swept[swept > 1].index)]
-        flat = {f: g[metric].mean() for f, g in runs.cells[~runs.cells.family.isin(swept[swept > 1].index)]
-                .groupby("family", sort=False)}
-        rep.figure(plots.temperature(lines, metric, flat), "temperature",
-                   f"{metric} against the soft-target temperature T, mean and 95% CI per arm; arms without a "
-                   "temperature sweep as dashed lines.")
+    marks = f" Bottom: paired difference to {base}, 95% CI, marks {tables.MARKS}." if base else ""
+    rep.figure(plots.decomposition(stats["summary"], runs.cells, rep.metric, stats.get(base), references(runs),
+                                   f"{runs.study.name}: mean and 95% CI over {seed_range(runs)} seeds"),
+               "decomposition", f"Top: per arm, mean {rep.metric} with 95% CI, seeds as dots, reference means "
+               f"dashed.{marks} Reporting rule: {rep.rule}.")
+    temperature_figure(rep, runs)
     hist = history(runs, ["val/acc", "test/acc"])
     if not hist.empty:
         rep.figure(plots.learning_curves(hist, runs.order), "learning_curves",
-                   "Validation and test accuracy against epoch: mean over seeds with a 95% CI band. The reported "
-                   "epoch is chosen on validation only.")
+                   "Validation and test accuracy against epoch: mean over seeds with a 95% CI band. "
+                   f"Reporting rule: {runs.report_rule()}.")
     similarity_figure(rep, runs)
     calibration_figure(rep, runs)
     if "report/test_agreement" not in runs.cells or runs.cells["report/test_agreement"].isna().all():
         rep.note("Agreement: the study has no teacher, so there is no student–teacher agreement to draw.")
-    else:
-        rep.figure(plots.metric_points(runs.cells, runs.order, "report/test_agreement",
-                                       "student–teacher top-1 agreement on test", line=1.0), "agreement",
-                   "Fraction of test samples on which the student predicts the teacher's class: mean and 95% CI, "
-                   "seeds as dots.")
+        return
+    rep.figure(plots.metric_points(runs.cells, runs.order, "report/test_agreement",
+                                   "student–teacher top-1 agreement on test", line=1.0), "agreement",
+               "Fraction of test samples on which the student predicts the teacher's class: mean and 95% CI, "
+               f"seeds as dots. Reporting rule: {runs.report_rule()}.")
+
+
+def temperature_figure(rep: Report, runs: StudyRuns) -> None:
+    """Accuracy against T for arm families swept over the temperature."""
+    swept = runs.cells.groupby("family").temperature.nunique()
+    if not (swept > 1).any():
+        return
+    is_swept = runs.cells.family.isin(swept[swept > 1].index)
+    flat = {f: g[rep.metric].mean() for f, g in runs.cells[~is_swept].groupby("family", sort=False)}
+    rep.figure(plots.temperature(runs.cells[is_swept], rep.metric, flat), "temperature",
+               f"{rep.metric} against the soft-target temperature T, mean and 95% CI per arm; arms without a "
+               f"temperature sweep as dashed lines (their mean). Reporting rule: {rep.rule}.")
 
 
 OUTPUTS = ("report", "table", "effects", "pairs", "similarity", "decomposition", "interaction", "temperature",
@@ -188,13 +225,15 @@ def clean(out: Path) -> None:
 
 
 def build(runs: StudyRuns, out: Path, metric: str) -> Report:
+    """Write every table, figure and report.md of ``runs`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     clean(out)
-    rep = Report(out, header(runs, metric))
-    stats = comparisons(rep, runs, metric)
-    factorial_section(rep, runs, metric)
-    pairs_section(rep, runs, metric)
-    figures_section(rep, runs, metric, stats)
+    rep = Report(out, runs.study.name, metric, metric_rule(runs, metric))
+    rep.sections += header(runs, rep)
+    stats = comparisons(rep, runs)
+    factorial_section(rep, runs)
+    pairs_section(rep, runs)
+    figures_section(rep, runs, stats)
     (out / "report.md").write_text("\n".join(rep.sections) + "\n")
     rep.files.append(out / "report.md")
     return rep
@@ -209,6 +248,7 @@ def log_to_parent(runs: StudyRuns, out: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; 0 on success, 2 (one line on stderr) for a bad study or no runs."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("study")
     p.add_argument("--metric", default="report/test_acc")
@@ -230,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: partial study, {len(runs.missing)} of {len(study.cells)} cells missing (listed in the report)")
     parent = None if args.no_log else log_to_parent(runs, rep.out)
     print(f"wrote {len(rep.files)} files to {rep.out}/" + (f"; logged to parent run {parent}" if parent else ""))
+    if parent is None and not args.no_log:
+        print(f"warning: no parent run of study '{study.name}' in {runs.uri}; the figures were not logged to MLflow")
     return 0
 
 

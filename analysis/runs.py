@@ -69,11 +69,6 @@ class StudyRuns:
         present = set(self.cells.arm) if not self.cells.empty else set()
         return [a for a in self.study.arms() if a in present]
 
-    def values(self, arm: str, metric: str) -> dict[int, float]:
-        """seed -> the arm's final ``metric``."""
-        g = self.cells[self.cells.arm == arm]
-        return dict(zip(g.seed, g[metric])) if metric in g else {}
-
     def report_rule(self) -> str:
         rules = sorted(set(self.cells["report"])) if "report" in self.cells else []
         return "; ".join(f"'{r}': {REPORT_RULES.get(r, r)}" for r in rules) or "unknown"
@@ -111,7 +106,7 @@ def cell_row(run: Any) -> dict[str, Any]:
     return {"arm": run.data.tags["arm"], "seed": int(run.data.tags["seed"]), "run_id": run.info.run_id,
             "family": family(run.data.tags["arm"]), "mass": mass, "structure": structure,
             "temperature": params.get("knowledge.temperature"), "alpha": params.get("knowledge.alpha"),
-            "report": params.get("report", "best_val"), **run.data.metrics,
+            "report": params.get("report", "unknown"), **run.data.metrics,
             **{f"param:{k}": v for k, v in params.items()}}
 
 

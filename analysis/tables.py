@@ -1,39 +1,70 @@
 """Tables and sentences for papers: Markdown and LaTeX (booktabs) from the frames of
 ``analysis.decomposition``, with mean ± std, n, significance marks and the reporting rule
 in every caption.
+
+Conventions: accuracies and other fractions print in percent ("points" for differences);
+a Δ's 95% CI is the unadjusted t interval of the per-seed differences, while p-values and
+marks are Holm-adjusted within their family, so a CI can exclude 0 where the adjusted
+test is not significant (the sentence then says so).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 
 from analysis.stats import fmt_p, pm
 
-DISPLAY = {"report/test_ece": "ECE", "report/test_agreement": "agreement", "time/step_ms": "ms/step",
-           "time/explain_ms": "explain ms", "train/similarity_spearman": "ρ(expl., teacher)"}
-MARKS = "* p < 0.05, ** p < 0.01, *** p < 0.001 (paired t, Holm-corrected)"
+# Extra table columns: header, and whether the metric is a fraction to print in percent.
+DISPLAY = {"report/test_ece": ("ECE (%)", True), "report/test_agreement": ("agree. (%)", True),
+           "time/step_ms": ("ms/step", False), "time/explain_ms": ("explain ms", False),
+           "train/similarity_spearman": ("ρ(expl., teacher) per run", False)}
+MARKS = "* p < 0.05, ** p < 0.01, *** p < 0.001 (paired t, Holm-adjusted)"
+TEXT_COLUMNS = {"arm", "mass", "structure", "effect"}
+Row = dict[str, Any]
 
 
 def signed(x: float, digits: int = 2) -> str:
+    """A fraction as signed points: 0.0483 -> '+4.83'; NaN -> '—'."""
     return "—" if math.isnan(x) else f"{x * 100:+.{digits}f}"
 
 
-def delta(d: dict) -> str:
-    """'+4.83 [+3.75, +5.91]***': the paired difference in points, its 95% CI and its mark."""
+def delta(d: Row, n: int | None = None) -> str:
+    """'+4.83 [+3.75, +5.91]***': the paired difference in points, its 95% CI and its mark;
+    '(n = 4)' added when fewer seeds pair up than the arm has (``n``)."""
     if d["n_pairs"] == 0:
         return "—"
-    return f"{signed(d['diff_mean'])} [{signed(d['ci_low'])}, {signed(d['ci_high'])}]{d['mark']}"
+    ci = "" if math.isnan(d["ci_low"]) else f" [{signed(d['ci_low'])}, {signed(d['ci_high'])}]"
+    paired_n = f" (n = {d['n_pairs']})" if n is not None and d["n_pairs"] != n else ""
+    return f"{signed(d['diff_mean'])}{ci}{d['mark']}{paired_n}"
 
 
 def caption(metric: str, rule: str, reference: str | None, family: int) -> str:
-    text = (f"`{metric}` in percent, mean ± std over seeds (n). Reporting rule: {rule}. "
-            "95% CI: Student t over seeds.")
+    """The per-arm table's caption: metric, units, reporting rule, and how Δ and p are made."""
+    text = f"`{metric}`, mean ± std over n seeds. Reporting rule: {rule}. 95% CI: Student t over seeds."
     if reference:
-        text += (f" Δ: paired (by seed) difference to {reference} with its t 95% CI; p_t paired t-test and "
-                 f"p_W Wilcoxon signed-rank, both Holm-corrected over the {family} comparisons with {reference}; "
-                 f"d_z: Cohen's d of the paired differences. {MARKS}.")
+        text += (f" Δ: paired (by seed) difference to {reference} in points, with its unadjusted t 95% CI; "
+                 f"p_t paired t-test and p_W Wilcoxon signed-rank, both Holm-adjusted over the {family} "
+                 f"comparisons with {reference}; d_z: Cohen's d of the paired differences. {MARKS}.")
     return text
+
+
+def effects_caption(metric: str, rule: str, what: str, family: int) -> str:
+    """Caption of an effects / pairs table."""
+    return (f"{what} on `{metric}`: per-seed paired differences in points, mean with its unadjusted t 95% CI. "
+            f"Reporting rule: {rule}. p_t paired t-test and p_W Wilcoxon signed-rank, Holm-adjusted over the "
+            f"{family} rows of this table; d_z: Cohen's d of the differences. {MARKS}.")
+
+
+def _extra(value: float, metric: str) -> str:
+    if pd.isna(value):
+        return "—"
+    return f"{value * 100:.2f}" if DISPLAY.get(metric, ("", False))[1] else f"{value:.3g}"
+
+
+def _tests(c: Row) -> list[str]:
+    return [fmt_p(c["p_holm"]), fmt_p(c["p_wilcoxon_holm"]), "—" if math.isnan(c["d_z"]) else f"{c['d_z']:.2f}"]
 
 
 def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -41,71 +72,82 @@ def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str]) 
     head = ["arm", "mass", "structure", "T", "α", "mean ± std", "n", "95% CI"]
     if vs is not None:
         head += ["Δ [95% CI]", "p_t", "p_W", "d_z"]
-    head += [DISPLAY.get(m, m) for m in extra]
+    head += [DISPLAY.get(m, (m, False))[0] for m in extra]
     by_arm = {} if vs is None else {r["a"]: r for r in vs.to_dict("records")}
     rows = []
     for d in summary.to_dict("records"):
+        ci = "—" if math.isnan(d["ci_low"]) else f"[{d['ci_low'] * 100:.2f}, {d['ci_high'] * 100:.2f}]"
         row = [d["arm"], d["mass"], d["structure"], f"{d['T']:g}", f"{d['alpha']:g}", pm(d["mean"], d["std"]),
-               str(d["n"]), f"[{d['ci_low'] * 100:.2f}, {d['ci_high'] * 100:.2f}]"]
+               str(d["n"]), ci]
         if vs is not None:
             c = by_arm.get(d["arm"])
-            row += ["ref.", "", "", ""] if c is None else [
-                delta(c), fmt_p(c["p_holm"]), fmt_p(c["p_wilcoxon_holm"]), f"{c['d_z']:.2f}" if not math.isnan(c["d_z"]) else "—"]
-        row += ["—" if pd.isna(d[m]) else f"{d[m]:.3g}" for m in extra]
+            row += ["ref.", "", "", ""] if c is None else [delta(c, d["n"]), *_tests(c)]
+        row += [_extra(d[m], m) for m in extra]
         rows.append(row)
     return head, rows
 
 
 def effect_rows(effects: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of an effects (factorial) or pairs table."""
     head = ["effect", "Δ [95% CI]", "n", "p_t", "p_W", "d_z"]
-    rows = [[d.get("effect") or f"{d['a']} − {d['b']}", delta(d), str(d["n_pairs"]), fmt_p(d["p_holm"]),
-             fmt_p(d["p_wilcoxon_holm"]), "—" if math.isnan(d["d_z"]) else f"{d['d_z']:.2f}"]
+    rows = [[d.get("effect") or f"{d['a']} − {d['b']}", delta(d), str(d["n_pairs"]), *_tests(d)]
             for d in effects.to_dict("records")]
     return head, rows
 
 
+def md_escape(s: str) -> str:
+    """Markdown-safe text: '|' would split a table cell, '*' open emphasis."""
+    return s.replace("|", r"\|").replace("*", r"\*")
+
+
 def markdown(head: list[str], rows: list[list[str]], cap: str) -> str:
-    lines = [f"*{cap}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table with its caption above it, in italics."""
+    lines = [f"*{md_escape(cap)}*", "", "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", r"\|") for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                 "±": r"$\pm$", "Δ": r"$\Delta$", "α": r"$\alpha$", "−": "$-$", "×": r"$\times$", "—": "--", "ρ": r"$\rho$", "–": "--"}
+                 "<": "$<$", ">": "$>$", "≤": r"$\leq$", "≥": r"$\geq$", "µ": r"$\mu$", "[": "{[}", "]": "{]}",
+                 "±": r"$\pm$", "Δ": r"$\Delta$", "α": r"$\alpha$", "−": "$-$", "×": r"$\times$", "—": "---",
+                 "ρ": r"$\rho$", "–": "--", "`": ""}
 
 
 def tex(s: str) -> str:
-    out = "".join(LATEX_ESCAPES.get(ch, ch) for ch in s)
-    return out.replace("`", "")
+    """Text-mode LaTeX for any cell or caption ('[' braced: after \\\\ it would read as an option)."""
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in s)
 
 
 def latex(head: list[str], rows: list[list[str]], cap: str, label: str) -> str:
-    """A booktabs table (needs \\usepackage{booktabs})."""
+    """A booktabs table (needs \\usepackage{booktabs}); text columns left, numbers right."""
+    spec = "".join("l" if h in TEXT_COLUMNS else "r" for h in head)
     body = [" & ".join(tex(c) for c in r) + r" \\" for r in rows]
     return "\n".join([
         r"\begin{table}[t]", r"\centering", r"\small",
         rf"\caption{{{tex(cap)}}}", rf"\label{{tab:{label}}}",
-        r"\begin{tabular}{" + "l" * 3 + "r" * (len(head) - 3) + "}", r"\toprule",
+        rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
         " & ".join(tex(h) for h in head) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
         r"\end{table}", ""])
 
 
-def sentence(d: dict, what: str = "") -> str:
-    """'kd beats ce by +4.83 ± 1.51 points (95% CI [+3.75, +5.91]; paired t, p = 3.2e-06, Holm ...; n = 10).'"""
-    a, b = d.get("a"), d.get("b")
+def sentence(d: Row, what: str = "") -> str:
+    """One comparison in words, e.g. 'kd beats ce by +4.83 ± 1.51 points (95% CI [+3.75, +5.91];
+    paired t, p = 3.2e-06, Holm p = 1.9e-05; Wilcoxon p = 0.002; d_z = 3.20; n = 10).'
+    ± is the standard deviation of the per-seed differences."""
+    name = what or f"{d['a']} vs {d['b']}"
     if d["n_pairs"] < 2:
-        return f"{what or a + ' vs ' + b}: fewer than 2 paired seeds (n = {d['n_pairs']}); no test."
+        return f"{name}: fewer than 2 paired seeds (n = {d['n_pairs']}); no test."
+    if d["diff_std"] == 0:
+        return f"{name}: {signed(d['diff_mean'])} points in every one of {d['n_pairs']} seeds; no spread, tests undefined."
     sig = not math.isnan(d["p_holm"]) and d["p_holm"] < 0.05
     size = f"{abs(d['diff_mean']) * 100:.2f} ± {d['diff_std'] * 100:.2f} points"
     if not sig:
-        head = (f"{what or a + ' vs ' + b}: {signed(d['diff_mean'])} ± {d['diff_std'] * 100:.2f} points, "
-                "not significant")
+        head = f"{name}: {signed(d['diff_mean'])} ± {d['diff_std'] * 100:.2f} points, not significant after Holm adjustment"
     elif what:
         head = f"{what} {'adds' if d['diff_mean'] > 0 else 'costs'} {size}"
     else:
-        beats = d["diff_mean"] > 0
-        head = f"{a} {'beats' if beats else 'trails'} {b} by {'+' if beats else ''}{size}"
+        head = f"{d['a']} {'beats' if d['diff_mean'] > 0 else 'trails'} {d['b']} by {signed(d['diff_mean'])[0]}{size}"
+    d_z = "—" if math.isnan(d["d_z"]) else f"{d['d_z']:.2f}"
     return (f"{head} (95% CI [{signed(d['ci_low'])}, {signed(d['ci_high'])}]; paired t, p = {fmt_p(d['p_value'])}, "
-            f"Holm p = {fmt_p(d['p_holm'])}; Wilcoxon p = {fmt_p(d['p_wilcoxon'])}; "
-            f"d_z = {d['d_z']:.2f}; n = {d['n_pairs']}).")
+            f"Holm p = {fmt_p(d['p_holm'])}; Wilcoxon p = {fmt_p(d['p_wilcoxon'])}; d_z = {d_z}; n = {d['n_pairs']}).")
