@@ -38,9 +38,10 @@ test: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns.db} --port $${PORT:-5000}
 
-# Per-step cost of each explanation source against a CE step, measured side by side.
+# The benchmark suite (README, "Performance"): every row measured side by side, table printed and
+# written to figures/bench/bench.json. BENCH_ARGS="--compile" adds torch.compile (minutes).
 bench: $(STAMP)
-	$(BIN)/python -m kdablate.bench
+	$(BIN)/python -m kdablate.bench $(BENCH_ARGS)
 
 # Synthetic CIFAR-100 in its real on-disk format under data/, to try the *_cifar100_quick studies
 # where the real data cannot be had. Not CIFAR: its numbers say nothing about CIFAR.

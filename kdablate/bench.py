@@ -47,8 +47,9 @@ def cpu_name() -> str:
 
 
 def machine(threads: int) -> dict[str, str | int]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"cpu": cpu_name(), "cores": os.cpu_count() or 1, "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "host": platform.node()}
+            "python": platform.python_version(), "host": platform.node(), "load_1min": round(load, 2)}
 
 
 def trainer_section(scale: Scale, _compile: bool) -> list[Row]:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = QUICK if args.quick else FULL
     info = machine(args.threads)
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} thread(s), "
-          f"batch {scale.batch}", flush=True)
+          f"batch {scale.batch}, load average {info['load_1min']} at the start", flush=True)
     t0 = time.perf_counter()
     rows = run(sections, scale, args.compile)
     elapsed = time.perf_counter() - t0

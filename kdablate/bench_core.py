@@ -31,7 +31,7 @@ class Scale:
     image_rounds: int = 3
     il_rounds: int = 2  # ResNet-20 explanation rounds (a saliency step is ~2 s on one core)
     study_cells: int = 8
-    study_epochs: int = 8
+    study_epochs: int = 40  # the default study's cell length
 
 
 FULL = Scale()

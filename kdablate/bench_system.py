@@ -2,9 +2,9 @@
 
 A study runs through the CLI (``python -m kdablate.cli run``) into a temporary
 MLflow store and cache, so it never touches the project's ``mlruns.db``. Peak
-RSS is the largest sum of VmRSS over the subprocess and its descendants
-(workers), sampled from /proc every 50 ms; where /proc is missing, the largest
-single process's ``ru_maxrss``.
+memory is the largest sum over the subprocess and its descendants (workers) of
+RSS, PSS and anonymous memory, sampled from /proc every 50 ms; where /proc is
+missing, the largest single process's ``ru_maxrss``.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ base:
   data: {{name: mnist1d, num_samples: {samples}}}
   student: {{name: mlp}}
   optim: {{epochs: {epochs}}}
+  teacher: null
 seeds: {seeds}
 arms:
   - {{name: ce, mass: none, alpha: 0.0}}
-  - {{name: ls, mass: {{name: constant, eps: 0.1}}, structure: uniform, alpha: 1.0}}
 """
+LS_ARM = "  - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, alpha: 1.0}\n"
 
 RESNET_CELL = """\
 import torch
@@ -42,9 +43,12 @@ fit(ModelSpec(name="resnet20"), data, OptimConfig(epochs=1, batch_size={batch}),
 
 
 def write_study(folder: Path, cells: int, epochs: int, samples: int = 5000) -> Path:
-    """A study of ``cells`` cells (2 arms x cells/2 seeds) on the default data, no teacher."""
+    """A study of ``cells`` cells on the default data, no teacher: CE, and label smoothing
+    for an even number of cells, cells / arms seeds each."""
+    arms = 2 if cells % 2 == 0 else 1
+    text = STUDY.format(cells=cells, samples=samples, epochs=epochs, seeds=list(range(cells // arms)))
     path = folder / f"bench{cells}.yaml"
-    path.write_text(STUDY.format(cells=cells, samples=samples, epochs=epochs, seeds=list(range(max(1, cells // 2)))))
+    path.write_text(text + (LS_ARM if arms == 2 else ""))
     return path
 
 
@@ -57,33 +61,41 @@ def children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in children(k)]
 
 
-def rss_kib(pid: int) -> int:
+def memory_kib(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, anonymous) of a process in KiB, from /proc (zeros where it is gone or missing).
+
+    RSS counts shared library pages in full in every process; PSS splits them among the
+    processes that map them (so PSS adds up across workers); anonymous is the process's own heap.
+    """
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
-    except OSError:
-        return 0
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split()[:2] for line in f if line.split()[0] in ("Rss:", "Pss:", "Anonymous:"))
+    except (OSError, ValueError):
+        return 0, 0, 0
+    return int(fields.get("Rss:", 0)), int(fields.get("Pss:", 0)), int(fields.get("Anonymous:", 0))
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run ``cmd`` to completion; (wall seconds, peak RSS of it and its descendants in MiB)."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, dict[str, float]]:
+    """Run ``cmd`` to completion: wall seconds, and the peaks of the summed RSS, PSS and anonymous
+    memory (MiB) of it and its descendants, sampled every 50 ms."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = [0, 0, 0]
     while proc.poll() is None:
-        peak = max(peak, sum(rss_kib(p) for p in [proc.pid, *children(proc.pid)]))
+        usage = [memory_kib(p) for p in [proc.pid, *children(proc.pid)]]
+        peak = [max(old, sum(u[i] for u in usage)) for i, old in enumerate(peak)]
         time.sleep(0.05)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read()[-2000:]}")
-    if peak == 0:  # no /proc: the largest single process
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, peak / 1024
+    if peak[0] == 0:  # no /proc: the largest single process
+        peak[0] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, dict(zip(("rss", "pss", "anon"), (k / 1024 for k in peak)))
 
 
-def run_study(study: Path, workers: int, folder: Path) -> tuple[float, float]:
+def run_study(study: Path, workers: int, folder: Path) -> tuple[float, dict[str, float]]:
     """The study through the CLI with ``workers`` workers into a fresh store; (wall s, peak MiB)."""
-    store = folder / f"w{workers}-{time.time_ns()}"
+    store = folder.resolve() / f"w{workers}-{time.time_ns()}"
     store.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlruns.db"}
     cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), "--workers", str(workers), "--no-progress",
@@ -96,23 +108,23 @@ def study_rows(scale: Scale) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="kdablate-bench-") as tmp:
         folder = Path(tmp)
         study = write_study(folder, scale.study_cells, scale.study_epochs)
-        one_s, one_mib = run_study(study, 1, folder)
-        two_s, two_mib = run_study(study, 2, folder)
-        _, cell_mib = run_study(write_study(folder, 1, 2), 1, folder)
+        one_s, one = run_study(study, 1, folder)
+        two_s, two = run_study(study, 2, folder)
+        _, cell = run_study(write_study(folder, 1, 2), 1, folder)
     cores = os.cpu_count() or 1
     return [
         Row("study", f"{scale.study_cells} cells, 2 workers vs 1 worker", one_s / two_s, "x", "reported", None,
             f"speedup; {one_s:.1f} s vs {two_s:.1f} s, {cores} cores"),
-        Row("memory", "peak RSS, one cell, default data", cell_mib, "MiB", "< 1024 MiB", cell_mib < 1024,
-            "the whole `kdablate run` process (MLflow included)"),
-        Row("memory", f"peak RSS, study of {scale.study_cells} cells, 2 workers", two_mib, "MiB", "reported", None,
-            f"main process + workers; 1 worker: {one_mib:.0f} MiB"),
+        Row("memory", "peak RSS, one cell, default data", cell["rss"], "MiB", "< 1024 MiB", cell["rss"] < 1024,
+            f"the `kdablate run` process, MLflow included; own heap {cell['anon']:.0f} MiB"),
+        Row("memory", f"peak RSS, study of {scale.study_cells} cells, 2 workers", two["rss"], "MiB", "reported", None,
+            f"main + 2 workers; PSS {two['pss']:.0f} MiB (shared pages once), 1 worker: RSS {one['rss']:.0f} MiB"),
     ]
 
 
 def resnet_memory_row(scale: Scale) -> Row:
     """Peak RSS of a ResNet-20 cell (one epoch, crop + flip) at the bench's batch size."""
     code = RESNET_CELL.format(size=scale.image_size, n=4 * scale.batch, batch=scale.batch)
-    _, mib = run_measured([sys.executable, "-c", code])
-    return Row("memory", f"peak RSS, ResNet-20 cell, batch {scale.batch}, CPU", mib, "MiB", "< 4096 MiB", mib < 4096,
-               "fit(): 1 epoch of uint8 32x32x3 images" if scale.image_size == 32 else "")
+    _, mem = run_measured([sys.executable, "-c", code])
+    return Row("memory", f"peak RSS, ResNet-20 cell, batch {scale.batch}, CPU", mem["rss"], "MiB", "< 4096 MiB",
+               mem["rss"] < 4096, f"fit(), 1 epoch, uint8 images, crop+flip; own heap {mem['anon']:.0f} MiB")

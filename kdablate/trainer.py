@@ -203,11 +203,13 @@ def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: in
     return results
 
 
-def epoch_batches(t: torch.Tensor | None, order: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor | None]:
-    """The rows ``order`` of ``t`` in batches: one gather for the epoch, then views. None: Nones."""
+def epoch_batches(t: torch.Tensor | None, order: torch.Tensor, batch_size: int,
+                  runtime: Runtime = CPU) -> Sequence[torch.Tensor | None]:
+    """The rows ``order`` of ``t`` in batches on ``runtime.device``: one gather (and one copy) for
+    the epoch, then views. None: Nones."""
     if t is None:
         return (None,) * -(-len(order) // batch_size)
-    return t.index_select(0, order).split(batch_size)
+    return runtime.to(t.index_select(0, order.to(t.device))).split(batch_size)
 
 
 def static_targets(member: Member, data: DataBundle, teacher: dict[str, torch.Tensor] | None,
@@ -253,12 +255,12 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     # The epoch's samples gathered once, in order, then sliced into batches (views): a step
     # indexes nothing. Labels, teacher logits and targets go to the device once per epoch.
     order = perm[:n]
-    y_epoch = runtime.to(data.y_train.index_select(0, order))
+    y_epoch = runtime.to(data.y_train.index_select(0, order))  # host to device once per epoch
     xs = epoch_batches(data.x_train, order, batch_size)
     vs = epoch_batches(None if view is None else view[0], order, batch_size)
     logits = view[1] if view is not None else None if online_teacher or teacher is None else teacher["train"]
-    ts = epoch_batches(runtime.to(logits), runtime.to(order), batch_size)
-    qs = [epoch_batches(q, runtime.to(order), batch_size) for q in targets]
+    ts = epoch_batches(logits, order, batch_size, runtime)
+    qs = [epoch_batches(q, order, batch_size, runtime) for q in targets]
     preds = [torch.empty(n, dtype=torch.long, device=runtime.device) for _ in members]
     pred_batches = [p.split(batch_size) for p in preds]
     t0 = time.perf_counter()
