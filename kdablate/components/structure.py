@@ -160,6 +160,8 @@ def oracle_structure(labels: torch.Tensor, groups: torch.Tensor, within: float) 
 class OracleStructure(Component):
     """Ground-truth class similarity from a known hierarchy (e.g. CIFAR-100 superclasses)."""
 
+    static = True
+
     @dataclasses.dataclass(frozen=True)
     class Params:
         within: float = 0.8
