@@ -81,5 +81,19 @@ class Component(abc.ABC):
         return {}
 
 
-def source_needs(source: str) -> frozenset[str]:
-    return frozenset() if source == "self" else frozenset({source})
+class SourceComponent(Component):
+    """A component computed from one source's probabilities at T ('self', 'teacher', 'peer').
+
+    What it needs and whether it is static follow from the source: the student itself
+    needs nothing loaded; only the cached teacher is fixed per sample.
+    """
+
+    source: str = "teacher"
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset() if self.source == "self" else frozenset({self.source})
+
+    @property
+    def static(self) -> bool:  # type: ignore[override]
+        return self.source == "teacher"

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kdablate.components.context import Component, TargetContext, source_needs
+from kdablate.components.context import Component, SourceComponent, TargetContext
 from kdablate.registry import Registry
 
 MASSES: Registry = Registry("mass")
@@ -22,6 +22,11 @@ MASSES: Registry = Registry("mass")
 def mass_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, K) probabilities, (B,) labels -> (B,) mass 1 - p[y]."""
     return 1.0 - probs.gather(1, labels[:, None]).squeeze(1)
+
+
+def per_sample(ctx: TargetContext, value: float) -> torch.Tensor:
+    """(B,) ``value`` for every sample of the batch, in the student's dtype and device."""
+    return torch.full((ctx.labels.shape[0],), value, dtype=ctx.student_logits.dtype, device=ctx.labels.device)
 
 
 def virtual_teacher_mass(a: float, temperature: float, num_classes: int) -> float:
@@ -37,7 +42,7 @@ class NoMass(Component):
     static = True
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return torch.zeros(ctx.labels.shape[0], dtype=ctx.student_logits.dtype, device=ctx.labels.device)
+        return per_sample(ctx, 0.0)
 
 
 @MASSES.register("constant")
@@ -55,8 +60,7 @@ class ConstantMass(Component):
                 raise ValueError(f"eps must be in [0, 1], got {self.eps}")
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return torch.full((ctx.labels.shape[0],), self.params.eps, dtype=ctx.student_logits.dtype,
-                          device=ctx.labels.device)
+        return per_sample(ctx, self.params.eps)
 
 
 @MASSES.register("virtual_teacher")
@@ -74,18 +78,11 @@ class VirtualTeacherMass(Component):
                 raise ValueError(f"a must be in (0, 1), got {self.a}")
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        m = virtual_teacher_mass(self.params.a, ctx.temperature, ctx.num_classes)
-        return torch.full((ctx.labels.shape[0],), m, dtype=ctx.student_logits.dtype, device=ctx.labels.device)
+        return per_sample(ctx, virtual_teacher_mass(self.params.a, ctx.temperature, ctx.num_classes))
 
 
-class SourceMass(Component):
+class SourceMass(SourceComponent):
     """m = 1 - softmax(z_source / T)[y], per sample, never differentiated."""
-
-    source = "teacher"
-
-    def __init__(self, params: object) -> None:
-        super().__init__(params)
-        self.needs = source_needs(self.source)
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return mass_from_probs(ctx.probs(self.source).detach(), ctx.labels)
@@ -94,8 +91,6 @@ class SourceMass(Component):
 @MASSES.register("teacher")
 class TeacherMass(SourceMass):
     """m = 1 - p_teacher,T[y]."""
-
-    static = True
 
     source = "teacher"
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from kdablate.components.context import Component, TargetContext, source_needs
+from kdablate.components.context import Component, SourceComponent, TargetContext
 from kdablate.registry import Registry
 
 STRUCTURES: Registry = Registry("structure")
@@ -76,14 +76,8 @@ class UniformStructure(Component):
         return uniform_structure(ctx.labels, ctx.num_classes).to(ctx.student_logits.dtype)
 
 
-class SourceStructure(Component):
+class SourceStructure(SourceComponent):
     """r = the source's non-ground-truth probabilities at T, renormalised; never differentiated."""
-
-    source = "teacher"
-
-    def __init__(self, params: object) -> None:
-        super().__init__(params)
-        self.needs = source_needs(self.source)
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return nongt_distribution(ctx.probs(self.source).detach(), ctx.labels)
@@ -92,8 +86,6 @@ class SourceStructure(Component):
 @STRUCTURES.register("teacher")
 class TeacherStructure(SourceStructure):
     """The teacher's class similarity (Hinton KD)."""
-
-    static = True
 
     source = "teacher"
 
