@@ -129,17 +129,23 @@ def predict(model: nn.Module, x: torch.Tensor, chunk: int = 1024,
     return torch.cat(outs)
 
 
+def split_logits(model: nn.Module, data: DataBundle, split: str, runtime: Runtime = CPU) -> torch.Tensor:
+    """(N, K) logits of ``model`` on a split; NonFiniteLoss if any is NaN or inf."""
+    logits = predict(model, data.split(split)[0], prepare=data.prepare, runtime=runtime)
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLoss(f"non-finite outputs on the {split} split")
+    return logits
+
+
 def evaluate_model(
     model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, splits: tuple[str, ...] = ("val", "test"),
     runtime: Runtime = CPU,
 ) -> dict[str, float]:
+    """'<split>/<metric>' of ``model`` on each split (agreement when a teacher is given)."""
     out: dict[str, float] = {}
     for split in splits:
-        x, y = data.split(split)
-        logits = predict(model, x, prepare=data.prepare, runtime=runtime)
-        if not torch.isfinite(logits).all():
-            raise NonFiniteLoss(f"non-finite outputs on the {split} split")
-        out.update(evaluate(logits, y, split, None if teacher is None else teacher[split]))
+        logits = split_logits(model, data, split, runtime)
+        out.update(evaluate(logits, data.split(split)[1], split, None if teacher is None else teacher[split]))
     return out
 
 
@@ -289,9 +295,26 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     return out, step
 
 
-def epoch_summary(method: Method, data: DataBundle, teacher: dict[str, torch.Tensor] | None,
-                  temperature: float) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics and matrices from the method's per-epoch summary (explanation similarity)."""
+def reference_similarities(data: DataBundle, teacher: dict[str, torch.Tensor] | None,
+                           temperature: float) -> dict[str, torch.Tensor]:
+    """(K, K) class-similarity matrices to hold explanations against, fixed for a cell: the
+    teacher's mean soft-target structure at T, and the oracle where the data has a hierarchy."""
+    refs = {}
+    if teacher is not None:
+        p = torch.softmax(teacher["train"] / temperature, 1)
+        refs["teacher"] = class_mean_structure(nongt_distribution(p, data.y_train), data.y_train, data.num_classes)
+    if data.class_groups is not None:
+        refs["oracle"] = oracle_structure(torch.arange(data.num_classes), data.class_groups, 1.0)
+    return refs
+
+
+# Where each reference's correlation with the explanation similarity is logged.
+SPEARMAN_METRICS = {"teacher": "train/similarity_spearman", "oracle": "train/similarity_oracle_spearman"}
+
+
+def epoch_summary(method: Method, references: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics and matrices from the method's per-epoch summary (explanation similarity),
+    with its Spearman correlation against each of ``reference_similarities``."""
     summary = method.summary()
     metrics: dict[str, float] = {}
     artifacts: dict[str, torch.Tensor] = {}
@@ -299,16 +322,9 @@ def epoch_summary(method: Method, data: DataBundle, teacher: dict[str, torch.Ten
         metrics["time/explain_ms"] = float(summary["explain_ms"])
     if "similarity" in summary:
         artifacts["similarity_explanation"] = summary["similarity"]
-        if teacher is not None:
-            p = torch.softmax(teacher["train"] / temperature, 1)
-            t_matrix = class_mean_structure(nongt_distribution(p, data.y_train), data.y_train, data.num_classes)
-            artifacts["similarity_teacher"] = t_matrix
-            metrics["train/similarity_spearman"] = spearman(offdiagonal(summary["similarity"]), offdiagonal(t_matrix))
-        if data.class_groups is not None:  # a known hierarchy: the ground truth to compare against
-            o_matrix = oracle_structure(torch.arange(data.num_classes), data.class_groups, 1.0)
-            artifacts["similarity_oracle"] = o_matrix
-            metrics["train/similarity_oracle_spearman"] = spearman(offdiagonal(summary["similarity"]),
-                                                                   offdiagonal(o_matrix))
+        for name, matrix in references.items():
+            artifacts[f"similarity_{name}"] = matrix
+            metrics[SPEARMAN_METRICS[name]] = spearman(offdiagonal(summary["similarity"]), offdiagonal(matrix))
     return metrics, artifacts
 
 
@@ -356,6 +372,7 @@ def fit(
                for i in range(cohort_size(build_method(knowledge)))]
     gens = (seeded_generator(seed, 0), seeded_generator(seed, 1), seeded_generator(seed, 2))
     epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
+    references = reference_similarities(data, teacher, knowledge.temperature)
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
@@ -370,7 +387,7 @@ def fit(
         for i, m in enumerate(members[1:], 1):
             extra = {**parts[i], **evaluate_model(m.model, data, teacher, runtime=runtime)}
             metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
-        summary, best["artifacts"] = epoch_summary(members[0].method, data, teacher, knowledge.temperature)
+        summary, best["artifacts"] = epoch_summary(members[0].method, references)
         metrics.update(summary)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -392,8 +409,7 @@ def report_result(model: nn.Module, data: DataBundle, teacher: dict[str, torch.T
         epoch = epochs
     reported, calibration = {"report/epoch": float(epoch)}, {}
     for split in ("val", "test"):
-        x, y = data.split(split)
-        logits = predict(model, x, prepare=data.prepare, runtime=runtime)
+        logits, y = split_logits(model, data, split, runtime), data.split(split)[1]
         metrics = evaluate(logits, y, split, None if teacher is None else teacher[split])
         reported.update({"report/" + k.replace("/", "_"): v for k, v in metrics.items()})
         calibration[split] = reliability(logits, y)

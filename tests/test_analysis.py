@@ -242,7 +242,7 @@ def test_trainer_logs_oracle_similarity_and_reliability_bins():
     from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
     from kdablate.data import DataBundle
     from kdablate.metrics import ece_from_bins
-    from kdablate.trainer import epoch_summary, fit
+    from kdablate.trainer import epoch_summary, fit, reference_similarities
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 1, 40, generator=g), torch.randint(0, 6, (96,), generator=g)
@@ -252,7 +252,7 @@ def test_trainer_logs_oracle_similarity_and_reliability_bins():
         def summary(self) -> dict:
             return {"similarity": torch.softmax(torch.randn(6, 6, generator=g), 1)}
 
-    metrics, artifacts = epoch_summary(Explaining(), data, None, 4.0)
+    metrics, artifacts = epoch_summary(Explaining(), reference_similarities(data, None, 4.0))
     oracle = artifacts["similarity_oracle"]
     assert oracle[0].tolist() == pytest.approx([0, 0.5, 0.5, 0, 0, 0]) and oracle[5].tolist() == pytest.approx([0.2] * 5 + [0])
     assert -1 <= metrics["train/similarity_oracle_spearman"] <= 1
