@@ -41,12 +41,7 @@ def decomposition(summary: pd.DataFrame, cells: pd.DataFrame, metric: str, vs: p
     rows = 2 if vs is not None else 1
     fig, axes = plt.subplots(rows, 1, figsize=(PAGE_IN, 2.3 * rows + 0.6), sharex=True, squeeze=False)
     ax, x = axes[0, 0], np.arange(len(summary))
-    mean = summary["mean"].to_numpy() * 100
-    ax.errorbar(x, mean, yerr=[mean - summary.ci_low * 100, summary.ci_high * 100 - mean], fmt="D", ms=3.5,
-                capsize=2.5, lw=0.9, color="C0", zorder=3)
-    for i, arm in enumerate(summary.arm):
-        v = cells.loc[cells.arm == arm, metric].dropna() * 100
-        ax.scatter(i + 0.22 + np.linspace(-0.05, 0.05, len(v)), v, s=4, color="0.45", zorder=2, linewidths=0)
+    _arm_points(ax, cells, list(summary.arm), metric)
     for j, ref in enumerate(r for r in references if r in set(summary.arm)):
         ax.axhline(float(summary.loc[summary.arm == ref, "mean"].iat[0]) * 100, ls="--", lw=0.8,
                    color=f"C{j + 1}", label=ref, zorder=1)
@@ -176,19 +171,22 @@ def reliability(bins: dict[str, dict[str, np.ndarray]], ece: dict[str, tuple[flo
     return fig
 
 
+def _arm_points(ax: Any, cells: pd.DataFrame, order: list[str], metric: str) -> None:
+    """At x = 0, 1, ...: each arm's mean ± 95% CI of ``metric`` in percent, its seeds as dots beside."""
+    m, lo, hi = _mean_ci([cells.loc[cells.arm == arm, metric] for arm in order])
+    ax.errorbar(np.arange(len(order)), m, yerr=[m - lo, hi - m], fmt="D", ms=3.5, capsize=2.5, lw=0.9,
+                color="C0", zorder=3)
+    for i, arm in enumerate(order):
+        v = cells.loc[cells.arm == arm, metric].dropna() * 100
+        ax.scatter(i + 0.22 + np.linspace(-0.05, 0.05, len(v)), v, s=4, color="0.45", zorder=2, linewidths=0)
+
+
 def metric_points(cells: pd.DataFrame, order: list[str], metric: str, title: str,
                   line: float | None = None) -> Any:
     """Per arm: mean ± 95% CI of ``metric`` (in percent) with the seeds as dots."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(PAGE_IN, 2.4))
-    for i, arm in enumerate(order):
-        v = cells.loc[cells.arm == arm, metric].dropna() * 100
-        if v.empty:
-            continue
-        lo, hi = t_ci(v)
-        ax.errorbar([i], [v.mean()], yerr=[[v.mean() - lo], [hi - v.mean()]], fmt="D", ms=3.5, capsize=2.5,
-                    color="C0")
-        ax.scatter(np.full(len(v), i + 0.2), v, s=4, color="0.4", linewidths=0)
+    _arm_points(ax, cells, order, metric)
     if line is not None:
         ax.axhline(line * 100, ls="--", lw=0.8, color="C1")
     ax.set_xticks(range(len(order)), order)

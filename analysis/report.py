@@ -80,6 +80,12 @@ def references(runs: StudyRuns) -> list[str]:
     return [r for r in dict.fromkeys([a.baseline, *a.reference]) if r is not None and r in runs.order]
 
 
+def baseline(runs: StudyRuns) -> str | None:
+    """The declared baseline, when it has finished runs."""
+    a = runs.study.config.analysis
+    return a.baseline if a.baseline in references(runs) else None
+
+
 def seed_range(runs: StudyRuns) -> str:
     """'10', or '5–10' when arms have different numbers of finished seeds."""
     n = runs.cells.groupby("arm").seed.nunique()
@@ -119,7 +125,7 @@ def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
     extra = [m for m in DEFAULT_EXTRA + a.extra_metrics if m in runs.cells]
     summary = dec.summarize(runs.cells, runs.order, rep.metric, tuple(extra))
     vs = {ref: dec.against(runs.cells, runs.order, ref, rep.metric) for ref in references(runs)}
-    base = a.baseline if a.baseline in vs else None
+    base = baseline(runs)
     head, rows = tables.main_rows(summary, vs.get(base), extra)
     rep.sections += ["## Arms", ""]
     if base is None:
@@ -175,8 +181,7 @@ def pairs_section(rep: Report, runs: StudyRuns) -> None:
 
 def figures_section(rep: Report, runs: StudyRuns, stats: dict[str, pd.DataFrame]) -> None:
     """Every figure the runs support; a note for each that they do not."""
-    a = runs.study.config.analysis
-    base = a.baseline if a.baseline in stats else None
+    base = baseline(runs)
     rep.sections += ["## Figures", ""]
     marks = f" Bottom: paired difference to {base}, 95% CI, marks {tables.MARKS}." if base else ""
     rep.figure(plots.decomposition(stats["summary"], runs.cells, rep.metric, stats.get(base), references(runs),
