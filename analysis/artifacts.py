@@ -13,19 +13,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+import torch
 
 from analysis import plots
 from analysis.runs import StudyRuns, json_artifacts
-from kdablate.metrics import ece_from_bins
+from kdablate.metrics import ece_from_bins, offdiagonal, spearman
 
 if TYPE_CHECKING:
     from analysis.report import Report
-
-
-def offdiag(m: np.ndarray) -> np.ndarray:
-    """(K, K) -> (K*(K-1),) entries off the diagonal."""
-    return m[~np.eye(len(m), dtype=bool)]
 
 
 def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd.DataFrame]:
@@ -44,7 +39,9 @@ def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd
     names = [n for n in ("teacher", "oracle") if n in mats] + [n for n in mats if n not in ("teacher", "oracle")]
     rho = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
     for a, b in itertools.combinations(names, 2):
-        rho.loc[a, b] = rho.loc[b, a] = stats.spearmanr(offdiag(mats[a]), offdiag(mats[b])).statistic
+        # The trainer's own function, so a logged ρ and a ρ here mean the same thing (ties averaged).
+        rho.loc[a, b] = rho.loc[b, a] = spearman(offdiagonal(torch.as_tensor(mats[a])),
+                                                 offdiagonal(torch.as_tensor(mats[b])))
     return [(n, mats[n]) for n in names], rho
 
 

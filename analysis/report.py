@@ -4,7 +4,8 @@
 
 Writes to ``figures/<study>/``:
   report.md                  every figure linked, one sentence per comparison, the reporting
-                             rule, and the cells that are missing;
+                             rule, the cells that are missing, and where the runs were made
+                             (machine, build, device, precision), with a warning when they differ;
   table.{md,tex,csv}         per arm: mean ± std, n, 95% CI, paired Δ to the baseline with
                              Holm-corrected paired-t and Wilcoxon p, d_z, marks;
   vs_<ref>.csv               every arm against each reference arm (one Holm family each);
@@ -30,7 +31,7 @@ from analysis import tables
 from analysis.artifacts import calibration_figure, similarity_figure
 from analysis.figures import save, study_or_exit
 from analysis import plots
-from analysis.runs import StudyRuns, history, load, parent_run
+from analysis.runs import PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
 from kdablate import tracking
 
 DEFAULT_EXTRA = ["report/test_ece", "report/test_agreement"]
@@ -117,6 +118,58 @@ def header(runs: StudyRuns, rep: Report) -> list[str]:
                   "seeds that exist:", ""]
         lines += [f"- {arm}: {status} (seeds {seeds})" for (arm, status), seeds in counts.items()] + [""]
     return lines
+
+
+def provenance_counts(cells: pd.DataFrame) -> dict[str, list[tuple[str, int]]]:
+    """Per ``PROVENANCE`` tag: (value, number of cell runs), most common first; 'unknown' where a
+    run lacks the tag."""
+    out = {}
+    for tag in PROVENANCE:
+        values = cells.get(f"tag:{tag}", pd.Series(UNKNOWN, index=cells.index)).fillna(UNKNOWN).astype(str)
+        out[tag] = sorted(values.value_counts().items(), key=lambda vn: (-vn[1], vn[0]))
+    return out
+
+
+def mixed_provenance(cells: pd.DataFrame) -> list[str]:
+    """The provenance tags with more than one value among the cell runs."""
+    return [tag for tag, counts in provenance_counts(cells).items() if len(counts) > 1]
+
+
+def runs_word(n: int) -> str:
+    return f"{n} run{'' if n == 1 else 's'}"
+
+
+def provenance_section(runs: StudyRuns) -> list[str]:
+    """'Where these numbers were made': each provenance tag's values with their run counts, and a
+    warning when the runs do not share one machine and build, or mix devices or precisions."""
+    counts = provenance_counts(runs.cells)
+    lines = ["## Where these numbers were made", "",
+             f"Provenance tags of the {runs_word(len(runs.cells))} of finished cells ('{UNKNOWN}': runs made "
+             "before kdablate logged the tag):", ""]
+    lines += [f"- `{tag}`: " + "; ".join(f"{tables.md_escape(v)} ({runs_word(n)})" for v, n in vals)
+              for tag, vals in counts.items()]
+    lines.append("")
+    mixed = [tag for tag, vals in counts.items() if len(vals) > 1]
+    if mixed:
+        lines += [f"> **Warning: these runs were not all made on one machine and library build** (they differ in "
+                  f"{', '.join(f'`{t}`' for t in mixed)}). Numbers are bit-identical only on one machine and "
+                  "library build; across CPUs they agree only within seed noise, so read differences between "
+                  "runs made in different places against the seed spread, not digit by digit.", ""]
+    for tag, what in (("device", "device"), ("amp", "precision")):
+        if tag in mixed:
+            lines += [mixing_warning(runs.cells, tag, counts[tag], what), ""]
+    return lines
+
+
+def mixing_warning(cells: pd.DataFrame, tag: str, counts: list[tuple[str, int]], what: str) -> str:
+    """The warning for runs of one table made on several devices or precisions, naming which
+    arms ran where: an arm made on one compared with an arm made on another measures both."""
+    values = cells[f"tag:{tag}"].fillna(UNKNOWN).astype(str)
+    parts = [f"{tables.md_escape(v)} for {tables.md_escape(', '.join(dict.fromkeys(cells.arm[values == v])))} "
+             f"({runs_word(n)})" for v, n in counts]
+    return (f"> **Warning: this table mixes {what}s** (`{tag}`: {'; '.join(parts)}). A difference between arms "
+            f"made on different {what}s mixes the arm's effect with the {what}'s; rerun them on one {what} "
+            "for a clean comparison.")
 
 
 def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
@@ -234,7 +287,7 @@ def build(runs: StudyRuns, out: Path, metric: str) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     clean(out)
     rep = Report(out, runs.study.name, metric, metric_rule(runs, metric))
-    rep.sections += header(runs, rep)
+    rep.sections += header(runs, rep) + provenance_section(runs)
     stats = comparisons(rep, runs)
     factorial_section(rep, runs)
     pairs_section(rep, runs)
@@ -273,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     print((rep.out / "report.md").read_text())
     if not runs.missing.empty:
         print(f"warning: partial study, {len(runs.missing)} of {len(study.cells)} cells missing (listed in the report)")
+    if mixed := mixed_provenance(runs.cells):
+        print(f"warning: the runs differ in {', '.join(mixed)}: not one machine and build (see the report)")
     parent = None if args.no_log else log_to_parent(runs, rep.out)
     print(f"wrote {len(rep.files)} files to {rep.out}/" + (f"; logged to parent run {parent}" if parent else ""))
     if parent is None and not args.no_log:

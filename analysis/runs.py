@@ -20,6 +20,11 @@ import pandas as pd
 from kdablate import tracking
 from kdablate.study import Study
 
+# The tags ``kdablate.runner.provenance`` puts on every run: where and how its numbers were made.
+PROVENANCE = ("cpu_model", "cpu_capability", "torch_version", "torch_cuda", "threads", "device", "amp", "host",
+              "python_version")
+UNKNOWN = "unknown"  # the value of a tag a run lacks (runs made before kdablate logged it)
+
 REPORT_RULES = {
     "best_val": "the epoch with the best validation accuracy (the test split is never used to choose)",
     "last": "the last epoch (no checkpoint selection)",
@@ -56,7 +61,8 @@ def labels(params: dict[str, Any]) -> tuple[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class StudyRuns:
-    """cells: one row per FINISHED cell (arm, seed, run_id, typed params, final metrics);
+    """cells: one row per FINISHED cell (arm, seed, run_id, typed params, final metrics, and
+    the ``PROVENANCE`` tags as 'tag:<name>' columns);
     missing: one row per cell of the study without a FINISHED run (arm, seed, status, reason)."""
 
     study: Study
@@ -107,7 +113,8 @@ def cell_row(run: Any) -> dict[str, Any]:
             "family": family(run.data.tags["arm"]), "mass": mass, "structure": structure,
             "temperature": params.get("knowledge.temperature"), "alpha": params.get("knowledge.alpha"),
             "report": params.get("report", "unknown"), **run.data.metrics,
-            **{f"param:{k}": v for k, v in params.items()}}
+            **{f"param:{k}": v for k, v in params.items()},
+            **{f"tag:{k}": run.data.tags.get(k, UNKNOWN) for k in PROVENANCE}}
 
 
 def history(runs: StudyRuns, metrics: list[str]) -> pd.DataFrame:

@@ -11,11 +11,20 @@ import signal
 import sys
 from pathlib import Path
 
+from kdablate.registry import ConfigError
 from kdablate.study import Study, StudyError, load_study
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr and exit 2, like a bad study file."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"kdablate: error: {message}; see 'kdablate --help'", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdablate", description="Ablation studies of knowledge distillation.")
+    p = OneLineParser(prog="kdablate", description="Ablation studies of knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every pending cell of a study, logging to MLflow")
     run.add_argument("study", help="a study file, or the name of one in studies/")
@@ -85,15 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return status(study)
-    from kdablate.runner import RunOptions, run_study
+    from kdablate.runner import RunOptions, check_device, run_study
 
+    problem = check_device(args.device)
     if args.workers < 1 or args.threads < 1:
-        print("kdablate: error: --workers and --threads must be >= 1", file=sys.stderr)
+        problem = "--workers and --threads must be >= 1"
+    if problem:
+        print(f"kdablate: error: {problem}", file=sys.stderr)
         return 2
     opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
                       checkpoint_every=args.checkpoint_every, executor=args.executor, address=args.address,
                       progress=not args.no_progress, device=args.device, amp=args.amp)
-    failed = run_study(study, opts)
+    try:
+        failed = run_study(study, opts)
+    except ConfigError as e:  # e.g. resuming a study under another precision
+        print(f"kdablate: error: {e}", file=sys.stderr)
+        return 2
     if failed:
         print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)
     return 1 if failed else 0

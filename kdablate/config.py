@@ -9,17 +9,30 @@ does not depend on whether a default was spelled out.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
-from kdablate.components import MASSES, STRUCTURES
+from kdablate.components import MASSES, STRUCTURES, Need
 from kdablate.data import DATASETS
 from kdablate.models import MODELS
-from kdablate.objectives import OBJECTIVES
+from kdablate.objectives import OBJECTIVES, build_method
 from kdablate.registry import Registry
+
+
+def _no_bool(v: Any) -> Any:
+    # YAML reads `true` as a bool and pydantic would take it as 1.0: a typo would become a number.
+    if isinstance(v, bool):
+        raise ValueError(f"must be a number, not a boolean ({str(v).lower()})")
+    return v
+
+
+# Numbers that refuse booleans: `seeds: [true, false]` must not be read as seeds 1 and 0.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_no_bool)]
 
 
 class Frozen(BaseModel):
@@ -79,15 +92,15 @@ class OptimConfig(Frozen):
     240 epochs, decays at 150, 180, 210).
     """
 
-    epochs: int = Field(30, gt=0)
-    batch_size: int = Field(128, gt=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    epochs: Int = Field(30, gt=0)
+    batch_size: Int = Field(128, gt=1)
+    lr: Float = Field(0.05, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: Float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "constant", "multistep"] = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = Field(0.1, gt=0, le=1)
+    milestones: tuple[Int, ...] = ()
+    gamma: Float = Field(0.1, gt=0, le=1)
 
 
 class TeacherConfig(Frozen):
@@ -98,12 +111,20 @@ class TeacherConfig(Frozen):
     views: with augmented data, 0 runs the teacher online on every batch (exact);
     V > 0 caches its logits on V fixed augmented views of the training set, and the
     student sees view (epoch mod V) of each image, so a KD step is a lookup again.
+    min_accuracy: the quality gate. A teacher whose validation accuracy is below it is
+    not distilled from: the cells that read it are FAILED with its accuracy. ``null``
+    means halfway between chance and perfect, (1 + 1/K) / 2 (0.55 at K = 10).
     """
 
     model: ModelSpec = ModelSpec(name="cnn1d")
     optim: OptimConfig = OptimConfig()
-    seed: int | None = 0
-    views: int = Field(0, ge=0)
+    seed: Int | None = 0
+    views: Int = Field(0, ge=0)
+    min_accuracy: Float | None = Field(None, ge=0, le=1)
+
+    def gate(self, num_classes: int) -> float:
+        """The validation accuracy this teacher must reach to be used."""
+        return (1 + 1 / num_classes) / 2 if self.min_accuracy is None else self.min_accuracy
 
 
 class KnowledgeConfig(Frozen):
@@ -112,23 +133,29 @@ class KnowledgeConfig(Frozen):
     objective: ``soft_target`` (q from mass and structure) or another registered loss (``dkd``).
     alpha: the distillation weight (for ``dkd``: the TCKD weight).
     warmup_epochs: alpha ramps linearly from 0 over these epochs.
+    warmup_by: 'step' ramps every step; 'epoch' holds epoch e's weight at e / warmup_epochs (mdistiller's DKD).
     entropy_penalty: beta of the confidence penalty, loss - beta * H(p_student).
     """
 
     objective: ObjectiveSpec = ObjectiveSpec(name="soft_target")
     mass: MassSpec = MassSpec(name="none")
     structure: StructureSpec = StructureSpec(name="uniform")
-    temperature: float = Field(1.0, gt=0)
-    alpha: float = Field(0.0, ge=0, le=1)
-    warmup_epochs: int = Field(0, ge=0)
-    entropy_penalty: float = Field(0.0, ge=0)
+    temperature: Float = Field(1.0, gt=0)
+    alpha: Float = Field(0.0, ge=0, le=1)
+    warmup_epochs: Int = Field(0, ge=0)
+    warmup_by: Literal["step", "epoch"] = "step"
+    entropy_penalty: Float = Field(0.0, ge=0)
+
+    def needs(self) -> Need:
+        """What this knowledge reads beyond the student, computed once per distinct config."""
+        return _needs(self.model_dump_json())
 
 
 class CellConfig(Frozen):
     """One training run, fully resolved. Its hash identifies it in MLflow."""
 
     arm: str
-    seed: int
+    seed: Int
     data: DataSpec = DataSpec(name="mnist1d")
     student: ModelSpec = ModelSpec(name="mlp")
     optim: OptimConfig = OptimConfig()
@@ -145,8 +172,14 @@ class CellConfig(Frozen):
         """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""
         assert self.teacher is not None
         seed = self.seed if self.teacher.seed is None else self.teacher.seed
-        teacher = {k: v for k, v in canonical(self.teacher).items() if k != "views"}  # views: not the training
+        # views and the gate are how the teacher is used, not how it is trained.
+        teacher = {k: v for k, v in canonical(self.teacher).items() if k not in ("views", "min_accuracy")}
         return stable_hash({"data": canonical(self.data), "teacher": teacher, "seed": seed})
+
+
+@functools.lru_cache(maxsize=256)
+def _needs(knowledge_json: str) -> Need:
+    return build_method(KnowledgeConfig.model_validate_json(knowledge_json)).needs
 
 
 # Bump when a default *changes meaning*: canonical() leaves defaults out of the hash.

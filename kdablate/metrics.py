@@ -58,14 +58,38 @@ def evaluate(
     return out
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """(N,) values -> (N,) float64 ranks 1..N; each run of equal values gets the mean of its ranks.
+
+    scipy's 'average' method: ranks depend only on the values, never on their
+    positions, so relabelling the classes of a matrix cannot change a correlation.
+    """
+    values, order = x.sort(stable=True)
+    _, run_of, run_len = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    # A run covering sorted positions [end - len, end) holds ranks end - len + 1 .. end.
+    end = run_len.cumsum(0).double()
+    mean_rank = end - (run_len.double() - 1) / 2
+    return torch.empty(x.shape, dtype=torch.float64, device=x.device).scatter_(0, order, mean_rank[run_of])
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two same-shaped tensors (flattened); ties broken by order."""
-    ra = a.flatten().argsort().argsort().double()
-    rb = b.flatten().argsort().argsort().double()
+    """Spearman rank correlation of two same-shaped tensors (flattened), ties given average ranks.
+
+    Equals ``scipy.stats.spearmanr``: NaN when either side is constant (its ranks
+    have no spread) or holds a NaN, or with fewer than two values.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach().flatten(), b.detach().flatten()
+    if a.numel() < 2 or a.isnan().any() or b.isnan().any():
+        return float("nan")
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra @ rb / (ra.norm() * rb.norm()).clamp_min(1e-12)).item()
+    # Ranks are exact halves, so a constant side centres to exactly 0 and 0 / 0 gives NaN;
+    # the clamp only trims rounding past +-1 (scipy clips too).
+    return (ra @ rb / (ra.norm() * rb.norm())).clamp(-1.0, 1.0).item()
 
 
 def offdiagonal(m: torch.Tensor) -> torch.Tensor:
     """(K, K) -> (K*(K-1),) entries off the diagonal."""
-    return m[~torch.eye(m.shape[0], dtype=torch.bool)]
+    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]

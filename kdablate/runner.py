@@ -24,12 +24,13 @@ from typing import Any, Callable
 import torch
 
 from kdablate import tracking
+from kdablate.components import Need
 from kdablate.config import CellConfig, flatten
-from kdablate.data import load_dataset
-from kdablate.objectives import build_method
+from kdablate.data import DataBundle, load_dataset
+from kdablate.registry import ConfigError
 from kdablate.storage import Checkpoint
 from kdablate.study import Study
-from kdablate.teacher import get_teacher, get_teacher_views, teacher_model
+from kdablate.teacher import Teacher, get_teacher, get_teacher_views, teacher_model
 from kdablate.trainer import Runtime, fit
 
 
@@ -47,6 +48,9 @@ class RunOptions:
     progress: bool = True
     device: str = "auto"
     amp: str = "none"
+    # teacher key -> why it cannot be used (it diverged or failed to train), found by
+    # ensure_teachers before the cells fan out, so no worker trains it again.
+    teacher_failures: tuple[tuple[str, str], ...] = ()
 
     def runtime(self) -> Runtime:
         """'auto' picks CUDA when torch sees a GPU, else the CPU."""
@@ -62,13 +66,27 @@ class CellOutcome:
     message: str
 
 
+def cpu_model() -> str:
+    """The CPU's model name (float results differ between CPU models within seed noise)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def provenance(threads: int, runtime: Runtime = Runtime()) -> dict[str, str]:
-    """Tags that say where and how a run was made."""
+    """Tags that say where and how a run was made: bit-identical numbers need all of them equal."""
     device = runtime.device
     if device.startswith("cuda"):
         device += f" ({torch.cuda.get_device_name(torch.device(device))})"
     return {
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda or "none",
         "python_version": platform.python_version(),
         "device": device,
         "amp": runtime.amp,
@@ -78,6 +96,39 @@ def provenance(threads: int, runtime: Runtime = Runtime()) -> dict[str, str]:
     }
 
 
+def check_device(device: str) -> str | None:
+    """Why ``device`` cannot run here (None if it can): the CLI says so in one line, exit 2."""
+    if device in ("auto", "cpu"):
+        return None
+    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        return f"--device '{device[:40]}' is not one of auto, cpu, cuda, cuda:N"
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build}); use --device cpu"
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0..."
+    return None
+
+
+class TeacherRejected(RuntimeError):
+    """The cell reads a teacher that diverged, failed to train, or is below its quality gate."""
+
+
+def load_teacher(cell: CellConfig, data: DataBundle, opts: RunOptions, runtime: Runtime) -> Teacher | None:
+    """The cell's teacher, if it has one it may use. An unusable teacher fails a cell that reads it
+    (TeacherRejected) and is left out of one that does not (which then logs no agreement)."""
+    if cell.teacher is None:
+        return None
+    reads = bool(cell.knowledge.needs() & (Need.TEACHER | Need.TEACHER_MODEL))
+    why = dict(opts.teacher_failures).get(cell.teacher_key())
+    teacher = None if why else get_teacher(cell, data, opts.cache_dir, runtime)
+    why = why or teacher.rejection(cell, data.num_classes)
+    if why and reads:
+        raise TeacherRejected(why)
+    return None if why else teacher
+
+
 def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opts: RunOptions,
                on_epoch: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
     """Train one cell, logging per-epoch metrics into ``run_id``; returns the reported metrics."""
@@ -85,14 +136,14 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     data = load_dataset(cell.data.name, cell.data.params)
     if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
         data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
-    teacher = get_teacher(cell, data, opts.cache_dir, runtime) if cell.teacher is not None else None
-    needs = build_method(cell.knowledge).needs
+    teacher = load_teacher(cell, data, opts, runtime)
+    needs = cell.knowledge.needs()
     # Cached logits are of unaugmented images: with augmentation the teacher runs online (exact),
     # or, with teacher.views = V, is looked up on V cached augmented views.
-    augmented_kd = data.augment != "none" and "teacher" in needs
+    augmented_kd = data.augment != "none" and Need.TEACHER in needs
     views = get_teacher_views(cell, data, teacher, runtime) if augmented_kd and cell.teacher.views else None
     online_logits = augmented_kd and views is None
-    model = teacher_model(cell, data, teacher, runtime) if online_logits or "teacher_model" in needs else None
+    model = teacher_model(cell, data, teacher, runtime) if online_logits or Need.TEACHER_MODEL in needs else None
     ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id})
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
                  teacher=None if teacher is None else teacher.logits, report=cell.report,
@@ -233,13 +284,44 @@ def resolve(opts: RunOptions) -> RunOptions:
                                uri=opts.uri or tracking.tracking_uri())
 
 
-def ensure_teachers(cells: list[CellConfig], opts: RunOptions) -> None:
-    """Train every teacher the cells need once, before they fan out to workers."""
+def ensure_teachers(cells: list[CellConfig], opts: RunOptions) -> RunOptions:
+    """Train every teacher the cells need once, before they fan out to workers. A teacher that
+    diverges or fails is recorded in the returned options: the cells that read it FAIL with the
+    reason, the others run without it. A teacher below a cell's gate is announced here."""
+    failures: dict[str, str] = {}
     seen: set[str] = set()
     for cell in cells:
-        if cell.teacher is not None and cell.teacher_key() not in seen:
-            seen.add(cell.teacher_key())
-            get_teacher(cell, load_dataset(cell.data.name, cell.data.params), opts.cache_dir, opts.runtime())
+        key = cell.teacher_key() if cell.teacher is not None else None
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        data = load_dataset(cell.data.name, cell.data.params)
+        try:
+            why = get_teacher(cell, data, opts.cache_dir, opts.runtime()).rejection(cell, data.num_classes)
+        except Exception as e:  # noqa: BLE001 - a failed teacher fails its cells, not the study
+            why = failures[key] = f"the teacher failed to train ({type(e).__name__}: {str(e)[:300]})"
+        if why:
+            print(f"warning: {why}; the cells that read it will be FAILED", flush=True)
+    return dataclasses.replace(opts, teacher_failures=tuple(failures.items()))
+
+
+def check_precision(client: tracking.MlflowClient, exp_id: str, study: Study, runtime: Runtime) -> None:
+    """Refuse (ConfigError) to add cells to a study whose finished cells ran on another device type
+    or precision: one table must not silently mix fp32 and bf16, or CPU and GPU numbers."""
+    mine = (runtime.device.split(":")[0], runtime.amp)
+    hashes = {c.config_hash() for c in study.cells}
+    found: dict[tuple[str, str], int] = {}
+    for run in tracking.search_cells(client, exp_id, "FINISHED"):
+        tags = run.data.tags
+        if tags.get("config_hash") in hashes and "device" in tags:
+            other = (tags["device"].split(":")[0].split(" ")[0], tags.get("amp", "none"))
+            found[other] = found.get(other, 0) + 1
+    clash = {k: n for k, n in found.items() if k != mine}
+    if clash:
+        (device, amp), n = next(iter(clash.items()))
+        raise ConfigError(f"study {study.name}: {n} finished cell(s) ran on {device} with --amp {amp}, this run "
+                          f"would use {mine[0]} with --amp {mine[1]}; rerun with --device {device} --amp {amp}, "
+                          "or use a new store (MLFLOW_TRACKING_URI) to keep the precisions apart")
 
 
 def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
@@ -248,6 +330,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     _init_worker(opts.threads)
     client = tracking.client(opts.uri)
     exp_id = tracking.experiment_id(client, study.name)
+    check_precision(client, exp_id, study, opts.runtime())
     reaped = tracking.reap_stale(client, exp_id)
     done = tracking.finished_hashes(client, exp_id)
     pending = [c for c in study.cells if c.config_hash() not in done]
@@ -259,7 +342,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     client.log_artifact(parent, str(study.path))
     failed = 0
     try:
-        ensure_teachers(pending, opts)
+        opts = ensure_teachers(pending, opts)
         execute = {"local": _run_processes if opts.workers > 1 else _run_sequential, "ray": _run_ray}[opts.executor]
         failed = report_progress(execute(pending, (exp_id, parent, tags), opts), len(pending), study.name, opts)
     except KeyboardInterrupt:

@@ -14,17 +14,36 @@ import itertools
 import json
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdablate.config import CellConfig, Frozen, MassSpec, ObjectiveSpec, StructureSpec
-from kdablate.data import check_dataset
-from kdablate.objectives import build_method
+from kdablate.checks import CellCheckError, check_cell
+from kdablate.config import CellConfig, Float, Frozen, Int, MassSpec, ObjectiveSpec, StructureSpec
 from kdablate.registry import ConfigError
 
-KNOWLEDGE_KEYS = ("objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "entropy_penalty")
+KNOWLEDGE_KEYS = ("objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "warmup_by", "entropy_penalty")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so `alpha: 0.9` ... `alpha: 0` would quietly train a different arm)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, StrictLoader.construct_mapping)
 
 
 class StudyError(Exception):
@@ -43,10 +62,11 @@ class ArmConfig(Frozen):
     objective: ObjectiveSpec | None = None
     mass: MassSpec | None = None
     structure: StructureSpec | None = None
-    temperature: float | None = Field(None, gt=0)
-    alpha: float | None = Field(None, ge=0, le=1)
-    warmup_epochs: int | None = Field(None, ge=0)
-    entropy_penalty: float | None = Field(None, ge=0)
+    temperature: Float | None = Field(None, gt=0)
+    alpha: Float | None = Field(None, ge=0, le=1)
+    warmup_epochs: Int | None = Field(None, ge=0)
+    warmup_by: Literal["step", "epoch"] | None = None
+    entropy_penalty: Float | None = Field(None, ge=0)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of base, e.g. {optim.lr: 0.1}
 
@@ -78,7 +98,7 @@ class StudyConfig(Frozen):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[Int] = Field(min_length=1)
     arms: list[ArmConfig] = Field(min_length=1)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     analysis: AnalysisConfig = AnalysisConfig()
@@ -90,7 +110,7 @@ class StudyConfig(Frozen):
 
     @field_validator("seeds")
     @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
+    def _seeds(cls, v: list[Int]) -> list[Int]:
         if len(set(v)) != len(v):
             raise ValueError(f"seeds repeat: {v}")
         return v
@@ -142,7 +162,7 @@ def load_study(study: str | Path) -> Study:
         known = sorted(q.stem for q in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         raise StudyError(path, "", f"no such study file; known studies: {', '.join(known) or 'none'}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "yaml"
@@ -220,7 +240,6 @@ def expand(config: StudyConfig, path: Path) -> list[CellConfig]:
     if dup:
         raise StudyError(path, "arms", f"two cells are both named '{dup[0]}'; use a name template like '{{mass}}+{{structure}}'")
     _check_analysis(config, path, set(names))
-    _check_data(cells, path)
     return cells
 
 
@@ -246,24 +265,26 @@ def _expand_arm(config: StudyConfig, arm: ArmConfig, path: Path, field: str) -> 
                 raise StudyError(path, f"{field}.grid", str(e)) from None
             except ValidationError as e:
                 raise _as_study_error(path, e, (field, f"<cell {name}>")) from None
-            _check_sources(cell, path, field)
+            try:
+                check_cell(cell, blame(arm, combo, f"{field} ({name})"))
+            except CellCheckError as e:
+                raise StudyError(path, e.field, str(e)) from None
             out.append(cell)
     return out
 
 
-def _check_data(cells: list[CellConfig], path: Path) -> None:
-    """Missing dataset files are a study error now, not a failed cell later."""
-    for spec in {json.dumps(c.data.model_dump(), sort_keys=True): c.data for c in cells}.values():
-        try:
-            check_dataset(spec.name, spec.params)
-        except ConfigError as e:
-            raise StudyError(path, "base.data", str(e)) from None
+def blame(arm: ArmConfig, combo: dict[str, Any], field: str) -> dict[str, str]:
+    """Which study field set each part of a cell that ``check_cell`` may refuse: the arm's
+    when its ``set``, ``grid`` or the axes override it, else ``base``'s."""
+    overridden = [*arm.set, *combo]
 
+    def who(path: str) -> str:
+        hit = any(k == path or path.startswith(k + ".") or k.startswith(path + ".") for k in overridden)
+        return f"{field}: {path}" if hit else f"base.{path}"
 
-def _check_sources(cell: CellConfig, path: Path, field: str) -> None:
-    needs = build_method(cell.knowledge).needs
-    if needs & {"teacher", "teacher_model"} and cell.teacher is None:
-        raise StudyError(path, field, f"arm '{cell.arm}' reads a teacher but base.teacher is null; set base.teacher")
+    return {"data": who("data"), "optim.batch_size": who("optim.batch_size"), "student": who("student"),
+            "teacher.optim.batch_size": who("teacher.optim.batch_size"), "teacher": who("teacher.model"),
+            "knowledge": field}
 
 
 def _check_analysis(config: StudyConfig, path: Path, arms: set[str]) -> None:

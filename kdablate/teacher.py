@@ -4,10 +4,16 @@ The cache holds the reported (best-on-val) weights, their metrics and the
 teacher's logits on every split of the unaugmented data, so distillation is a
 lookup. Writes are atomic (temp file + rename) and a per-key file lock keeps two
 processes from training the same teacher twice.
+
+A cache file also records what it was made from (the teacher key, the data's
+fingerprint) and a checksum of its logits. A file that does not match, because it
+was copied from another study, edited, or made from other data, is never used: the
+teacher is retrained, with a one-line message.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
@@ -29,6 +35,26 @@ class Teacher:
     logits: dict[str, torch.Tensor]
     metrics: dict[str, float]
     path: Path
+    checksum: str = ""  # of the logits: what caches derived from this teacher record
+
+    def rejection(self, cell: CellConfig, num_classes: int) -> str | None:
+        """Why ``cell`` must not distil from this teacher (its quality gate), or None."""
+        acc, gate = self.metrics["report/val_acc"], cell.teacher.gate(num_classes)
+        if acc >= gate:
+            return None
+        return (f"teacher {self.key} ({cell.teacher.model.name}) has validation accuracy {acc:.4f}, below "
+                f"teacher.min_accuracy {gate:.4f}; train it longer or set base.teacher.min_accuracy")
+
+
+def logits_checksum(logits: dict[str, torch.Tensor] | torch.Tensor) -> str:
+    """sha256 over every split's logits, in split order (or over one tensor)."""
+    if isinstance(logits, torch.Tensor):
+        logits = {"": logits}
+    h = hashlib.sha256()
+    for split in sorted(logits):
+        h.update(split.encode())
+        h.update(logits[split].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def train_teacher(cell: CellConfig, data: DataBundle, runtime: Runtime = CPU) -> dict:
@@ -43,19 +69,43 @@ def train_teacher(cell: CellConfig, data: DataBundle, runtime: Runtime = CPU) ->
         "logits": logits,
         "metrics": result.metrics,
         "config": {"data": cell.data.model_dump(), "teacher": cell.teacher.model_dump(), "seed": seed},
+        "identity": {"key": cell.teacher_key(), "data": data.fingerprint, "logits_sha256": logits_checksum(logits)},
     }
 
 
+def verified(path: Path, identity: dict[str, str]) -> tuple[dict | None, str]:
+    """The cache record at ``path`` if it is whole and was made from ``identity`` (and its logits
+    still match their checksum); else (None, why). A missing file is (None, '')."""
+    if not path.exists():
+        return None, ""
+    try:
+        record = torch.load(path, weights_only=True)
+        saved = record["identity"]
+        sha = logits_checksum(record["logits"])
+    except Exception as e:  # noqa: BLE001 - truncated, zeroed or foreign: any failure means do not use it
+        return None, f"unreadable ({type(e).__name__})"
+    for field, want in identity.items():
+        if saved.get(field) != want:
+            return None, f"made from another {field} ({saved.get(field)!s:.16} != {want:.16})"
+    if saved.get("logits_sha256") != sha:
+        return None, "its logits do not match their checksum"
+    return record, ""
+
+
 def get_teacher(cell: CellConfig, data: DataBundle, cache_dir: Path, runtime: Runtime = CPU) -> Teacher:
-    """The cached teacher of ``cell``, training and caching it first if needed."""
+    """The cached teacher of ``cell``, training and caching it first if needed (or if the cached
+    file is not the one this cell's teacher config and data would make)."""
     key = cell.teacher_key()
     path = Path(cache_dir) / "teachers" / f"{key}.pt"
     with file_lock(path.with_suffix(".lock")):
-        if not path.exists():
+        record, why = verified(path, {"key": key, "data": data.fingerprint})
+        if record is None:
+            if why:
+                print(f"teacher cache {path} is not usable: {why}; retraining it", flush=True)
             print(f"training teacher {key} ({cell.teacher.model.name})", flush=True)
-            atomic_save(train_teacher(cell, data, runtime), path)
-    record = torch.load(path, weights_only=True)
-    return Teacher(key, record["logits"], record["metrics"], path)
+            record = train_teacher(cell, data, runtime)
+            atomic_save(record, path)
+    return Teacher(key, record["logits"], record["metrics"], path, record["identity"]["logits_sha256"])
 
 
 @torch.inference_mode()
@@ -72,16 +122,23 @@ def view_logits(model: nn.Module, data: DataBundle, views: torch.Tensor, runtime
 
 
 def get_teacher_views(cell: CellConfig, data: DataBundle, teacher: Teacher, runtime: Runtime = CPU) -> dict:
-    """{'views': (V, N, 3) augmentation params, 'logits': (V, N, K)}, computed once and cached."""
+    """{'views': (V, N, 3) augmentation params, 'logits': (V, N, K)}, computed once and cached
+    (and recomputed when the cached file was made from another teacher or data)."""
     n_views = cell.teacher.views
     path = teacher.path.with_name(f"{teacher.key}-views{n_views}.pt")
+    identity = {"teacher": teacher.checksum, "data": data.fingerprint}
     with file_lock(path.with_suffix(".lock")):
-        if not path.exists():
+        record, why = verified(path, identity)
+        if record is None:
+            if why:
+                print(f"teacher view cache {path} is not usable: {why}; recomputing it", flush=True)
             g = torch.Generator().manual_seed(int(teacher.key[:8], 16))  # fixed per teacher and data
             views = torch.stack([crop_flip_params(len(data.y_train), g) for _ in range(n_views)])
             logits = view_logits(teacher_model(cell, data, teacher, runtime), data, views, runtime)
-            atomic_save({"views": views, "logits": logits}, path)
-    return torch.load(path, weights_only=True)
+            record = {"views": views, "logits": logits,
+                      "identity": {**identity, "logits_sha256": logits_checksum(logits)}}
+            atomic_save(record, path)
+    return record
 
 
 def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher, runtime: Runtime = CPU) -> nn.Module:

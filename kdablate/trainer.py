@@ -24,7 +24,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
-from kdablate.components import TargetContext
+from kdablate.components import Need, TargetContext
 from kdablate.components.structure import class_mean_structure, nongt_distribution, oracle_structure
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
@@ -65,6 +65,10 @@ CPU = Runtime()
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or inf; the cell is marked FAILED."""
+
+
+class NoTrainingSteps(RuntimeError):
+    """The cell would run no optimiser step; it is marked FAILED, never reported at chance."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +163,7 @@ def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge
     member = Member(model, opt, sched, build_method(knowledge, steps_per_epoch))
     if runtime.amp == "fp16":  # fp16 needs loss scaling; bf16 has fp32's range and does not
         member.scaler = torch.amp.GradScaler(torch.device(runtime.device).type)
-    if "features" in member.method.needs:
+    if Need.FEATURES in member.method.needs:
         # The training forward's last feature map, so CAM needs no second forward.
         model.features.register_forward_hook(lambda m, i, out: member.features.append(out))
     return member
@@ -224,7 +228,7 @@ def static_targets(member: Member, data: DataBundle, teacher: dict[str, torch.Te
     the label and the cached teacher logits only, e.g. KD, label smoothing), else None.
     Built once per cell (kept while the data and teacher logits are the same tensors), it turns
     the per-step mass and structure ops into one lookup."""
-    if teacher is None and "teacher" in member.method.needs:  # online teacher or teacher views
+    if teacher is None and Need.TEACHER in member.method.needs:  # online teacher or teacher views
         return None
     key = (id(data.y_train), None if teacher is None else id(teacher["train"]), id(groups))
     if member.static_target is None or member.static_target[0] != key:
@@ -328,8 +332,8 @@ def epoch_summary(method: Method, references: dict[str, torch.Tensor]) -> tuple[
     return metrics, artifacts
 
 
-def cohort_size(method: Method) -> int:
-    return 2 if "peer" in method.needs else 1
+def cohort_size(knowledge: KnowledgeConfig) -> int:
+    return 2 if Need.PEER in knowledge.needs() else 1
 
 
 def snapshot(members: list[Member], gens: tuple[torch.Generator, ...], epoch: int, step: int,
@@ -367,9 +371,11 @@ def fit(
     Selection only ever looks at val accuracy; test is logged, never chosen on.
     """
     steps_per_epoch = len(data.y_train) // optim.batch_size
+    if steps_per_epoch < 1:  # refused when the study loads; a FitResult at chance must never come out
+        raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
     # Member 0 uses the cell's seed, so its init matches the single-student arms.
     members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch, runtime)
-               for i in range(cohort_size(build_method(knowledge)))]
+               for i in range(cohort_size(knowledge))]
     gens = (seeded_generator(seed, 0), seeded_generator(seed, 1), seeded_generator(seed, 2))
     epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
     references = reference_similarities(data, teacher, knowledge.temperature)

@@ -156,11 +156,6 @@ class VisionDataset(abc.ABC):
     def read(self, root: Path) -> dict[str, torch.Tensor]:
         """Decode the files under ``root``: x_/y_ train and test, uint8 images and int64 labels."""
 
-    def check(self) -> None:
-        """Fail early (at study load) when the files are missing; reads only the listing."""
-        if not self.params.download:
-            self.read_cached()
-
     def read_cached(self) -> dict[str, torch.Tensor]:
         root = Path(self.params.data_root)
         return decoded(self.name, root, lambda: self.read(root), self.cache_suffix())

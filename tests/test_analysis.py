@@ -2,6 +2,7 @@
 (checked against scipy), the factorial, every figure's file and drawn data, partial studies."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -45,6 +46,14 @@ analysis:
 MEANS = {"ce": 0.60, "constant+uniform": 0.63, "constant+teacher": 0.66, "teacher+uniform": 0.62,
          "teacher+teacher": 0.67, "kd[temperature=2.0]": 0.64, "kd[temperature=8.0]": 0.65, "il": 0.64}
 FAILED, ABSENT = ("il", 4), ("kd[temperature=8.0]", 3)
+# Provenance tags as kdablate.runner.provenance writes them: most runs on one CPU machine, the
+# 'il' arm on a GPU in bf16, and one older run without the tags.
+CPU_RUN = {"cpu_model": "Intel(R) Xeon(R) Platinum 8481C", "cpu_capability": "AVX512", "torch_version": "2.14.1+cpu",
+           "torch_cuda": "none", "threads": "1", "device": "cpu", "amp": "none", "host": "node-a",
+           "python_version": "3.11.9"}
+GPU_RUN = {**CPU_RUN, "cpu_model": "AMD EPYC 9B45", "torch_version": "2.14.1+cu130", "torch_cuda": "13.0",
+           "device": "cuda (NVIDIA H100 80GB HBM3)", "amp": "bf16", "host": "gpu-1"}
+UNTAGGED = ("ce", 0)
 BINS = {"count": [0.0] * 13 + [40.0, 60.0], "conf_sum": [0.0] * 13 + [36.0, 58.0], "correct_sum": [0.0] * 13 + [30.0, 57.0]}
 
 
@@ -53,8 +62,13 @@ def value(arm: str, seed: int) -> float:
     return MEANS[arm] + 0.01 * (seed - 2) + float(rng.normal(0, 0.006))
 
 
+def provenance(arm: str, seed: int) -> dict[str, str]:
+    return {} if (arm, seed) == UNTAGGED else GPU_RUN if arm == "il" else CPU_RUN
+
+
 def log_cell(client, exp_id: str, parent: str, cell, status: str = "FINISHED") -> None:
-    tags = {"kind": "cell", "arm": cell.arm, "seed": str(cell.seed), "config_hash": cell.config_hash()}
+    tags = {"kind": "cell", "arm": cell.arm, "seed": str(cell.seed), "config_hash": cell.config_hash(),
+            **provenance(cell.arm, cell.seed)}
     run_id = tracking.start_run(client, exp_id, f"{cell.arm}/s{cell.seed}", tags, parent)
     tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
     v = value(cell.arm, cell.seed)
@@ -115,6 +129,32 @@ def test_partial_study_lists_missing_cells(store):
     assert missing == {FAILED: "FAILED", ABSENT: "NOT STARTED"}
     assert len(runs.cells) == len(store[0].cells) - 2
 
+
+def test_report_says_where_the_numbers_were_made_and_warns_when_mixed(store):
+    study, tmp_path, runs = store[0], store[1], store[3]
+    text = (tmp_path / "figs" / "synth" / "report.md").read_text()
+    finished = [(c.arm, c.seed) for c in study.cells if (c.arm, c.seed) not in (FAILED, ABSENT)]
+    for tag in runs_mod.PROVENANCE:
+        counts: dict[str, int] = {}
+        for arm, seed in finished:
+            v = provenance(arm, seed).get(tag, "unknown")
+            counts[v] = counts.get(v, 0) + 1
+        listed = "; ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in
+                           sorted(counts.items(), key=lambda vn: (-vn[1], vn[0])))
+        assert f"- `{tag}`: {listed}" in text, tag
+    assert "- `cpu_model`: Intel(R) Xeon(R) Platinum 8481C (33 runs); AMD EPYC 9B45 (4 runs); unknown (1 run)" in text
+    section = text[text.index("## Where these numbers were made"):text.index("## Arms")]
+    assert "not all made on one machine and library build" in section and "bit-identical only on one machine" in section
+    assert "agree only within seed noise" in section and "`cpu_model`, `cpu_capability`" in section
+    mixes = {line for line in section.splitlines() if "Warning: this table mixes" in line}
+    assert len(mixes) == 2  # device and amp
+    assert any("mixes devices" in m and "cuda (NVIDIA H100 80GB HBM3) for il (4 runs)" in m for m in mixes)
+    assert any("mixes precisions" in m and "bf16 for il (4 runs)" in m for m in mixes)
+    # Only the runs on the one CPU machine: every tag has one value, and nothing is flagged.
+    same = runs.cells[(runs.cells.arm != "il") & ~((runs.cells.arm == UNTAGGED[0]) & (runs.cells.seed == UNTAGGED[1]))]
+    lines = report.provenance_section(dataclasses.replace(runs, cells=same))
+    assert f"- `device`: cpu ({len(same)} runs)" in lines and not any("Warning" in line for line in lines)
+    assert report.mixed_provenance(same) == []
 
 def test_table_values_match_the_runs(store):
     tmp_path = store[1]

@@ -15,7 +15,6 @@ from kdablate import bench, bench_system
 from kdablate.bench_core import Row, interleave, ratio, synthetic
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.explanations import EXPLANATIONS
-from kdablate.objectives import build_method
 from kdablate.study import load_study
 from kdablate.trainer import cohort_size, make_member, seeded_generator, train_epoch
 
@@ -97,7 +96,7 @@ def count_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def test_train_epoch_makes_no_host_sync_per_step(monkeypatch, name):
     """The number of host reads in an epoch does not grow with its number of steps."""
     knowledge, syncs = KNOWLEDGE[name], []
-    members_n = cohort_size(build_method(knowledge))
+    members_n = cohort_size(knowledge)
     for steps in (2, 6):
         data = synthetic(10, (1, 40), 16 * steps)
         teacher = {"train": torch.randn(16 * steps, 10)}

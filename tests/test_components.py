@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import MASSES, STRUCTURES, SoftTarget, TargetContext, assemble_target, soft_target_loss
+from kdablate.components import MASSES, STRUCTURES, Need, SoftTarget, TargetContext, assemble_target, soft_target_loss
 from kdablate.components.structure import permute_nongt
 
 
@@ -84,7 +84,7 @@ def test_alpha_zero_is_plain_ce(batch, mass, structure):
     ours.backward()
     ce.backward()
     assert torch.equal(s1.grad, s2.grad)
-    assert obj.needs == frozenset()
+    assert obj.needs == Need.NONE
 
 
 def test_permuted_keeps_values_and_mass_but_moves_them(batch):
@@ -111,9 +111,9 @@ def test_permutation_is_fresh_per_step_and_reproducible_per_seed(batch):
 
 
 def test_teacher_components_declare_their_source():
-    assert SoftTarget.from_specs({"name": "teacher"}, {"name": "uniform"}, 4.0, 0.5).needs == {"teacher"}
-    assert SoftTarget.from_specs({"name": "constant"}, {"name": "permuted"}, 4.0, 0.5).needs == {"teacher"}
-    assert SoftTarget.from_specs({"name": "constant"}, {"name": "uniform"}, 4.0, 0.5).needs == frozenset()
+    assert SoftTarget.from_specs({"name": "teacher"}, {"name": "uniform"}, 4.0, 0.5).needs == Need.TEACHER
+    assert SoftTarget.from_specs({"name": "constant"}, {"name": "permuted"}, 4.0, 0.5).needs == Need.TEACHER
+    assert SoftTarget.from_specs({"name": "constant"}, {"name": "uniform"}, 4.0, 0.5).needs == Need.NONE
 
 
 def test_assemble_and_loss_shapes_and_zero_entries():

@@ -85,7 +85,7 @@ base:
   data: {name: mnist1d, num_samples: 600}
   student: {name: mlp, hidden: 16, depth: 1}
   optim: {epochs: 2, batch_size: 64}
-  teacher: {model: {name: cnn1d, channels: 8, depth: 2}, optim: {epochs: 2, batch_size: 64}}
+  teacher: {model: {name: cnn1d, channels: 8, depth: 2}, optim: {epochs: 2, batch_size: 64}, min_accuracy: 0.1}
 seeds: [0, 1]
 arms:
   - {name: ce, mass: none, alpha: 0.0}

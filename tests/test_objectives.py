@@ -1,4 +1,5 @@
-"""DKD against the DKD paper's formula, DML on tiny data, and the new components' identities."""
+"""DKD against the DKD paper's formula (and in high precision for confident logits), the warm-up
+ramps, DML on tiny data, and the new components' identities."""
 from __future__ import annotations
 
 import math
@@ -7,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import SoftTarget, TargetContext
+from kdablate.components import Need, SoftTarget, TargetContext
 from kdablate.components.mass import virtual_teacher_mass
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
-from kdablate.objectives import build_method, dkd_parts, entropy
+from kdablate.objectives import build_method, dkd_parts, entropy, warmup_ramp
 from kdablate.trainer import fit
 
 
@@ -36,6 +37,72 @@ def test_dkd_matches_the_paper(batch, T):
     assert tckd.item() == pytest.approx(ref_t, rel=1e-5) and nckd.item() == pytest.approx(ref_n, rel=1e-5)
 
 
+def dkd_in_high_precision(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, T: float) -> tuple[float, float]:
+    """The paper's eqs. 1-4 per sample at 60 significant digits (mpmath), the non-target mass
+    summed over the other classes as the paper defines it, so that nothing cancels."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 60
+    tckd = nckd = mp.mpf(0)
+    for zs, zt, t in zip(z_s.double().tolist(), z_t.double().tolist(), y.tolist()):
+        es, et = [mp.exp(mp.mpf(v) / T) for v in zs], [mp.exp(mp.mpf(v) / T) for v in zt]
+        os, ot = (mp.fsum(e[c] for c in range(len(e)) if c != t) for e in (es, et))
+        bs, bt = (es[t] / (es[t] + os), os / (es[t] + os)), (et[t] / (et[t] + ot), ot / (et[t] + ot))
+        tckd += mp.fsum(b_t * mp.log(b_t / b_s) for b_t, b_s in zip(bt, bs))
+        nckd += mp.fsum((et[c] / ot) * mp.log((et[c] / ot) / (es[c] / os)) for c in range(len(zs)) if c != t)
+    return float(tckd / len(y) * T**2), float(nckd / len(y) * T**2)
+
+
+def confident_logits(scale: float, dtype: torch.dtype, labels: str = "random",
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B = 8, K = 100 student / teacher logits of scale ``scale``, and labels: 'random', or the
+    'teacher' or 'student' argmax, whose p_y then rounds to 1 at T = 1."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(8, 100, generator=g, dtype=torch.float64) * scale for _ in range(2))
+    y = {"random": torch.randint(0, 100, (8,), generator=g), "teacher": t.argmax(1), "student": s.argmax(1)}[labels]
+    return s.to(dtype), t.to(dtype), y
+
+
+@pytest.mark.parametrize("labels", ["random", "teacher", "student"])
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("scale,T", [(40.0, 1.0), (40.0, 4.0), (150.0, 1.0)])
+def test_dkd_is_exact_for_confident_logits(dtype, rel, scale, T, labels):
+    """The old form, 1 - p_y and a log clamped at 1e-12, put TCKD off by 17% to 100% at T = 1
+    here, in either dtype; both parts must now be right to ``rel``.
+
+    Relative to values a dtype can hold: a TCKD below its smallest normal number (1e-43 in
+    float32 at scale 150, random labels) has no relative precision to check.
+    """
+    s, t, y = confident_logits(scale, dtype, labels)
+    tckd, nckd = dkd_parts(s, t, y, T)
+    ref_t, ref_n = dkd_in_high_precision(s, t, y, T)
+    tiny = torch.finfo(dtype).tiny
+    assert tckd.dtype == dtype
+    assert tckd.item() == pytest.approx(ref_t, rel=rel, abs=tiny) and nckd.item() == pytest.approx(ref_n, rel=rel, abs=tiny)
+
+
+def test_dkd_gradient_is_right_for_confident_logits():
+    s, t, _ = confident_logits(40.0, torch.float64)
+    # gradcheck differentiates numerically: keep it small. Rows 0-1 are confident on y for the
+    # student (p_y rounds to 1), row 2 for the teacher, row 3 for neither.
+    s, t = s[:4, :12].clone(), t[:4, :12]
+    y = torch.cat([s[:2].argmax(1), t[2:3].argmax(1), s[3:].argmin(1)])
+    s.requires_grad_()
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        tckd, nckd = dkd_parts(z, t, y, 1.0)
+        return tckd + 8.0 * nckd
+
+    assert torch.autograd.gradcheck(loss, (s,))
+
+
+def test_dkd_gradient_is_right_where_target_and_non_target_tie():
+    """K = 2 and a zero-initialised head: b = (1/2, 1/2), where the two branches of
+    ``binary_log_probs`` meet."""
+    s = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 3.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: dkd_parts(z, t, torch.tensor([0, 1, 0]), 1.0)[0], (s,))
+
+
 def test_dkd_reformulates_kd_per_sample(batch):
     """The DKD paper's identity: KD = TCKD + (1 - p_t^T) NCKD, sample by sample."""
     T = 4.0
@@ -54,14 +121,14 @@ def test_dkd_objective_weights_tckd_by_alpha_and_nckd_by_beta(batch):
     tckd, nckd = dkd_parts(batch["student"], batch["teacher"], batch["labels"], 4.0)
     ce = F.cross_entropy(batch["student"], batch["labels"])
     torch.testing.assert_close(parts["loss"], ce + 1.0 * tckd + 8.0 * nckd)
-    assert method.needs == {"teacher"}
+    assert method.needs == Need.TEACHER
 
 
 def test_peer_components_are_kd_from_the_peer(batch):
     obj = SoftTarget.from_specs({"name": "peer"}, {"name": "peer"}, 3.0, 0.5)
     ctx = TargetContext(batch["labels"], 10, 3.0, batch["student"], peer_logits=batch["peer"])
     torch.testing.assert_close(obj.target(ctx), torch.softmax(batch["peer"] / 3.0, 1), rtol=0, atol=1e-6)
-    assert obj.needs == {"peer"}
+    assert obj.needs == Need.PEER
 
 
 def test_self_mass_is_the_students_own_detached_mass(batch):
@@ -71,7 +138,7 @@ def test_self_mass_is_the_students_own_detached_mass(batch):
     m = obj.mass(ctx)
     p = torch.softmax(batch["student"] / 4.0, 1)
     torch.testing.assert_close(m, 1 - p.gather(1, batch["labels"][:, None]).squeeze(1))
-    assert not m.requires_grad and obj.needs == frozenset()
+    assert not m.requires_grad and obj.needs == Need.NONE
 
 
 def test_virtual_teacher_mass_is_tfkd():
@@ -122,3 +189,34 @@ def test_il_logs_similarity_and_cost_and_spearman_with_teacher():
     sim = r.artifacts["similarity_explanation"]
     assert sim.shape == (10, 10) and torch.allclose(sim.sum(1), torch.ones(10)) and (sim.diagonal() == 0).all()
     assert r.artifacts["similarity_teacher"].shape == (10, 10)
+
+
+def test_warmup_ramps_per_step_and_per_epoch():
+    # 2 warm-up epochs of 3 steps: per step 1/6 .. 6/6; per epoch 1/2 for epoch 1, then 1.
+    assert [warmup_ramp(s, 2, 3, "step") for s in range(8)] == [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0]
+    assert [warmup_ramp(s, 2, 3, "epoch") for s in range(8)] == [0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert warmup_ramp(10**6, 0, 3, "epoch") == warmup_ramp(0, 0, 3, "step") == 1.0
+    assert warmup_ramp(0, 2, 0, "epoch") == 0.5  # no full batch in the split: one step is one epoch
+
+
+def test_epoch_warmup_is_mdistillers():
+    """mdistiller's DKD.forward_train weighs the DKD loss by min(epoch / warmup, 1), epoch from 1."""
+    spe, warmup = 7, 20
+    for epoch in range(1, 26):
+        for step in range((epoch - 1) * spe, epoch * spe):
+            assert warmup_ramp(step, warmup, spe, "epoch") == min(epoch / warmup, 1.0)
+
+
+@pytest.mark.parametrize("by,ramps", [("epoch", {0: 1 / 20, 2: 1 / 20, 3: 2 / 20, 59: 1.0, 60: 1.0}),
+                                      ("step", {0: 1 / 60, 2: 3 / 60, 3: 4 / 60, 59: 1.0, 60: 1.0})])
+def test_dkd_method_warms_up_the_dkd_term(batch, by, ramps):
+    """loss = CE + ramp * (alpha TCKD + beta NCKD), the ramp per step or per epoch."""
+    k = KnowledgeConfig(objective={"name": "dkd", "beta": 2.0}, temperature=4.0, alpha=1.0,
+                        warmup_epochs=20, warmup_by=by)
+    method = build_method(k, steps_per_epoch=3)
+    y = batch["labels"]
+    ce = F.cross_entropy(batch["student"], y)
+    tckd, nckd = dkd_parts(batch["student"], batch["teacher"], y, 4.0)
+    for step, ramp in ramps.items():
+        ctx = TargetContext(y, 10, 4.0, batch["student"], batch["teacher"], step=step)
+        torch.testing.assert_close(method(batch["student"], ctx)["loss"], ce + ramp * (tckd + 2.0 * nckd))

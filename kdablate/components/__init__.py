@@ -6,7 +6,7 @@ the other K-1 classes): q_y = 1 - m, q_c = m * r_c. See Gu, Wu & Tresp,
 "Introspective Learning by Distilling Knowledge from Online Self-explanation"
 (ACCV 2020, arXiv:2009.09140), and Hinton et al. (2015) for the KD loss.
 """
-from kdablate.components.context import TargetContext
+from kdablate.components.context import Need, TargetContext
 from kdablate.components.mass import MASSES
 from kdablate.components.structure import STRUCTURES
 from kdablate.components import explanation as _explanation  # noqa: F401  (registers 'explanation')
@@ -14,6 +14,7 @@ from kdablate.components.target import SoftTarget, assemble_target, soft_target_
 
 __all__ = [
     "MASSES",
+    "Need",
     "STRUCTURES",
     "SoftTarget",
     "TargetContext",

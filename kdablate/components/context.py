@@ -3,11 +3,26 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 
 import torch
 from torch import nn
 
-SOURCES = ("self", "teacher", "peer")
+
+class Need(enum.Flag):
+    """What a cell must load beyond the student. Declared by every component and objective,
+    combined per cell, and checked when the study loads against the config (a teacher) and
+    the dataset (a class hierarchy), so a missing source fails before any cell trains."""
+
+    NONE = 0
+    TEACHER = enum.auto()        # the teacher's logits (cached, per view, or online)
+    TEACHER_MODEL = enum.auto()  # the teacher network itself (teacher explanations)
+    PEER = enum.auto()           # a cohort of students (Deep Mutual Learning)
+    FEATURES = enum.auto()       # the student's last feature map from the training forward
+    HIERARCHY = enum.auto()      # the dataset's class groups (superclasses)
+
+
+SOURCE_NEEDS = {"self": Need.NONE, "teacher": Need.TEACHER, "peer": Need.PEER}
 
 
 @dataclasses.dataclass
@@ -55,17 +70,31 @@ class TargetContext:
         return torch.softmax(self.logits(source) / self.temperature, dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What a study shows a component when it loads, before any cell trains.
+
+    inputs: (B, *shape) a few prepared training inputs of the cell's dataset.
+    models: 'self' (the student) and, when the cell has one, 'teacher': freshly built.
+    names: the registry name of each model, for messages.
+    """
+
+    inputs: torch.Tensor
+    num_classes: int
+    models: dict[str, nn.Module]
+    names: dict[str, str]
+
+
 class Component(abc.ABC):
     """Base of mass and structure plugins: holds the checked ``Params``.
 
-    ``needs`` names what the component reads beyond the student ('teacher',
-    'peer', 'teacher_model', 'features'), so the trainer loads only what a cell
-    uses. ``differentiable`` components let gradients flow through the target.
+    ``needs`` (a ``Need`` flag set) says what the component reads beyond the student,
+    so the study checks it at load and the trainer loads only what a cell uses. ``differentiable`` components let gradients flow through the target.
     ``static`` components are a fixed function of (labels, cached teacher logits, T,
     class_groups) per sample, so the trainer may build their target once per epoch.
     """
 
-    needs: frozenset[str] = frozenset()
+    needs: Need = Need.NONE
     differentiable: bool = False
     static: bool = False
 
@@ -80,6 +109,10 @@ class Component(abc.ABC):
         """Per-epoch statistics to log (e.g. a class-similarity matrix); resets them."""
         return {}
 
+    def check(self, probe: Probe) -> None:
+        """Raise ConfigError when this component cannot work with the cell's data and models
+        (run once per distinct cell at load, so a misfit is refused rather than trained)."""
+
 
 class SourceComponent(Component):
     """A component computed from one source's probabilities at T ('self', 'teacher', 'peer').
@@ -91,8 +124,8 @@ class SourceComponent(Component):
     source: str = "teacher"
 
     @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset() if self.source == "self" else frozenset({self.source})
+    def needs(self) -> Need:  # type: ignore[override]
+        return SOURCE_NEEDS[self.source]
 
     @property
     def static(self) -> bool:  # type: ignore[override]

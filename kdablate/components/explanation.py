@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdablate.components.context import Component, TargetContext
-from kdablate.components.structure import STRUCTURES, uniform_structure
+from kdablate.components.context import Component, Need, Probe, TargetContext
+from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
 from kdablate.explanations import EXPLANATIONS, Explanation
+from kdablate.registry import ConfigError
 
 SIMILARITIES = ("cosine", "pearson", "neg_l2")
 
@@ -100,8 +101,8 @@ class ExplanationStructure(Component):
         # 'reuse' takes the feature map of this step's training forward: CAM is then one einsum.
         self.reuse = params.mode == "reuse" or (
             params.mode == "auto" and self.source.needs_features and params.explainer == "self")
-        self.needs = frozenset({"teacher_model"} if params.explainer == "teacher" else set()) | (
-            {"features"} if self.reuse else set())
+        self.needs = (Need.TEACHER_MODEL if params.explainer == "teacher" else Need.NONE) | (
+            Need.FEATURES if self.reuse else Need.NONE)
         self.differentiable = params.differentiable
         self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class
         self._epoch_sums: torch.Tensor | None = None
@@ -124,6 +125,25 @@ class ExplanationStructure(Component):
         self._update(r_exp.detach(), y[:n], k)
         self._seconds += time.perf_counter() - t0
         return torch.cat([r_exp, r[n:]]) if n < len(y) else r_exp
+
+    def check(self, probe: Probe) -> None:
+        """Refuse a source the explainer cannot support: one that fails on it, or that gives one
+        number per class (Grad-CAM at a layer with no spatial dims, e.g. an MLP's), whose
+        similarities are all +-1, so the 'structure' would carry nothing and say nothing."""
+        who = self.params.explainer
+        model = probe.models.get(who)
+        if model is None:  # a missing teacher is refused by the cell's needs
+            return
+        what = f"explanation '{self.params.source}' of the {who} model '{probe.names[who]}'"
+        try:
+            maps = explain(model, self.source, probe.inputs, eval_mode=True, create_graph=False)
+        except (ValueError, RuntimeError, AttributeError) as e:
+            raise ConfigError(f"{what} fails: {e}") from None
+        if maps[0, 0].numel() < 2:
+            raise ConfigError(f"{what} gives one number per class (maps {tuple(maps.shape[2:]) or '()'}), so "
+                              "every similarity is +-1; use saliency or grad_input, or a layer with spatial dims")
+        if not torch.isfinite(maps).all():
+            raise ConfigError(f"{what} gives non-finite maps on the first training inputs")
 
     def explained_structure(self, ctx: TargetContext, n: int) -> torch.Tensor:
         """(n, K) structure of the first n samples from their explanations."""
@@ -155,10 +175,7 @@ class ExplanationStructure(Component):
         """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""
         if self._epoch_sums is None:
             return {}
-        k = self._epoch_sums.shape[0]
-        uniform = uniform_structure(torch.arange(k, device=self._epoch_sums.device), k)
-        c = self._epoch_counts[:, None]
-        out = {"similarity": torch.where(c > 0, self._epoch_sums / c.clamp_min(1), uniform).cpu(),
+        out = {"similarity": class_means(self._epoch_sums, self._epoch_counts).cpu(),
                "explain_ms": torch.tensor(1000 * self._seconds / max(self._steps, 1))}
         self._epoch_sums.zero_()
         self._epoch_counts.zero_()

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from kdablate.components.context import Component, SourceComponent, TargetContext
+from kdablate.components.context import Component, Need, Probe, SourceComponent, TargetContext
 from kdablate.registry import Registry
 
 STRUCTURES: Registry = Registry("structure")
@@ -60,10 +60,19 @@ def class_mean_structure(r: torch.Tensor, labels: torch.Tensor, num_classes: int
 
     A class with no samples gets a uniform row.
     """
-    sums = torch.zeros(num_classes, num_classes, dtype=r.dtype).index_add_(0, labels, r)
-    counts = torch.bincount(labels, minlength=num_classes).to(r.dtype)[:, None]
-    uniform = uniform_structure(torch.arange(num_classes), num_classes).to(r.dtype)
-    return torch.where(counts > 0, sums / counts.clamp_min(1), uniform)
+    sums = torch.zeros(num_classes, num_classes, dtype=r.dtype, device=r.device).index_add_(0, labels, r)
+    return class_means(sums, torch.bincount(labels, minlength=num_classes).to(r.dtype))
+
+
+def class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(K, K) per-class row sums, (K,) sample counts -> (K, K) per-class mean rows.
+
+    A class with no samples gets the uniform row: it has no evidence of any similarity.
+    """
+    k = sums.shape[0]
+    uniform = uniform_structure(torch.arange(k, device=sums.device), k).to(sums.dtype)
+    c = counts[:, None]
+    return torch.where(c > 0, sums / c.clamp_min(1), uniform)
 
 
 @STRUCTURES.register("uniform")
@@ -128,6 +137,9 @@ class PermutedStructure(Component):
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return permute_nongt(self.base(ctx), ctx.labels, ctx.generator)
 
+    def check(self, probe: Probe) -> None:
+        self.base.check(probe)
+
     def summary(self) -> dict[str, torch.Tensor]:
         return self.base.summary()
 
@@ -162,7 +174,7 @@ class OracleStructure(Component):
             if not 0.0 <= self.within <= 1.0:
                 raise ValueError(f"within must be in [0, 1], got {self.within}")
 
-    needs = frozenset({"hierarchy"})
+    needs = Need.HIERARCHY
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         if ctx.class_groups is None:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from kdablate.components.context import TargetContext
+from kdablate.components.context import Need, Probe, TargetContext
 from kdablate.components.mass import MASSES
 from kdablate.components.structure import STRUCTURES
 
@@ -91,19 +91,15 @@ class _FusedSoftTargetLoss(torch.autograd.Function):
         return grad.mul_(grad_total / len(labels)), None, None, None, None
 
 
-def ce_only_loss(student_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+def ce_only_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """soft_target_loss with the one-hot target and alpha = 0, without building the target.
 
-    loss_kd, T^2 KL(one-hot || softmax(z/T)) = T^2 CE(z/T, y), is logged only, so it is
-    computed without autograd (and is the CE itself at T = 1); target_mass is 0.
+    Only the terms the arm has are logged: a CE arm has no KD term and no target mass, so
+    logging them (a KL of the one-hot label equal to the CE itself) would put a fake
+    'train/loss_kd' beside the real ones in a comparison.
     """
     ce = F.cross_entropy(student_logits, labels)
-    if temperature == 1:
-        kd = ce.detach()
-    else:
-        with torch.no_grad():
-            kd = F.cross_entropy(student_logits / temperature, labels) * temperature**2
-    return {"loss": ce, "loss_ce": ce.detach(), "loss_kd": kd, "target_mass": torch.zeros((), device=ce.device)}
+    return {"loss": ce, "loss_ce": ce.detach()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +121,21 @@ class SoftTarget:
         return cls(m, s, temperature, alpha)
 
     @property
-    def needs(self) -> frozenset[str]:
-        """Knowledge sources ('teacher', ...) this target reads; none when alpha is 0."""
-        return frozenset() if self.alpha == 0 else self.mass.needs | self.structure.needs
+    def needs(self) -> Need:
+        """What this target reads (``Need``); nothing when alpha is 0."""
+        return Need.NONE if self.alpha == 0 else self.mass.needs | self.structure.needs
 
     @property
     def static(self) -> bool:
         """q is a fixed function of each sample's label and cached teacher logits: the trainer
         may build it for the whole train split at once and look it up per batch."""
         return self.alpha != 0 and self.mass.static and self.structure.static and not self.structure.differentiable
+
+    def check(self, probe: Probe) -> None:
+        """Both components' load-time checks (``Component.check``)."""
+        if self.alpha != 0:
+            self.mass.check(probe)
+            self.structure.check(probe)
 
     def target(self, ctx: TargetContext) -> torch.Tensor:
         """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
@@ -145,7 +147,7 @@ class SoftTarget:
         """alpha: overrides ``self.alpha`` for this step (warm-up ramps)."""
         alpha = self.alpha if alpha is None else alpha
         if self.alpha == 0:  # CE only: no source needs to be present, no target to build
-            return ce_only_loss(student_logits, ctx.labels, self.temperature)
+            return ce_only_loss(student_logits, ctx.labels)
         q = self.target(ctx) if ctx.target is None else ctx.target
         out = soft_target_loss(student_logits, ctx.labels, q, self.temperature, alpha)
         out["target_mass"] = 1.0 - q.gather(1, ctx.labels[:, None]).mean()
