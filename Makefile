@@ -6,7 +6,7 @@ STUDY  ?= components
 WORKERS ?= 1
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv study run figures test ui dry-run status bench fake-cifar100 clean
+.PHONY: venv study run figures test ui dry-run status bench torture fake-cifar100 clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ ui: $(STAMP)
 # written to figures/bench/bench.json. BENCH_ARGS="--compile" adds torch.compile (minutes).
 bench: $(STAMP)
 	$(BIN)/python -m kdablate.bench $(BENCH_ARGS)
+
+# Kill -9 torture (README, "Trust"): TRIALS random kills of the smoke study, some while the store is
+# being created, each followed by a rerun; every trial must end with one FINISHED run per cell.
+TRIALS ?= 20
+torture: $(STAMP)
+	$(BIN)/python -m tests.torture --trials $(TRIALS)
 
 # Synthetic CIFAR-100 in its real on-disk format under data/, to try the *_cifar100_quick studies
 # where the real data cannot be had. Not CIFAR: its numbers say nothing about CIFAR.

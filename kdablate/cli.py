@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(study)
         return 0
     if args.command == "status":
-        return status(study)
+        try:
+            return status(study)
+        except ConfigError as e:
+            print(f"kdablate: error: {e}", file=sys.stderr)
+            return 2
     from kdablate.runner import RunOptions, check_device, run_study
 
     problem = check_device(args.device)

@@ -166,7 +166,11 @@ class CellConfig(Frozen):
     def config_hash(self) -> str:
         """Hash of what differs from the defaults (see ``canonical``), so upgrading kdablate with a
         new field or plugin parameter leaves the hashes of finished cells, and their reuse, intact."""
-        return stable_hash({"schema": HASH_SCHEMA, **canonical(self)})
+        fields = canonical(self)
+        # The gate decides whether a cell may run, not what it computes: changing it must not
+        # retrain finished cells.
+        fields.get("teacher", {}).pop("min_accuracy", None)
+        return stable_hash({"schema": HASH_SCHEMA, **fields})
 
     def teacher_key(self) -> str:
         """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -166,43 +168,53 @@ def checkpoint_path(cell: CellConfig, opts: RunOptions) -> Path:
 
 
 def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: CellConfig, opts: RunOptions,
-             tags: dict[str, str]) -> tuple[str, bool]:
-    """The cell's run: the one its checkpoint names (reopened), else a new one. Returns (id, resumed)."""
+             tags: dict[str, str]) -> tuple[str | None, int, str]:
+    """Claim the cell (see ``tracking.claim_cell``): the run its checkpoint names, reopened, else a
+    new one. Returns (run_id, the epoch it resumes after (0: a new run), '') or (None, 0, why)
+    when the cell is finished or another process owns it."""
     saved = Checkpoint(checkpoint_path(cell, opts)).load() if opts.checkpoint_every else None
-    run_id = saved["meta"].get("run_id") if saved else None
-    if run_id:
-        try:
-            if client.get_run(run_id).info.status != "FINISHED":
-                client.update_run(run_id, status="RUNNING")
-                tracking.set_tags(client, run_id, {**tracking.owner_tags(), "resumed_from_epoch": str(saved["epoch"])})
-                return run_id, True
-        except Exception:  # noqa: BLE001 - the run is gone (another store): start afresh
-            pass
+
+    def create() -> str:
+        cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
+                     "config_hash": cell.config_hash()}
+        return tracking.start_run(client, exp_id, f"{cell.arm}/s{cell.seed}", cell_tags, parent)
+
+    run_id, resumed, why = tracking.claim_cell(client, exp_id, opts.uri or tracking.tracking_uri(),
+                                               cell.config_hash(), saved["meta"].get("run_id") if saved else None,
+                                               create)
+    if run_id is None:
+        return None, 0, why
+    if resumed:
+        tracking.set_tags(client, run_id, {"resumed_from_epoch": str(saved["epoch"])})
+        return run_id, int(saved["epoch"]), ""
+    if saved:  # its run is gone (another store) or finished: the checkpoint is not this run's
         checkpoint_path(cell, opts).unlink(missing_ok=True)
-    cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
-                 "config_hash": cell.config_hash()}
-    run_id = tracking.start_run(client, exp_id, f"{cell.arm}/s{cell.seed}", cell_tags, parent)
     tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
     client.log_text(run_id, json.dumps(cell.model_dump(mode="json"), indent=2), "config.json")
-    return run_id, False
+    return run_id, 0, ""
 
 
 def run_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], opts: RunOptions) -> CellOutcome:
-    """One child run, FINISHED or FAILED; a KeyboardInterrupt marks it KILLED and propagates."""
+    """One child run, FINISHED or FAILED (SKIPPED when another process owns the cell); a
+    KeyboardInterrupt marks it KILLED and propagates."""
     client = tracking.client(opts.uri)
-    run_id, resumed = open_run(client, exp_id, parent, cell, opts, tags)
+    run_id, resumed, why = open_run(client, exp_id, parent, cell, opts, tags)
+    if run_id is None:
+        return CellOutcome(cell.arm, cell.seed, "SKIPPED", why)
+    carried, logged = tracking.resume_point(client, run_id, resumed) if resumed else (0.0, 0)
     t0 = time.time()
     bar = cell_bar(cell, opts)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(client, run_id, metrics, epoch)
+        if epoch > logged:  # an epoch retrained after a resume is logged once
+            tracking.log_metrics(client, run_id, {**metrics, "time/elapsed_s": carried + time.time() - t0}, epoch)
         if bar is not None:
             bar.update(epoch - bar.n)
             bar.set_postfix({"val/acc": f"{metrics['val/acc']:.3f}"})
 
     try:
         final = train_cell(client, run_id, cell, opts, on_epoch)
-        final["time/wall_s"] = time.time() - t0
+        final["time/wall_s"] = carried + time.time() - t0
         tracking.log_metrics(client, run_id, final, cell.optim.epochs)
     except KeyboardInterrupt:
         tracking.terminate(client, run_id, "KILLED", "interrupted")
@@ -214,7 +226,7 @@ def run_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], o
         if bar is not None:
             bar.close()
     tracking.terminate(client, run_id, "FINISHED")
-    note = " (resumed)" if resumed else ""
+    note = f" (resumed after epoch {resumed})" if resumed else ""
     return CellOutcome(cell.arm, cell.seed, "FINISHED", f"test/acc {final['report/test_acc']:.4f} "
                        f"(val {final['report/val_acc']:.4f}, {final['time/wall_s']:.1f}s){note}")
 
@@ -324,9 +336,32 @@ def check_precision(client: tracking.MlflowClient, exp_id: str, study: Study, ru
                           "or use a new store (MLFLOW_TRACKING_URI) to keep the precisions apart")
 
 
+MIN_FREE_MIB = 200  # below this a cache or store folder is refused before any cell trains
+
+
+def check_folder(path: Path, what: str) -> None:
+    """ConfigError (the CLI's exit 2) when ``path`` cannot hold a study's files: not a folder,
+    not writable, or nearly full, so no cell starts only to fail on its first write."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder; point {what} elsewhere")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write {what} {path}: {e.strerror or e}; make it writable or point it elsewhere") from None
+    free = shutil.disk_usage(path).free / 2**20
+    if free < MIN_FREE_MIB:
+        raise ConfigError(f"{what} {path} has only {free:.0f} MiB free (need {MIN_FREE_MIB}); free space or point it elsewhere")
+
+
 def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     """Run every pending cell; returns the number of cells that FAILED."""
     opts = resolve(opts)
+    check_folder(Path(opts.cache_dir), "the cache (--cache-dir, KDABLATE_CACHE)")
+    db = tracking.sqlite_path(opts.uri)
+    if db is not None:
+        check_folder(db.parent, "the MLflow store's folder (MLFLOW_TRACKING_URI)")
     _init_worker(opts.threads)
     client = tracking.client(opts.uri)
     exp_id = tracking.experiment_id(client, study.name)
@@ -361,7 +396,7 @@ def report_progress(outcomes, total: int, name: str, opts: RunOptions) -> int:
     with tqdm(total=total, desc=name, unit="cell", disable=None if opts.progress else True) as bar:
         for i, out in enumerate(outcomes, 1):
             failed += out.status == "FAILED"
-            tag = "FAILED " if out.status == "FAILED" else ""
+            tag = "" if out.status == "FINISHED" else out.status + " "
             tqdm.write(f"[{i}/{total}] {tag}{out.arm} seed {out.seed}: {out.message}")
             bar.update(1)
     return failed

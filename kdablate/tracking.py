@@ -3,19 +3,29 @@ a child run per cell, and finished cells found again by their config hash.
 
 Uses ``MlflowClient`` with explicit run ids rather than the fluent API's global
 active run, so logging never depends on hidden state.
+
+A cell has one owner at a time: it is claimed in the store before it trains (see
+``claim_cell``), so two invocations of one study, workers, Ray tasks or two users
+on one server never train it twice. A new SQLite store is created once, under a
+file lock, into a temporary file renamed into place, so a kill or a race during
+creation never leaves a half-made store.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from kdablate.registry import ConfigError
 
 BATCH = 100  # log_batch accepts at most 100 params per call
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,7 +57,74 @@ def tracking_uri(root: Path | None = None) -> str:
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    """A client of the store at ``uri``; a local SQLite store is created (or repaired) first."""
+    uri = uri or tracking_uri()
+    ensure_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+class StoreError(ConfigError):
+    """The store cannot be used (half-made with runs in it, unwritable); one line for the CLI."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store, else None (a server or another backend)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _store_state(db: Path) -> str:
+    """'ok', 'empty' (half-made, no runs: safe to recreate) or 'runs' (half-made with runs)."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+            done = "alembic_version" in tables and con.execute("select count(*) from alembic_version").fetchone()[0]
+            if done and {"experiments", "runs", "metrics", "tags"} <= tables:
+                return "ok"
+            return "runs" if "runs" in tables and con.execute("select count(*) from runs").fetchone()[0] else "empty"
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return "empty" if db.stat().st_size == 0 else "runs"
+
+
+def ensure_store(uri: str) -> None:
+    """Create a local SQLite store once, under a file lock, in a temporary file renamed into place.
+    A store left half-made (by a kill, or by an older kdablate) is recreated when it holds no runs,
+    with a message; with runs in it, StoreError says what to do."""
+    db = sqlite_path(uri)
+    if db is None or (db.exists() and _store_state(db) == "ok"):
+        return
+    from kdablate.storage import file_lock
+
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(db.with_name(db.name + ".lock")):
+            if db.exists():
+                state = _store_state(db)
+                if state == "ok":
+                    return
+                if state == "runs":
+                    raise StoreError(f"the MLflow store {db} is damaged and holds runs; move it aside "
+                                     "(or repair it with sqlite3) and rerun")
+                aside = db.with_name(f"{db.name}.broken-{int(time.time())}")
+                os.replace(db, aside)
+                print(f"note: the MLflow store {db} was half-made (no runs in it); moved to {aside.name}, "
+                      "creating it anew", flush=True)
+            _create_store(db)
+    except PermissionError as e:
+        raise StoreError(f"cannot write the MLflow store at {db}: {e.strerror}; set MLFLOW_TRACKING_URI "
+                         "to a writable place") from None
+
+
+def _create_store(db: Path) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "mlartifacts"))
+    store.engine.dispose()
+    os.replace(tmp, db)  # atomic: readers see no store or a whole one
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:
@@ -132,7 +209,7 @@ def owner_tags() -> dict[str, str]:
     return {"worker_host": platform.node(), "worker_pid": str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -142,22 +219,109 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reap_stale(c: MlflowClient, exp_id: str, stale_after_s: float = 1800.0) -> list[str]:
-    """Mark RUNNING runs whose process is gone KILLED; returns their run ids.
+STALE_AFTER_S = 1800.0  # a run of another host with no heartbeat for this long is dead
+DEAD = "the process running it died (killed or crashed); rerun resumes it"
 
-    A run of this host whose pid is dead is stale at once; a run of another host
-    when its heartbeat (or start) is older than ``stale_after_s``.
-    """
-    now, reaped = time.time() * 1000, []
-    runs = c.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=5000)
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("worker_host") == platform.node() and tags.get("worker_pid", "").isdigit():
-            stale = not _alive(int(tags["worker_pid"]))
-        else:
-            last = float(tags.get("heartbeat", run.info.start_time or 0))
-            stale = now - last > stale_after_s * 1000
-        if stale:
-            terminate(c, run.info.run_id, "KILLED", "the process running it died (killed or crashed); rerun resumes it")
+
+def owner_alive(run: Any, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Whether the process that owns a RUNNING run still runs: by pid on this host, else by the
+    age of its heartbeat (a tag refreshed with every epoch's metrics)."""
+    tags = run.data.tags
+    if tags.get("worker_host") == platform.node() and tags.get("worker_pid", "").isdigit():
+        return _pid_alive(int(tags["worker_pid"]))
+    last = float(tags.get("heartbeat", run.info.start_time or 0))
+    return time.time() * 1000 - last <= stale_after_s * 1000
+
+
+def owner(run: Any) -> str:
+    tags = run.data.tags
+    return f"{tags.get('worker_host', '?')} pid {tags.get('worker_pid', '?')}"
+
+
+def reap_stale(c: MlflowClient, exp_id: str, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Mark RUNNING runs whose process is gone KILLED; returns their run ids."""
+    reaped = []
+    for run in c.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=5000):
+        if not owner_alive(run, stale_after_s):
+            terminate(c, run.info.run_id, "KILLED", DEAD)
             reaped.append(run.info.run_id)
     return reaped
+
+
+@contextlib.contextmanager
+def claim_lock(uri: str) -> Iterator[None]:
+    """Serialises claims on a local SQLite store (one file lock beside it). A server has no shared
+    lock: there ``claim_cell`` settles races by a deterministic tie-break instead."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from kdablate.storage import file_lock
+
+    with file_lock(db.with_name(db.name + ".claims")):
+        yield
+
+
+def cell_runs(c: MlflowClient, exp_id: str, config_hash: str) -> list:
+    return c.search_runs([exp_id], f"tags.kind = 'cell' and tags.config_hash = '{config_hash}'", max_results=1000)
+
+
+def resume_point(c: MlflowClient, run_id: str, epoch: int) -> tuple[float, int]:
+    """For a run resumed from its checkpoint at ``epoch``: the seconds its earlier attempts took
+    to reach that epoch (so wall time accumulates), and the last epoch they already logged
+    (epochs up to it are retrained bit for bit and must not be logged twice)."""
+    elapsed = max((m.value for m in c.get_metric_history(run_id, "time/elapsed_s") if m.step == epoch), default=0.0)
+    logged = max((m.step for m in c.get_metric_history(run_id, "val/acc")), default=0)
+    return elapsed, logged
+
+
+SETTLE_S = 1.0  # on a server: how long a new claim waits for a rival's claim to become visible
+
+
+def claim_cell(c: MlflowClient, exp_id: str, uri: str, config_hash: str, resume: str | None,
+               create: Callable[[], str]) -> tuple[str | None, bool, str]:
+    """Make this process the one owner of a cell before it trains.
+
+    Returns (run_id, resumed, '') when it now owns the cell: ``resume`` (a run id from its
+    checkpoint) reopened if that run is not finished, else a run made by ``create``, which must
+    set ``owner_tags``. Returns (None, False, why) when the cell is finished or a live process
+    owns it; a RUNNING run whose owner died is marked KILLED and taken over.
+    """
+    with claim_lock(uri):
+        runs = cell_runs(c, exp_id, config_hash)
+        if any(r.info.status == "FINISHED" for r in runs):
+            return None, False, "finished meanwhile by another process"
+        for r in runs:
+            if r.info.status == "RUNNING":
+                mine = (r.data.tags.get("worker_host"), r.data.tags.get("worker_pid")) == tuple(owner_tags().values())
+                if owner_alive(r) and not mine:
+                    return None, False, f"being trained by {owner(r)}"
+                terminate(c, r.info.run_id, "KILLED", DEAD)
+        resumed = resume in {r.info.run_id for r in runs}
+        if resumed:
+            c.update_run(resume, status="RUNNING")
+            set_tags(c, resume, owner_tags())
+        run_id = resume if resumed else create()
+    if sqlite_path(uri) is None:
+        return _settle(c, exp_id, config_hash, run_id, resumed)
+    return run_id, resumed, ""
+
+
+def _settle(c: MlflowClient, exp_id: str, config_hash: str, run_id: str,
+            resumed: bool) -> tuple[str | None, bool, str]:
+    """Without a shared lock two processes may both claim a cell; after a pause, the RUNNING run
+    that started first (then the smaller id) keeps it, and for a reopened run the last owner tag
+    written does. The others back off, so exactly one trains."""
+    time.sleep(SETTLE_S)
+    me = owner_tags()
+    if resumed:
+        tags = c.get_run(run_id).data.tags
+        if (tags.get("worker_host"), tags.get("worker_pid")) != (me["worker_host"], me["worker_pid"]):
+            return None, False, f"being trained by {tags.get('worker_host')} pid {tags.get('worker_pid')}"
+        return run_id, True, ""
+    rivals = [r for r in cell_runs(c, exp_id, config_hash) if r.info.status == "RUNNING"]
+    first = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id))
+    if first.info.run_id != run_id:
+        terminate(c, run_id, "KILLED", f"lost the claim on this cell to {owner(first)}")
+        return None, False, f"being trained by {owner(first)}"
+    return run_id, False, ""
