@@ -146,7 +146,7 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     views = get_teacher_views(cell, data, teacher, runtime) if augmented_kd and cell.teacher.views else None
     online_logits = augmented_kd and views is None
     model = teacher_model(cell, data, teacher, runtime) if online_logits or Need.TEACHER_MODEL in needs else None
-    ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id})
+    ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id}, key=cell.config_hash())
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
                  teacher=None if teacher is None else teacher.logits, report=cell.report,
                  on_epoch=on_epoch, teacher_model=model, checkpoint=ckpt, online_teacher=online_logits,
@@ -172,7 +172,9 @@ def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: Cell
     """Claim the cell (see ``tracking.claim_cell``): the run its checkpoint names, reopened, else a
     new one. Returns (run_id, the epoch it resumes after (0: a new run), '') or (None, 0, why)
     when the cell is finished or another process owns it."""
-    saved = Checkpoint(checkpoint_path(cell, opts)).load() if opts.checkpoint_every else None
+    # A truncated, corrupt or foreign checkpoint is deleted here, with a message: the cell restarts.
+    saved, problem = (Checkpoint(checkpoint_path(cell, opts), key=cell.config_hash()).load_checked()
+                      if opts.checkpoint_every else (None, ""))
 
     def create() -> str:
         cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
@@ -189,6 +191,8 @@ def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: Cell
         return run_id, int(saved["epoch"]), ""
     if saved:  # its run is gone (another store) or finished: the checkpoint is not this run's
         checkpoint_path(cell, opts).unlink(missing_ok=True)
+    if problem:
+        tracking.set_tags(client, run_id, {"checkpoint_discarded": problem})
     tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
     client.log_text(run_id, json.dumps(cell.model_dump(mode="json"), indent=2), "config.json")
     return run_id, 0, ""

@@ -336,22 +336,39 @@ def cohort_size(knowledge: KnowledgeConfig) -> int:
     return 2 if Need.PEER in knowledge.needs() else 1
 
 
+def member_state(m: Member) -> dict:
+    """One member's weights, optimiser, schedule, loss-scaler and method state (tensors and numbers)."""
+    out = {"model": m.model.state_dict(), "opt": m.opt.state_dict(), "sched": m.sched.state_dict(),
+           "method": m.method.state_dict()}
+    if m.scaler is not None:  # fp16: the loss scale and its growth counter change every step
+        out["scaler"] = m.scaler.state_dict()
+    return out
+
+
 def snapshot(members: list[Member], gens: tuple[torch.Generator, ...], epoch: int, step: int,
              best: dict) -> dict:
-    """Everything needed to continue training after ``epoch`` bit for bit."""
+    """Everything needed to continue training after ``epoch`` bit for bit. Only tensors, numbers,
+    strings and containers (no Python objects), so it loads with ``torch.load(weights_only=True)``:
+    the methods are rebuilt from the config and given back their ``state_dict``."""
     return {
         "epoch": epoch, "step": step, "best": best, "gens": [g.get_state() for g in gens],
-        "members": [{"model": m.model.state_dict(), "opt": m.opt.state_dict(), "sched": m.sched.state_dict(),
-                     "method": m.method} for m in members],
+        "members": [member_state(m) for m in members],
     }
 
 
 def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...]) -> tuple[int, int, dict]:
+    """Load ``snapshot``'s output (read onto the CPU) into freshly built members and generators;
+    returns (epoch, step, best)."""
     for m, saved in zip(members, state["members"]):
         m.model.load_state_dict(saved["model"])
-        m.opt.load_state_dict(saved["opt"])
+        m.opt.load_state_dict(saved["opt"])  # moves its state to each parameter's device
         m.sched.load_state_dict(saved["sched"])
-        m.method = saved["method"]
+        # The method's tensors live where its labels do: the model's device.
+        device = next(m.model.parameters(), torch.empty(0)).device
+        m.method.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                  for k, v in saved["method"].items()})
+        if m.scaler is not None and "scaler" in saved:
+            m.scaler.load_state_dict(saved["scaler"])
     for g, saved in zip(gens, state["gens"]):
         g.set_state(saved)
     return state["epoch"], state["step"], state["best"]

@@ -14,6 +14,7 @@ import abc
 import dataclasses
 import pickle
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -53,9 +54,47 @@ class VisionParams:
                              "or set download: true")
 
 
+# The only globals a CIFAR python batch refers to: numpy's array reconstruction. The real
+# files (Python 2 cPickle, protocol 2) name numpy.core.multiarray._reconstruct, numpy.ndarray
+# and numpy.dtype; numpy >= 2 writes numpy._core; protocol 5 (Python >= 3.14's default, e.g. a
+# kdablate.fake_data batch there) writes arrays through numeric._frombuffer. Everything else a
+# batch holds (dicts, lists, ints, bytes) needs no global.
+CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch and nothing else: any other global is refused before it is imported,
+    so a crafted file cannot run code (``pickle.load`` would call whatever it names)."""
+
+    def __init__(self, fh: BinaryIO, path: Path) -> None:
+        super().__init__(fh, encoding="bytes")  # the real files are Python 2 str: keep them bytes
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in CIFAR_GLOBALS:
+            what = f"{module}.{name}"  # a crafted name may hold newlines: keep the message one line
+            what = what[:120] if what.isprintable() else ascii(what)[:120]
+            raise ConfigError(f"refusing to load {self.path}: it asks for {what}; not a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="bytes")
+    """A CIFAR batch file -> its dict (bytes keys), through ``CifarUnpickler``; a one-line
+    ConfigError for a file that is not one (foreign globals, truncated, not a pickle)."""
+    try:
+        with open(path, "rb") as fh:
+            batch = CifarUnpickler(fh, path).load()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or not a pickle: any failure means not a batch
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}; not a CIFAR batch (extract it again)") from None
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise ConfigError(f"cannot read {path}: no b'data' entry; not a CIFAR batch (extract it again)")
+    return batch
 
 
 def read_cifar(root: Path, name: str) -> dict[str, torch.Tensor]:

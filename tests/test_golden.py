@@ -96,8 +96,8 @@ def test_label_smoothing_at_temperature_through_the_fused_node(T, alpha):
     """constant mass + uniform structure at T != 1: the fused node's loss and gradient against
     (1 - alpha) CE + alpha T^2 KL(q || softmax(z/T)) written with torch's losses, q explicit.
 
-    K = 9 so that 1/(K-1) is exact in float32 too: the uniform structure is built in float32
-    whatever the logits' dtype (see the xfail below), which would move q by ~1e-10 here.
+    K = 9 so that 1/(K-1) is exact in float32 too (the uniform structure follows the logits'
+    dtype; see the next test).
     """
     eps, k = 0.25, 9
     g = torch.Generator().manual_seed(0)
@@ -115,8 +115,6 @@ def test_label_smoothing_at_temperature_through_the_fused_node(T, alpha):
     torch.testing.assert_close(torch.autograd.grad(out, s1)[0], torch.autograd.grad(ref, s2)[0], **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="uniform_structure (components/structure.py) builds 1/(K-1) in the "
-                   "default float32, not the logits' dtype; remove this mark once it follows the logits")
 def test_uniform_structure_follows_the_logits_dtype(batch):
     z = batch["student"].double()
     ls = SoftTarget.from_specs({"name": "constant", "eps": 0.2}, {"name": "uniform"}, 4.0, 1.0)

@@ -24,6 +24,10 @@ class Need(enum.Flag):
 
 SOURCE_NEEDS = {"self": Need.NONE, "teacher": Need.TEACHER, "peer": Need.PEER}
 
+# A component's training state as a checkpoint holds it: tensors and plain numbers only, so
+# checkpoints load with ``torch.load(weights_only=True)`` and never run code.
+StateDict = dict[str, torch.Tensor | float | int | None]
+
 
 @dataclasses.dataclass
 class TargetContext:
@@ -112,6 +116,15 @@ class Component(abc.ABC):
     def check(self, probe: Probe) -> None:
         """Raise ConfigError when this component cannot work with the cell's data and models
         (run once per distinct cell at load, so a misfit is refused rather than trained)."""
+
+    def state_dict(self) -> StateDict:
+        """What changes in training and must survive a checkpoint (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore ``state_dict()``'s output; a stateless component refuses state it never made."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
 
 class SourceComponent(Component):

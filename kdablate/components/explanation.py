@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdablate.components.context import Component, Need, Probe, TargetContext
+from kdablate.components.context import Component, Need, Probe, StateDict, TargetContext
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
 from kdablate.explanations import EXPLANATIONS, Explanation
 from kdablate.registry import ConfigError
@@ -170,6 +170,27 @@ class ExplanationStructure(Component):
         seen = counts > 0
         means = sums[seen] / counts[seen, None]
         self.class_matrix[seen] = self.params.ema * self.class_matrix[seen] + (1 - self.params.ema) * means
+
+    def state_dict(self) -> StateDict:
+        """The class EMA 'class_matrix' (K, K), this epoch's per-class sums of r 'epoch_sums' (K, K)
+        and sample counts 'epoch_counts' (K,) (all None before the first step), and the epoch's
+        explanation time and step count; the EMA makes an ``every``/``fraction`` schedule resume
+        bit for bit."""
+        return {"class_matrix": self.class_matrix, "epoch_sums": self._epoch_sums,
+                "epoch_counts": self._epoch_counts, "seconds": self._seconds, "steps": self._steps}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore ``state_dict()``'s output (tensors cloned: they are updated in place)."""
+        want = {"class_matrix", "epoch_sums", "epoch_counts", "seconds", "steps"}
+        if set(state) != want:
+            raise ValueError(f"explanation structure state has keys {sorted(state)}, expected {sorted(want)}")
+
+        def own(t: torch.Tensor | float | int | None) -> torch.Tensor | None:
+            return t.clone() if isinstance(t, torch.Tensor) else None
+
+        self.class_matrix, self._epoch_sums = own(state["class_matrix"]), own(state["epoch_sums"])
+        self._epoch_counts = own(state["epoch_counts"])
+        self._seconds, self._steps = float(state["seconds"] or 0.0), int(state["steps"] or 0)
 
     def summary(self) -> dict[str, torch.Tensor]:
         """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""

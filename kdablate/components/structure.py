@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from kdablate.components.context import Component, Need, Probe, SourceComponent, TargetContext
+from kdablate.components.context import Component, Need, Probe, SourceComponent, StateDict, TargetContext
 from kdablate.registry import Registry
 
 STRUCTURES: Registry = Registry("structure")
@@ -27,13 +27,14 @@ def nongt_distribution(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """
     r = probs.scatter(1, labels[:, None], 0.0)
     total = r.sum(1, keepdim=True)
-    uniform = uniform_structure(labels, probs.shape[1]).to(probs.dtype)
+    uniform = uniform_structure(labels, probs.shape[1], probs.dtype)
     return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), uniform)
 
 
-def uniform_structure(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B,) labels -> (B, K) with 1/(K-1) off the true class and 0 on it."""
-    r = torch.full((labels.shape[0], num_classes), 1.0 / (num_classes - 1), device=labels.device)
+def uniform_structure(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) labels -> (B, K) with 1/(K-1) off the true class and 0 on it, in ``dtype`` (built in
+    it, not cast: 1/(K-1) rounded to float32 and widened would not sum to 1 in float64)."""
+    r = torch.full((labels.shape[0], num_classes), 1.0 / (num_classes - 1), dtype=dtype, device=labels.device)
     return r.scatter(1, labels[:, None], 0.0)
 
 
@@ -70,7 +71,7 @@ def class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     A class with no samples gets the uniform row: it has no evidence of any similarity.
     """
     k = sums.shape[0]
-    uniform = uniform_structure(torch.arange(k, device=sums.device), k).to(sums.dtype)
+    uniform = uniform_structure(torch.arange(k, device=sums.device), k, sums.dtype)
     c = counts[:, None]
     return torch.where(c > 0, sums / c.clamp_min(1), uniform)
 
@@ -82,7 +83,7 @@ class UniformStructure(Component):
     static = True
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return uniform_structure(ctx.labels, ctx.num_classes).to(ctx.student_logits.dtype)
+        return uniform_structure(ctx.labels, ctx.num_classes, ctx.student_logits.dtype)
 
 
 class SourceStructure(SourceComponent):
@@ -142,6 +143,13 @@ class PermutedStructure(Component):
 
     def summary(self) -> dict[str, torch.Tensor]:
         return self.base.summary()
+
+    def state_dict(self) -> StateDict:
+        """The base structure's state (the permutation is drawn from the cell's generator)."""
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: StateDict) -> None:
+        self.base.load_state_dict(state)
 
 
 def oracle_structure(labels: torch.Tensor, groups: torch.Tensor, within: float) -> torch.Tensor:
