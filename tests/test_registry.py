@@ -94,3 +94,25 @@ def test_every_dataset_has_disjoint_labelled_splits(name, tmp_path):
         batch = data.prepare(x[:4], train=True, generator=torch.Generator().manual_seed(0))
         assert batch.dtype == torch.float32 and batch.shape == x[:4].shape and torch.isfinite(batch).all()
     assert data.x_train.shape[1:] == data.x_val.shape[1:] == data.x_test.shape[1:]
+
+
+def full_context(batch: dict, step: int, student_scale: float = 1.0) -> TargetContext:
+    """Every source a component may read, at ``step``; the student's own logits scaled (they
+    change in training, while labels, cached teacher logits and class groups do not)."""
+    return TargetContext(batch["labels"], batch["k"], 4.0, batch["student"] * student_scale, batch["teacher"],
+                         torch.Generator().manual_seed(step), peer_logits=batch["peer"] * student_scale,
+                         inputs=batch["inputs"], models=batch["models"], features=batch["features"], step=step,
+                         class_groups=batch["groups"])
+
+
+@pytest.mark.parametrize("kind,name", [("mass", n) for n in MASSES.names()] + [("structure", n) for n in STRUCTURES.names()])
+def test_a_component_marked_static_is_the_same_at_every_step(kind, name, batch):
+    """The trainer builds a static component's target once per cell: a component that says
+    `static` but depends on the step, the RNG or the student (e.g. a copied `static = True`
+    on an epoch-dependent mass) would be frozen at its first value, with every other test
+    passing. Every registered component is called at two steps with different student logits."""
+    component = (MASSES if kind == "mass" else STRUCTURES).build(name, {})
+    if not component.static:
+        return  # only a static claim is a promise to check here
+    early, late = (component(full_context(batch, s, scale)) for s, scale in ((0, 1.0), (10_007, 3.0)))
+    torch.testing.assert_close(early, late, rtol=0, atol=0)
