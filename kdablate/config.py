@@ -32,6 +32,8 @@ def _no_bool(v: Any) -> Any:
 
 # Numbers that refuse booleans: `seeds: [true, false]` must not be read as seeds 1 and 0.
 Int = Annotated[int, Strict()]
+# Seeds feed torch generators after mixing (seed * 1_000_003 + stream), which must stay in 64 bits.
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
 
@@ -118,7 +120,7 @@ class TeacherConfig(Frozen):
 
     model: ModelSpec = ModelSpec(name="cnn1d")
     optim: OptimConfig = OptimConfig()
-    seed: Int | None = 0
+    seed: Seed | None = 0
     views: Int = Field(0, ge=0)
     min_accuracy: Float | None = Field(None, ge=0, le=1)
 
@@ -155,7 +157,7 @@ class CellConfig(Frozen):
     """One training run, fully resolved. Its hash identifies it in MLflow."""
 
     arm: str
-    seed: Int
+    seed: Seed
     data: DataSpec = DataSpec(name="mnist1d")
     student: ModelSpec = ModelSpec(name="mlp")
     optim: OptimConfig = OptimConfig()

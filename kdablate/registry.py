@@ -8,6 +8,7 @@ unknown parameter fails at load time, listing what is known.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import typing
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -16,6 +17,23 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A user-facing configuration error; the CLI prints it on one line and exits 2."""
+
+
+# Echoes of user values in messages are bounded *while* they are written: a YAML alias bomb or a
+# 1 MiB string must not become a 300 MB error line (or a MemoryError) before it could be cut.
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = _ECHO.maxlong = 120
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxset = _ECHO.maxfrozenset = _ECHO.maxdict = 8
+_ECHO.maxlevel = 3
+
+
+def brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, at most ``limit`` characters, built without the whole repr."""
+    try:
+        text = _ECHO.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int past Python's 4300-digit str limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +69,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type:
         if name not in self._entries:
             raise ConfigError(
-                f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}"
+                f"unknown {self.kind} {brief(name)}; known: {', '.join(self.names())}"
             )
         return self._entries[name]
 
@@ -64,7 +82,7 @@ class Registry(Generic[T]):
         if unknown:
             allowed = ", ".join(fields) or "none"
             raise ConfigError(
-                f"{self.kind} '{name}' has no parameter '{unknown[0]}'; allowed: {allowed}"
+                f"{self.kind} '{name}' has no parameter {brief(unknown[0])}; allowed: {allowed}"
             )
         checked = {k: _coerce(self.kind, name, k, hints[k], v) for k, v in values.items()}
         try:
@@ -83,6 +101,6 @@ def _coerce(kind: str, name: str, field: str, want: Any, value: Any) -> Any:
     if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
         raise ConfigError(
             f"{kind} '{name}' parameter '{field}' must be {getattr(want, '__name__', want)}, "
-            f"got {type(value).__name__} {value!r}"
+            f"got {type(value).__name__} {brief(value)}"
         )
     return value
