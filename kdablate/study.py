@@ -13,7 +13,6 @@ import collections
 import copy
 import dataclasses
 import itertools
-import json
 import os
 import re
 import stat

@@ -142,7 +142,11 @@ BAD = [
 @pytest.mark.parametrize("case,edit,field,message", BAD, ids=[b[0] for b in BAD])
 def test_malformed_study_is_rejected_with_file_and_field(tmp_path, case, edit, field, message):
     assert edit[0] in GOOD, case
-    path = write(tmp_path, GOOD.replace(edit[0], edit[1], 1))
+    assert_refused(write(tmp_path, GOOD.replace(edit[0], edit[1], 1)), field, message)
+
+
+def assert_refused(path: Path, field: str, message: str) -> None:
+    """``path`` is refused at load in one line that starts with the file and names ``field``."""
     with pytest.raises(StudyError) as err:
         load_study(path)
     text = str(err.value)

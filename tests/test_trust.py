@@ -15,9 +15,10 @@ from kdablate.config import CellConfig, KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
 from kdablate.registry import ConfigError
 from kdablate.runner import RunOptions, run_study
-from kdablate.study import StudyError, load_study
+from kdablate.study import load_study
 from kdablate.teacher import get_teacher
 from kdablate.trainer import NoTrainingSteps, fit
+from tests.test_study import assert_refused
 
 BASE = """
 base:
@@ -80,12 +81,7 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("case,edit,field,message", REFUSED, ids=[r[0] for r in REFUSED])
 def test_refused_at_load_with_file_field_and_fix(tmp_path, case, edit, field, message):
     assert edit[0] in BASE, case
-    path = write(tmp_path, BASE.replace(edit[0], edit[1], 1))
-    with pytest.raises(StudyError) as err:
-        load_study(path)
-    text = str(err.value)
-    assert text.startswith(str(path)) and "\n" not in text
-    assert field in err.value.field and message in text, text
+    assert_refused(write(tmp_path, BASE.replace(edit[0], edit[1], 1)), field, message)
 
 
 def test_cam_on_the_mlp_is_per_unit_maps_not_degenerate(tmp_path):

@@ -8,7 +8,6 @@ short version (tests/test_torture.py).
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import random
 import signal
