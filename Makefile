@@ -6,7 +6,7 @@ STUDY  ?= components
 WORKERS ?= 1
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv study run figures test ui dry-run status bench torture fake-cifar100 clean
+.PHONY: venv study run figures test ui dry-run status bench gpu-check torture fake-cifar100 clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ ui: $(STAMP)
 # written to figures/bench/bench.json. BENCH_ARGS="--compile" adds torch.compile (minutes).
 bench: $(STAMP)
 	$(BIN)/python -m kdablate.bench $(BENCH_ARGS)
+
+# The CUDA path against the CPU (README, "GPU"): a short image study per device and precision.
+gpu-check: $(STAMP)
+	$(BIN)/python -m kdablate.bench_gpu $(GPU_ARGS)
 
 # Kill -9 torture (README, "Trust"): TRIALS random kills of the smoke study, some while the store is
 # being created, each followed by a rerun; every trial must end with one FINISHED run per cell.

@@ -4,6 +4,7 @@ No test here asserts a speed: timings belong to ``make bench``, not to a test.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -111,3 +112,45 @@ def test_train_epoch_makes_no_host_sync_per_step(monkeypatch, name):
         assert "train/acc" in logs[0] and "train/loss" in logs[0]
     assert syncs[0] > 0  # the epoch-end metrics: proves the counting works
     assert syncs[0] == syncs[1], f"{name}: {syncs[0]} host reads for 2 steps, {syncs[1]} for 6"
+
+
+# --- make gpu-check: the comparison logic and the study it runs, without a GPU -----------------------
+
+def test_gpu_check_agreement_is_within_two_standard_errors():
+    from kdablate.bench_gpu import agrees
+
+    assert agrees([0.90, 0.92, 0.94], [0.91, 0.93, 0.95])[2]        # +1 point, well inside the noise
+    diff, tol, ok = agrees([0.90, 0.901, 0.899], [0.95, 0.951, 0.949])
+    assert not ok and diff == pytest.approx(0.05) and tol == pytest.approx(0.01)  # the 1-point floor
+    assert not agrees([0.5, 0.6, 0.7], [0.9, 0.95, 1.0])[2]
+
+
+def test_gpu_check_report_fails_on_a_missing_arm_or_a_failed_cell():
+    from kdablate.bench_gpu import ModeResult, report
+
+    cpu = ModeResult("cpu", "cpu", {"ce": [0.9, 0.91], "kd": [0.93, 0.94]}, 100.0, float("nan"), 1.0, 0)
+    same = ModeResult("cuda", "H", {"ce": [0.905, 0.91], "kd": [0.93, 0.935]}, 900.0, 300.0, 1.0, 0)
+    assert report([cpu, same])[1]
+    assert not report([cpu, ModeResult("cuda", "H", {"ce": [0.9, 0.91]}, 900.0, 300.0, 1.0, 0)])[1]
+    text, ok = report([cpu, dataclasses.replace(same, failed=1)])
+    assert not ok and "1 failed" in text
+
+
+def test_gpu_check_study_loads_and_cpu_mode_reads_its_runs(tmp_path):
+    """The study file it writes passes the load-time checks, and the CPU mode runs it end to end."""
+    from kdablate.bench_gpu import run_mode, write_study
+    from kdablate.study import load_study
+
+    study = write_study(tmp_path, train=200, epochs=1, seeds=2)
+    assert {c.arm for c in load_study(study).cells} == {"ce", "kd", "il-cam"}
+    result = run_mode(study, "cpu", tmp_path, threads=1)
+    assert result.failed == 0 or set(result.acc) >= {"ce", "il-cam"}  # kd may meet the teacher gate
+    assert len(result.acc["ce"]) == 2 and result.images_per_s > 0
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch, capsys):
+    from kdablate import bench_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_gpu.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().out

@@ -1,0 +1,192 @@
+"""``make gpu-check``: the CUDA path checked on real hardware against the CPU.
+
+    python -m kdablate.bench_gpu [--dataset cifar100] [--train 6000] [--epochs 8] [--seeds 3]
+                                 [--modes cpu,cuda,cuda-bf16,cuda-w2]
+
+Writes synthetic CIFAR-100 (or -10) in its real on-disk format (``kdablate.fake_data``),
+then runs one short image study (resnet20 teacher -> resnet8 student; CE, KD
+from the teacher, and introspective learning from CAM) once per mode, each into its own
+MLflow store through the public ``run_study``:
+
+* ``cpu``        fp32 on the CPU, the reference;
+* ``cuda``       fp32 on the GPU;
+* ``cuda-bf16``  bf16 autocast on the GPU;
+* ``cuda-w2``    fp32 on the GPU with two worker processes sharing it.
+
+Per arm it prints test accuracy as mean +- std over seeds and whether each GPU
+mode agrees with the CPU within seed noise (|difference of means| <= 2 standard
+errors of that difference, and at least 1 point), then per mode images/s (training
+images over the cells' wall time, evaluation included) and peak GPU memory.
+The table and the machine go to ``figures/gpu/gpu_check.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODES = {"cpu": ("cpu", "none", 1), "cuda": ("cuda", "none", 1), "cuda-bf16": ("cuda", "bf16", 1),
+         "cuda-w2": ("cuda", "none", 2)}
+
+STUDY = """\
+description: gpu-check, a short image study run once per device and precision.
+base:
+  data: {{name: {dataset}, data_root: {root}, train_subset: {train}}}
+  student: {{name: resnet8}}
+  optim: {{epochs: {epochs}, batch_size: 128, lr: 0.05, weight_decay: 5.0e-4}}
+  teacher:
+    model: {{name: resnet20}}
+    optim: {{epochs: {teacher_epochs}, batch_size: 128, lr: 0.05, weight_decay: 5.0e-4}}
+    min_accuracy: {gate}  # twice chance: the check is agreement, not quality
+    seed: 0
+  report: best_val
+seeds: {seeds}
+arms:
+  - {{name: ce, mass: none, alpha: 0.0}}
+  - {{name: kd, mass: teacher, structure: teacher, temperature: 4.0, alpha: 0.9}}
+  - name: il-cam  # the README's IL recipe; cam, as saliency costs K backward passes a step
+    mass: {{name: constant, eps: 0.2}}
+    structure: {{name: explanation, source: cam}}
+    temperature: 4.0
+    alpha: 0.9
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeResult:
+    mode: str
+    device: str
+    acc: dict[str, list[float]]  # arm -> test accuracy per seed
+    images_per_s: float
+    peak_mib: float
+    wall_s: float
+    failed: int
+
+
+def write_study(folder: Path, train: int, epochs: int, seeds: int, dataset: str = "cifar10") -> Path:
+    from kdablate.fake_data import write_cifar
+
+    write_cifar(folder / "data", dataset, n_train=train + train // 8, n_test=max(1000, train // 4))
+    path = folder / "gpu_check.yaml"
+    path.write_text(STUDY.format(dataset=dataset, gate=0.2 if dataset == "cifar10" else 0.02, root=folder / "data", train=train, epochs=epochs, teacher_epochs=epochs + 2,
+                                 seeds=list(range(seeds))))
+    return path
+
+
+def run_mode(study_path: Path, mode: str, folder: Path, threads: int) -> ModeResult:
+    """The study in ``mode`` into ``folder/mode``; accuracies, throughput and peak GPU memory."""
+    from kdablate import tracking
+    from kdablate.runner import RunOptions, run_study
+    from kdablate.study import load_study
+
+    device, amp, workers = MODES[mode]
+    store = folder / mode
+    store.mkdir()
+    uri = f"sqlite:///{store}/mlruns.db"
+    opts = RunOptions(cache_dir=store / "cache", threads=threads, workers=workers, uri=uri, progress=False,
+                      device=device, amp=amp)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    failed = run_study(load_study(study_path), opts)
+    wall = time.perf_counter() - t0
+    client = tracking.client(uri)
+    runs = tracking.search_cells(client, tracking.experiment_id(client, "gpu_check"), "FINISHED")
+    acc: dict[str, list[float]] = {}
+    images = cell_s = 0.0
+    for r in sorted(runs, key=lambda r: int(r.data.tags["seed"])):
+        acc.setdefault(r.data.tags["arm"], []).append(r.data.metrics["report/test_acc"])
+        subset, val = int(r.data.params["data.train_subset"]), float(r.data.params.get("data.val_fraction", 0.1))
+        images += (subset - round(subset * val)) * int(r.data.params["optim.epochs"])
+        cell_s += r.data.metrics["time/wall_s"]
+    # Two workers are other processes: their GPU memory is not this process's to read.
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" and workers == 1 else float("nan")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return ModeResult(mode, name, acc, images / cell_s if cell_s else float("nan"), peak, wall, failed)
+
+
+def agrees(ref: list[float], other: list[float]) -> tuple[float, float, bool]:
+    """(difference of means, tolerance, within it): 2 standard errors of the difference, at least 0.01."""
+    diff = statistics.fmean(other) - statistics.fmean(ref)
+    var = sum(statistics.variance(v) / len(v) for v in (ref, other) if len(v) > 1)
+    tol = max(0.01, 2 * math.sqrt(var))
+    return diff, tol, abs(diff) <= tol
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f} +- {100 * sd:.2f}"
+
+
+def report(results: list[ModeResult]) -> tuple[str, bool]:
+    """The table as text, and whether every GPU mode agreed with the CPU on every arm."""
+    ref, lines, ok = results[0], [], True
+    lines.append(f"{'arm':<12} " + " ".join(f"{r.mode:>22}" for r in results))
+    for arm in ref.acc:
+        cells = [mean_std(r.acc.get(arm, [math.nan])) for r in results]
+        lines.append(f"{arm:<12} " + " ".join(f"{c:>22}" for c in cells))
+        for r in results[1:]:
+            if arm not in r.acc:
+                lines.append(f"  {r.mode}: MISS, no finished cell")
+                ok = False
+                continue
+            diff, tol, good = agrees(ref.acc[arm], r.acc[arm])
+            ok &= good
+            lines.append(f"  {r.mode} vs {ref.mode}: {100 * diff:+.2f} points (tolerance {100 * tol:.2f}) "
+                         f"{'PASS' if good else 'MISS'}")
+    for r in results:
+        lines.append(f"{r.mode:<10} on {r.device}: {r.images_per_s:,.0f} images/s (cell wall time), "
+                     f"peak GPU memory {r.peak_mib:.0f} MiB, study {r.wall_s:.1f} s, {r.failed} failed")
+        ok &= r.failed == 0
+    return "\n".join(lines), ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The defaults are the README's run: K = 100 and long enough to leave the accuracy ceiling.
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar100")
+    p.add_argument("--train", type=int, default=6000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=min(14, os.cpu_count() or 1), help="torch threads of the CPU run")
+    p.add_argument("--modes", default="cpu,cuda,cuda-bf16,cuda-w2")
+    p.add_argument("--out", type=Path, default=Path("figures/gpu"))
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or modes[0] != "cpu":
+        p.error(f"--modes: the first must be cpu, the rest from {', '.join(MODES)}; got {args.modes}")
+    if not torch.cuda.is_available():
+        print("gpu-check: torch sees no CUDA device on this machine, so there is nothing to check; "
+              f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="kdablate-gpu-") as tmp:
+        folder = Path(tmp)
+        study = write_study(folder, args.train, args.epochs, args.seeds, args.dataset)
+        done = {}
+        for mode in modes[1:] + modes[:1]:  # the GPU first: the CPU reference is the slow part
+            r = done[mode] = run_mode(study, mode, folder, args.threads)
+            print(f"gpu-check: {mode} done in {r.wall_s:.1f} s, {r.images_per_s:,.0f} images/s, "
+                  + ", ".join(f"{arm} {mean_std(v)}" for arm, v in r.acc.items()), flush=True)
+        results = [done[m] for m in modes]
+    text, ok = report(results)
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}\n{text}")
+    print("gpu-check: PASS" if ok else "gpu-check: MISS (see above)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(
+        {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
+         "args": {k: str(v) for k, v in vars(args).items()}, "results": [dataclasses.asdict(r) for r in results]},
+        indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
