@@ -45,7 +45,7 @@ bench: $(STAMP)
 
 # The CUDA path against the CPU (README, "GPU"): a short image study per device and precision.
 gpu-check: $(STAMP)
-	$(BIN)/python -m kdablate.bench_gpu $(GPU_ARGS)
+	$(BIN)/python -m kdablate.bench.gpu $(GPU_ARGS)
 
 # Kill -9 torture (README, "Trust"): TRIALS random kills of the smoke study, some while the store is
 # being created, each followed by a rerun; every trial must end with one FINISHED run per cell.
@@ -56,7 +56,7 @@ torture: $(STAMP)
 # Synthetic CIFAR-100 in its real on-disk format under data/, to try the *_cifar100_quick studies
 # where the real data cannot be had. Not CIFAR: its numbers say nothing about CIFAR.
 fake-cifar100: $(STAMP)
-	$(BIN)/python -m kdablate.fake_data cifar100 data --train 10000 --test 2000
+	$(BIN)/python -m kdablate.data.fake cifar100 data --train 10000 --test 2000
 
 clean:
 	rm -rf $(VENV) .cache figures mlruns.db mlartifacts

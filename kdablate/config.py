@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 from kdablate.components import MASSES, STRUCTURES, Need
 from kdablate.data import DATASETS
+from kdablate.hashing import stable_hash
 from kdablate.models import MODELS
 from kdablate.objectives import OBJECTIVES, build_method
 from kdablate.registry import Registry
@@ -212,12 +211,6 @@ def canonical(model: BaseModel) -> dict[str, Any]:
         elif field.is_required() or value != field.default:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def stable_hash(obj: Any) -> str:
-    """16 hex digits of sha256 over canonical JSON."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

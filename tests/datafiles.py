@@ -1,7 +1,7 @@
-"""Tiny datasets in each real on-disk format (written by kdablate.fake_data), per dataset plugin."""
+"""Tiny datasets in each real on-disk format (written by kdablate.data.fake), per dataset plugin."""
 from __future__ import annotations
 
-from kdablate.fake_data import write_cifar, write_imagefolder, write_mnist
+from kdablate.data.fake import write_cifar, write_imagefolder, write_mnist
 
 # dataset name -> params after writing its files under the given root; a new dataset plugin needs an entry.
 WRITERS = {

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from kdablate import bench, bench_system
-from kdablate.bench_core import Row, interleave, ratio, synthetic
+from kdablate.bench import suite as bench, system as bench_system
+from kdablate.bench.core import Row, interleave, ratio, synthetic
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
-from kdablate.explanations import EXPLANATIONS
+from kdablate.attribution import EXPLANATIONS
 from kdablate.study import load_study
 from kdablate.trainer import cohort_size, make_member, seeded_generator, train_epoch
 
@@ -117,7 +117,7 @@ def test_train_epoch_makes_no_host_sync_per_step(monkeypatch, name):
 # --- make gpu-check: the comparison logic and the study it runs, without a GPU -----------------------
 
 def test_gpu_check_agreement_is_within_two_standard_errors():
-    from kdablate.bench_gpu import agrees
+    from kdablate.bench.gpu import agrees
 
     assert agrees([0.90, 0.92, 0.94], [0.91, 0.93, 0.95])[2]        # +1 point, well inside the noise
     diff, tol, ok = agrees([0.90, 0.901, 0.899], [0.95, 0.951, 0.949])
@@ -126,7 +126,7 @@ def test_gpu_check_agreement_is_within_two_standard_errors():
 
 
 def test_gpu_check_report_fails_on_a_missing_arm_or_a_failed_cell():
-    from kdablate.bench_gpu import ModeResult, report
+    from kdablate.bench.gpu import ModeResult, report
 
     cpu = ModeResult("cpu", "cpu", {"ce": [0.9, 0.91], "kd": [0.93, 0.94]}, 100.0, float("nan"), 1.0, 0)
     same = ModeResult("cuda", "H", {"ce": [0.905, 0.91], "kd": [0.93, 0.935]}, 900.0, 300.0, 1.0, 0)
@@ -138,7 +138,7 @@ def test_gpu_check_report_fails_on_a_missing_arm_or_a_failed_cell():
 
 def test_gpu_check_study_loads_and_cpu_mode_reads_its_runs(tmp_path):
     """The study file it writes passes the load-time checks, and the CPU mode runs it end to end."""
-    from kdablate.bench_gpu import run_mode, write_study
+    from kdablate.bench.gpu import run_mode, write_study
     from kdablate.study import load_study
 
     study = write_study(tmp_path, train=200, epochs=1, seeds=2)
@@ -149,7 +149,7 @@ def test_gpu_check_study_loads_and_cpu_mode_reads_its_runs(tmp_path):
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch, capsys):
-    from kdablate import bench_gpu
+    from kdablate.bench import gpu as bench_gpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench_gpu.main([]) == 2

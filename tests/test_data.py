@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdablate import data as data_mod
+from kdablate.data import mnist1d as mnist1d_mod
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def no_network(monkeypatch):
 
 def test_mnist1d_is_generated_without_network(no_network, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the package's download path would write a .pkl here
-    data_mod._mnist1d.cache_clear()
+    mnist1d_mod._mnist1d.cache_clear()
     d = data_mod.load_dataset("mnist1d", {"num_samples": 1000, "split_seed": 7})
     assert d.x_train.shape == (720, 1, 40) and d.x_val.shape == (80, 1, 40) and d.x_test.shape == (200, 1, 40)
     assert d.num_classes == 10 and set(d.y_train.tolist()) == set(range(10))
@@ -33,9 +34,9 @@ def test_mnist1d_is_generated_without_network(no_network, tmp_path, monkeypatch)
 
 def test_generation_is_deterministic_and_leaves_global_rngs_alone():
     state = np.random.get_state()[1].copy()
-    data_mod._mnist1d.cache_clear()
+    mnist1d_mod._mnist1d.cache_clear()
     a = data_mod.load_dataset("mnist1d", {"num_samples": 500})
-    data_mod._mnist1d.cache_clear()
+    mnist1d_mod._mnist1d.cache_clear()
     b = data_mod.load_dataset("mnist1d", {"num_samples": 500})
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
     assert np.array_equal(np.random.get_state()[1], state)

@@ -10,7 +10,7 @@ import torch
 import captum.attr as captum_attr
 
 from kdablate.components.explanation import explanation_similarity, structure_from_similarity
-from kdablate.explanations import EXPLANATIONS, class_activation_maps, module_at
+from kdablate.attribution import EXPLANATIONS, class_activation_maps, module_at
 from kdablate.models import MODELS, build_model
 
 K = 10

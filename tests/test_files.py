@@ -19,11 +19,11 @@ import torch
 
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
-from kdablate.fake_data import write_cifar
+from kdablate.data.fake import write_cifar
 from kdablate.registry import ConfigError
 from kdablate.storage import CHECKPOINT_MAGIC, Checkpoint, StorageError, atomic_save
 from kdablate.trainer import fit
-from kdablate.vision_data import _unpickle
+from kdablate.data.vision import _unpickle
 
 SPEC, OPT = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32)
 IL = KnowledgeConfig(mass={"name": "constant", "eps": 0.2},

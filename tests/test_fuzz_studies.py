@@ -55,7 +55,7 @@ KEYS = st.text(min_size=1, max_size=10) | st.sampled_from(
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder holding a fake CIFAR-100 under data/ (the image studies' data_root), made the cwd."""
-    from kdablate.fake_data import write_cifar
+    from kdablate.data.fake import write_cifar
 
     folder = tmp_path_factory.mktemp("fuzz")
     write_cifar(folder / "data", "cifar100", 400, 100)

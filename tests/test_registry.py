@@ -67,7 +67,7 @@ def test_a_new_structure_needs_one_class_and_no_other_edit(monkeypatch, batch):
 
 def input_shape_for(name: str) -> tuple[int, ...]:
     """Image models (the zoo) take (3, 32, 32); the MNIST-1D models a (1, 40) signal."""
-    return (3, 32, 32) if MODELS.get(name).__module__ == "kdablate.zoo" else (1, 40)
+    return (3, 32, 32) if MODELS.get(name).__module__ == "kdablate.models.zoo" else (1, 40)
 
 
 @pytest.mark.parametrize("name", MODELS.names())

@@ -222,7 +222,7 @@ def test_hash_survives_new_defaulted_fields(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_study_validates(path, tmp_path, monkeypatch):
     """Every file in studies/ loads; image studies find their data under ./data (written here)."""
-    from kdablate.fake_data import write_cifar
+    from kdablate.data.fake import write_cifar
 
     write_cifar(tmp_path / "data", "cifar100", 400, 100)
     monkeypatch.chdir(tmp_path)

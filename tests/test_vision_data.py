@@ -10,7 +10,7 @@ import torch
 from kdablate.data import crop_flip, load_dataset
 from kdablate.registry import ConfigError
 from kdablate.study import StudyError, load_study
-from kdablate.fake_data import write_cifar, write_imagefolder, write_mnist
+from kdablate.data.fake import write_cifar, write_imagefolder, write_mnist
 
 
 def write_cifar10(root, n_train=100, n_test=40):
@@ -60,7 +60,7 @@ def test_imagefolder_jpeg_and_png_decoded_once(tmp_path, monkeypatch):
     root = write_imagefolder(tmp_path)
     d = load_dataset("imagefolder", {"data_root": str(root), "image_size": 16})
     assert d.x_test.shape == (18, 3, 16, 16) and d.num_classes == 3
-    import kdablate.vision_data as vd
+    import kdablate.data.vision as vd
 
     monkeypatch.setattr(vd, "read_imagefolder", lambda *a: pytest.fail("decoded twice"))
     again = load_dataset("imagefolder", {"data_root": str(root), "image_size": 16})

@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-import kdablate.zoo  # registers the zoo, whether or not the package imports it yet
+import kdablate.models.zoo  # registers the zoo, whether or not the package imports it yet
 from kdablate.models import MODELS, build_model
 from kdablate.registry import ConfigError
 
 TORCHVISION_ARCHS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")
-# Every model defined in kdablate.zoo, so a newly registered one is tested automatically.
-ZOO = [n for n in MODELS.names() if MODELS.get(n).__module__ == kdablate.zoo.__name__]
+# Every model defined in kdablate.models.zoo, so a newly registered one is tested automatically.
+ZOO = [n for n in MODELS.names() if MODELS.get(n).__module__ == kdablate.models.zoo.__name__]
 CASES = [
     pytest.param(name, {"arch": arch}, id=f"{name}-{arch}")
     for name in ZOO if name == "torchvision" for arch in TORCHVISION_ARCHS

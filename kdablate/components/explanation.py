@@ -26,7 +26,7 @@ from torch import nn
 
 from kdablate.components.context import Component, Need, Probe, StateDict, TargetContext
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
-from kdablate.explanations import EXPLANATIONS, Explanation
+from kdablate.attribution import EXPLANATIONS, Explanation
 from kdablate.registry import ConfigError
 
 SIMILARITIES = ("cosine", "pearson", "neg_l2")

@@ -7,7 +7,7 @@ every image is its class pattern, randomly shifted, plus noise. So classes of
 one superclass really are similar, which the ``oracle`` structure and a teacher
 can pick up. These are *not* CIFAR: numbers on them say nothing about CIFAR.
 
-    python -m kdablate.fake_data cifar100 data --train 50000 --test 10000
+    python -m kdablate.data.fake cifar100 data --train 50000 --test 10000
 """
 from __future__ import annotations
 

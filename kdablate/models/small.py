@@ -1,4 +1,4 @@
-"""Model zoo for the default data: a 1-D CNN teacher and small students.
+"""Small models for the default data: a 1-D CNN teacher and an MLP student.
 
 Every model maps (B, *input_shape) to (B, K) logits. CNNs end in global average
 pooling and one linear layer, so class activation maps are available later.
@@ -11,9 +11,7 @@ import math
 import torch
 from torch import nn
 
-from kdablate.registry import Registry
-
-MODELS: Registry = Registry("model")
+from kdablate.models.factory import MODELS
 
 
 @MODELS.register("mlp")
@@ -68,13 +66,3 @@ class CNN1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=-1))
-
-
-def build_model(name: str, params: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The model plugin ``name`` with ``params``, for inputs of ``input_shape``."""
-    cls = MODELS.get(name)
-    return cls(MODELS.params(name, params), input_shape, num_classes)
-
-
-# Registers the CIFAR KD zoo (resnet8..110, resnet8x4/32x4, wrn, vgg, mobilenetv2, shufflenetv2, torchvision).
-from kdablate import zoo as _zoo  # noqa: E402,F401

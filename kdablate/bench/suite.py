@@ -3,18 +3,18 @@
     python -m kdablate.bench [--sections trainer,levers,il,system] [--compile] [--quick]
 
 Prints one table, every ratio measured side by side in this process
-(interleaved rounds, medians, warm-up excluded; see ``kdablate.bench_core``),
+(interleaved rounds, medians, warm-up excluded; see ``kdablate.bench.core``),
 for the default data (MNIST-1D-shaped signals, MLP student, K = 10) and for
 32x32x3 images with ResNet-20, and writes it with the machine's description to
 ``figures/bench/bench.json``. Sections:
 
-* ``trainer`` (``bench_trainer``): the trainer against a hand-written loop, KD
+* ``trainer`` (``kdablate.bench.trainer``): the trainer against a hand-written loop, KD
   (cached / online teacher) against CE, the data pipeline against the model step;
-  the ResNet-20 step's GFLOP/s against a large convolution's (``bench_levers``);
-* ``levers`` (``bench_levers``): channels_last, bf16 autocast, and with
+  the ResNet-20 step's GFLOP/s against a large convolution's (``kdablate.bench.levers``);
+* ``levers`` (``kdablate.bench.levers``): channels_last, bf16 autocast, and with
   ``--compile`` torch.compile;
-* ``il`` (``bench_explain``): an IL step per explanation source against a CE step;
-* ``system`` (``bench_system``): a study of 8 cells with 2 workers against 1, and
+* ``il`` (``kdablate.bench.explain``): an IL step per explanation source against a CE step;
+* ``system`` (``kdablate.bench.system``): a study of 8 cells with 2 workers against 1, and
   peak RSS of a cell, of the study, and of a ResNet-20 cell.
 
 Timings run on ``--threads`` torch threads (default 1, as each cell of a study does).
@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from kdablate import bench_explain, bench_levers, bench_system, bench_trainer
-from kdablate.bench_core import FULL, QUICK, Row, Scale, table
+from kdablate.bench import explain as bench_explain, levers as bench_levers, system as bench_system, trainer as bench_trainer
+from kdablate.bench.core import FULL, QUICK, Row, Scale, table
 
 SECTIONS = ("trainer", "levers", "il", "system")
 

@@ -39,7 +39,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from kdablate.models import MODELS
+from kdablate.models.factory import MODELS
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,

@@ -1,9 +1,9 @@
 """``make gpu-check``: the CUDA path checked on real hardware against the CPU.
 
-    python -m kdablate.bench_gpu [--dataset cifar100] [--train 6000] [--epochs 8] [--seeds 3]
+    python -m kdablate.bench.gpu [--dataset cifar100] [--train 6000] [--epochs 8] [--seeds 3]
                                  [--modes cpu,cuda,cuda-bf16,cuda-w2]
 
-Writes synthetic CIFAR-100 (or -10) in its real on-disk format (``kdablate.fake_data``),
+Writes synthetic CIFAR-100 (or -10) in its real on-disk format (``kdablate.data.fake``),
 then runs one short image study (resnet20 teacher -> resnet8 student; CE, KD
 from the teacher, and introspective learning from CAM) once per mode, each into its own
 MLflow store through the public ``run_study``:
@@ -72,7 +72,7 @@ class ModeResult:
 
 
 def write_study(folder: Path, train: int, epochs: int, seeds: int, dataset: str = "cifar10") -> Path:
-    from kdablate.fake_data import write_cifar
+    from kdablate.data.fake import write_cifar
 
     write_cifar(folder / "data", dataset, n_train=train + train // 8, n_test=max(1000, train // 4))
     path = folder / "gpu_check.yaml"

@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from kdablate.bench_core import Row, Scale, interleave, median, ratio, synthetic
-from kdablate.bench_trainer import DEFAULT, RESNET, Setting, shape_of
+from kdablate.bench.core import Row, Scale, interleave, median, ratio, synthetic
+from kdablate.bench.trainer import DEFAULT, RESNET, Setting, shape_of
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
-from kdablate.explanations import EXPLANATIONS
+from kdablate.attribution import EXPLANATIONS
 from kdablate.trainer import Member, make_member, train_step
 
 CYCLE = 4  # the longest 'every' schedule: every timed window is a whole number of cycles

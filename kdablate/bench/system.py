@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kdablate.bench_core import Row, Scale
+from kdablate.bench.core import Row, Scale
 
 STUDY = """\
 description: kdablate bench, {cells} cells.
@@ -33,7 +33,7 @@ LS_ARM = "  - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, a
 
 RESNET_CELL = """\
 import torch
-from kdablate.bench_core import synthetic
+from kdablate.bench.core import synthetic
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.trainer import fit
 torch.set_num_threads(1)

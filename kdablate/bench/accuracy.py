@@ -1,10 +1,10 @@
 """Does bf16 autocast keep accuracy? Paired fp32 / bf16 cells, same seeds (not part of ``make bench``).
 
-    python -m kdablate.bench_accuracy [--seeds 5] [--resnet-seeds 2]
+    python -m kdablate.bench.accuracy [--seeds 5] [--resnet-seeds 2]
 
 * default data: the MLP student with CE and with KD from the cached CNN-1D teacher
   (the teacher trained once in fp32), 40 epochs, as in ``studies/components.yaml``;
-* ResNet-20 on a synthetic 10-class CIFAR (``kdablate.fake_data``: class templates
+* ResNet-20 on a synthetic 10-class CIFAR (``kdablate.data.fake``: class templates
   plus noise, crop + flip), 3 epochs: a check that bf16 trains the same, not a CIFAR number.
 
 Prints test accuracy per seed and the paired mean difference (bf16 - fp32).
@@ -21,7 +21,7 @@ import torch
 
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle, load_dataset
-from kdablate.fake_data import write_cifar
+from kdablate.data.fake import write_cifar
 from kdablate.trainer import Runtime, fit, predict
 
 KD = KnowledgeConfig(mass="teacher", structure="teacher", temperature=4.0, alpha=0.9)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdablate.bench_core import Row, Scale, interleave, median, ratio, synthetic
+from kdablate.bench.core import Row, Scale, interleave, median, ratio, synthetic
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.models import build_model

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdablate.bench_core import Row, Scale, interleave, median, ratio, synthetic
-from kdablate.bench_trainer import DEFAULT, RESNET, Setting, frozen_teacher, samples, shape_of, trainer_epoch
+from kdablate.bench.core import Row, Scale, interleave, median, ratio, synthetic
+from kdablate.bench.trainer import DEFAULT, RESNET, Setting, frozen_teacher, samples, shape_of, trainer_epoch
 from kdablate.config import KnowledgeConfig, OptimConfig
 from kdablate.models import build_model
 from kdablate.trainer import Runtime, predict

@@ -18,7 +18,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from kdablate.data import DATASETS, DataBundle, balanced_subset, split_train_val
+from kdablate.data.bundle import DATASETS, DataBundle, balanced_subset, split_train_val
+from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
 from kdablate.storage import atomic_save, file_lock
 
@@ -57,7 +58,7 @@ class VisionParams:
 # The only globals a CIFAR python batch refers to: numpy's array reconstruction. The real
 # files (Python 2 cPickle, protocol 2) name numpy.core.multiarray._reconstruct, numpy.ndarray
 # and numpy.dtype; numpy >= 2 writes numpy._core; protocol 5 (Python >= 3.14's default, e.g. a
-# kdablate.fake_data batch there) writes arrays through numeric._frombuffer. Everything else a
+# kdablate.data.fake batch there) writes arrays through numeric._frombuffer. Everything else a
 # batch holds (dicts, lists, ints, bytes) needs no global.
 CIFAR_GLOBALS = frozenset({
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -166,8 +167,6 @@ def read_imagefolder(root: Path, image_size: int) -> dict[str, torch.Tensor]:
 
 def source_signature(root: Path) -> str:
     """A key that changes whenever a file under ``root`` (outside our cache) changes."""
-    from kdablate.config import stable_hash
-
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".kdablate" not in p.parts)
     return stable_hash([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
