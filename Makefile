@@ -24,7 +24,7 @@ study: $(STAMP)
 
 # Tables, figures and report.md of a study, from MLflow, into figures/$(STUDY)/.
 figures: $(STAMP)
-	$(BIN)/python -m analysis.report $(STUDY)
+	$(BIN)/kdablate report $(STUDY)
 
 dry-run: $(STAMP)
 	$(BIN)/kdablate dry-run $(STUDY)
@@ -32,7 +32,9 @@ dry-run: $(STAMP)
 status: $(STAMP)
 	$(BIN)/kdablate status $(STUDY)
 
+# The import layers first (pyproject.toml, [tool.importlinter]): seconds, and a broken layer fails fast.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 ui: $(STAMP)
