@@ -17,13 +17,15 @@ import os
 import re
 import stat
 import string
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdablate.checks import CellCheckError, check_cell
+from kdablate.compose import CompositionError, apply_overrides, import_plugins, resolve_extends
 from kdablate.config import CellConfig, Float, Frozen, Int, MassSpec, ObjectiveSpec, Seed, StructureSpec
 from kdablate.registry import ConfigError, brief
 
@@ -234,11 +236,14 @@ def _check_axes(v: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """A validated study: its config, its file and its expanded cells (arm-major, then seed)."""
+    """A validated study: its config, its file and its expanded cells (arm-major, then seed),
+    the plugin modules it imported and the command-line overrides applied to it."""
 
     config: StudyConfig
     path: Path
     cells: tuple[CellConfig, ...]
+    plugins: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -246,6 +251,20 @@ class Study:
 
     def arms(self) -> list[str]:
         return list(dict.fromkeys(c.arm for c in self.cells))
+
+    def select(self, arms: Sequence[str] = (), seeds: Sequence[int] = ()) -> "Study":
+        """The study restricted to the arms matching any glob in ``arms`` and the ``seeds``
+        (either empty: all); a pattern or seed that selects nothing is a StudyError."""
+        names = self.arms()
+        for pattern in arms:
+            if not any(fnmatchcase(n, pattern) for n in names):
+                raise StudyError(self.path, "--arm", f"'{clip(pattern, 80)}' matches no arm; arms: {', '.join(names)}")
+        for seed in seeds:
+            if seed not in self.config.seeds:
+                raise StudyError(self.path, "--seed", f"{seed} is not one of the study's seeds {self.config.seeds}")
+        cells = tuple(c for c in self.cells if (not arms or any(fnmatchcase(c.arm, p) for p in arms))
+                      and (not seeds or c.seed in seeds))
+        return dataclasses.replace(self, cells=cells)
 
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a plain file name: never '.', '..' or a path
@@ -262,23 +281,64 @@ def resolve_path(study: str | Path, studies_dir: Path = Path("studies")) -> Path
                      "'_', '-', '.', not starting with '.') or the path of a .yaml/.yml file")
 
 
-def load_study(study: str | Path) -> Study:
-    """Read, validate and expand a study file; raises StudyError on any problem."""
+def load_study(study: str | Path, overrides: Sequence[str] = (), arms: Sequence[str] = (),
+               seeds: Sequence[int] = ()) -> Study:
+    """Read, compose (``extends``, ``plugins``, ``overrides``: see ``kdablate.compose``), validate
+    and expand a study file, keeping the cells of ``arms`` (globs) and ``seeds``; raises
+    StudyError on any problem."""
+    path = Path(str(study))
     try:
         path = resolve_path(study)
-        raw = parse_yaml(read_text(path), path)
-        if not isinstance(raw, dict):
-            raise StudyError(path, "", "a study file must be a YAML mapping with base, seeds and arms")
-        raw.setdefault("name", path.stem)
+        raw = compose(path, overrides)
+        plugins = raw.pop("plugins", [])
+        import_plugins(plugins, path.parent)
         try:
             config = StudyConfig.model_validate(raw)
         except ValidationError as e:
             raise _as_study_error(path, e, ()) from None
-        return Study(config, path, tuple(expand(config, path)))
+        full = Study(config, path, tuple(expand(config, path)), tuple(plugins), tuple(overrides))
+        return full.select(arms, seeds)
+    except CompositionError as e:
+        raise _one_line(StudyError(path, e.field, e.message)) from None
     except StudyError as e:
-        # Whatever a validator echoed, the CLI's line stays one line of at most ~500 characters.
-        file, field = clip(e.file, 150), clip(e.field, 100)
-        raise StudyError(file, field, clip(e.message, 496 - len(file) - len(field))) from None
+        raise _one_line(e) from None
+
+
+def _one_line(e: StudyError) -> StudyError:
+    """Whatever a validator echoed, the CLI's line stays one line of at most ~500 characters."""
+    file, field = clip(e.file, 150), clip(e.field, 100)
+    return StudyError(file, field, clip(e.message, 496 - len(file) - len(field)))
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    raw = parse_yaml(read_text(path), path)
+    if not isinstance(raw, dict):
+        raise StudyError(path, "", "a study file must be a YAML mapping with base, seeds and arms")
+    return raw
+
+
+def locate(target: str, folder: Path) -> Path:
+    """An ``extends`` target: a .yaml path relative to the extending file, or a study name found
+    beside it or in ./studies."""
+    if target.endswith((".yaml", ".yml")):
+        return folder / target
+    beside = resolve_path(target, folder)
+    return beside if beside.exists() else resolve_path(target)
+
+
+def compose(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The study mapping with its ``extends`` chain and ``x-*`` keys resolved and the overrides set."""
+    raw = resolve_extends(read_mapping(path), path, read_mapping, locate)
+    raw.setdefault("name", path.stem)
+    return apply_overrides(raw, overrides, lambda text: override_value(text, path))
+
+
+def override_value(text: str, path: Path) -> Any:
+    """A command-line override's value, read as YAML with the study file's limits."""
+    try:
+        return parse_yaml(text, path) if text else None
+    except StudyError as e:
+        raise CompositionError(f"override value {clip(text, 60)!r}", e.message) from None
 
 
 def read_text(path: Path) -> str:
