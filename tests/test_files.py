@@ -369,3 +369,21 @@ def test_a_broken_cifar_batch_is_one_line(tmp_path, content):
     with pytest.raises(ConfigError, match=re.escape(f"cannot read {path}: ") + ".*not a CIFAR batch") as e:
         _unpickle(path)
     assert one_line(str(e.value))
+
+
+def test_checkpoint_by_time_saves_once_the_interval_has_passed(tmp_path, monkeypatch):
+    """--checkpoint-every 60s: no save before 60 s, one after; never after the last epoch."""
+    import kdablate.storage as storage
+
+    now = [1000.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: now[0])
+    ckpt = storage.Checkpoint(tmp_path / "c.pt", every=0, every_s=60.0)
+    assert not ckpt.due(1, 10)
+    now[0] += 61
+    assert ckpt.due(2, 10) and not ckpt.due(10, 10)
+    ckpt.save({"epoch": 2})
+    assert not ckpt.due(3, 10)  # the clock restarts at the save
+    now[0] += 60
+    assert ckpt.due(4, 10)
+    by_epoch = storage.Checkpoint(tmp_path / "d.pt", every=2)
+    assert [e for e in range(1, 7) if by_epoch.due(e, 6)] == [2, 4]
