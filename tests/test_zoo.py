@@ -1,6 +1,8 @@
 """The CIFAR distillation zoo: shapes, gradients, exact CAMs and CRD parameter counts."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -16,20 +18,99 @@ CASES = [
     pytest.param(name, {"arch": arch}, id=f"{name}-{arch}")
     for name in ZOO if name == "torchvision" for arch in TORCHVISION_ARCHS
 ] + [pytest.param(name, {}, id=name) for name in ZOO if name != "torchvision"]
-GRAYSCALE = ["resnet20", "resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2", "shufflenetv2"]
+GRAYSCALE = ["resnet20", "resnet8x4", "resnet50", "wrn_16_2", "vgg8", "mobilenetv2", "shufflenetv1",
+             "shufflenetv2"]
 
-# Parameter counts (millions, 100 classes) from the CRD paper's tables (Tian et al., 2020).
+# Parameter counts (millions, 100 classes) from the CRD paper's tables (Tian et al., 2020):
+# Table 1 (same-family pairs, WRN-40-1 among its students) and Table 2 (cross-family pairs:
+# ResNet50 as teacher, ShuffleNetV1 / V2 as students).
 CRD_PARAMS = {
     "resnet20": 0.28, "resnet56": 0.86, "resnet110": 1.73, "resnet8x4": 1.23,
-    "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_2": 2.25, "vgg8": 3.96, "vgg13": 9.46,
-    "shufflenetv2": 1.36,
+    "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.25, "vgg8": 3.96,
+    "vgg13": 9.46, "shufflenetv2": 1.36, "shufflenetv1": 0.95, "resnet50": 23.71,
+}
+
+
+# Independent counts of CRD's reference architectures (github.com/HobbitLong/RepDistiller,
+# models/*.py), by arithmetic over their layer lists, never by building a model:
+# a k x k conv has k*k*c_in/groups*c_out weights (+ c_out bias), BatchNorm 2c, the linear
+# classifier (c + 1) * 100.
+def _conv(c_in: int, c_out: int, k: int = 3, groups: int = 1, bias: bool = False) -> int:
+    return k * k * c_in // groups * c_out + (c_out if bias else 0)
+
+
+def _bn(c: int) -> int:
+    return 2 * c
+
+
+def _linear(c: int) -> int:
+    return (c + 1) * 100
+
+
+def _ref_vgg(cfg: list[list[int]]) -> int:
+    """vgg.py's ``VGG(cfg, batch_norm=True)``: conv (with bias) + BN per entry, Linear(512, K)."""
+    count, c_in = 0, 3
+    for c in itertools.chain(*cfg):
+        count, c_in = count + _conv(c_in, c, bias=True) + _bn(c), c
+    return count + _linear(c_in)
+
+
+def _ref_wrn(depth: int, widen: int) -> int:
+    """wrn.py's ``WideResNet``: conv stem of 16; BN, conv, BN, conv (+ 1x1 where widths differ)."""
+    count, c_in = _conv(3, 16), 16
+    for c in (16 * widen, 32 * widen, 64 * widen):
+        for _ in range((depth - 4) // 6):
+            shortcut = _conv(c_in, c, 1) if c_in != c else 0
+            count, c_in = count + _bn(c_in) + _conv(c_in, c) + _bn(c) + _conv(c, c) + shortcut, c
+    return count + _bn(c_in) + _linear(c_in)
+
+
+def _ref_resnet50() -> int:
+    """resnetv2.py's ``ResNet50``: 3x3 stem of 64, Bottlenecks [3, 4, 6, 3], expansion 4."""
+    count, c_in = _conv(3, 64) + _bn(64), 64
+    for planes, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        c = 4 * planes
+        for j in range(n):
+            count += _conv(c_in, planes, 1) + _bn(planes) + _conv(planes, planes) + _bn(planes)
+            count += _conv(planes, c, 1) + _bn(c)
+            if (j == 0 and stride != 1) or c_in != c:
+                count += _conv(c_in, c, 1) + _bn(c)
+            c_in = c
+    return count + _linear(c_in)
+
+
+def _ref_shufflenetv1() -> int:
+    """ShuffleNetv1.py's ``ShuffleV1``: 1x1 stem of 24; stages 240/480/960 of 4/8/4 units, groups 3,
+    a stage's first unit making ``out - in`` channels; the 1x1 on the stem's 24 channels ungrouped."""
+    count, c_in = _conv(3, 24, 1) + _bn(24), 24
+    for c, n in ((240, 4), (480, 8), (960, 4)):
+        for j in range(n):
+            out = c - c_in if j == 0 else c
+            mid, g = out // 4, 1 if c_in == 24 else 3
+            count += _conv(c_in, mid, 1, g) + _bn(mid) + _conv(mid, mid, 3, mid) + _bn(mid)
+            count, c_in = count + _conv(mid, out, 1, 3) + _bn(out), c
+    return count + _linear(c_in)
+
+
+VGG_CFG = {  # vgg.py's cfg: S (vgg8), A (vgg11), B (vgg13), D (vgg16), E (vgg19)
+    "vgg8": [[64], [128], [256], [512], [512]],
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
+    "vgg19": [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4],
+}
+REFERENCE_COUNTS = {
+    **{name: _ref_vgg(cfg) for name, cfg in VGG_CFG.items()},
+    **{f"wrn_{d}_{w}": _ref_wrn(d, w) for d in (16, 40) for w in (1, 2)},
+    "resnet50": _ref_resnet50(), "shufflenetv1": _ref_shufflenetv1(),
 }
 
 
 def test_the_standard_zoo_is_registered():
     expected = {f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)} | {
-        "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2", "vgg8", "vgg13",
-        "mobilenetv2", "shufflenetv2", "torchvision"}
+        "resnet8x4", "resnet32x4", "resnet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+        "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "mobilenetv2", "shufflenetv1", "shufflenetv2",
+        "torchvision"}
     assert expected <= set(ZOO)
 
 
@@ -82,6 +163,29 @@ def test_features_and_linear_head_give_exact_cams(name, params):
 def test_parameter_counts_match_crd(name):
     count = sum(p.numel() for p in build_model(name, {}, (3, 32, 32), 100).parameters()) / 1e6
     assert count == pytest.approx(CRD_PARAMS[name], rel=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_parameter_counts_equal_crds_reference_code(name):
+    """Exact: the same layers as RepDistiller's, including ones the paper's tables do not list."""
+    assert sum(p.numel() for p in build_model(name, {}, (3, 32, 32), 100).parameters()) == REFERENCE_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(set(REFERENCE_COUNTS) & set(CRD_PARAMS)))
+def test_reference_counts_agree_with_the_paper(name):
+    """The arithmetic above is checked against every number the paper gives for it, to the
+    paper's last digit (its two decimals are sometimes cut, not rounded: 3.965M is "3.96M")."""
+    assert REFERENCE_COUNTS[name] / 1e6 == pytest.approx(CRD_PARAMS[name], abs=0.01)
+
+
+def test_last_feature_maps_are_4x4_on_32px_like_crds():
+    """CRD's last maps at 32 px: (B, 2048, 4, 4), (B, 960, 4, 4), (B, 64k, 8, 8), (B, 512, 4, 4)."""
+    x = torch.randn(1, 3, 32, 32)
+    expected = {"resnet50": (2048, 4, 4), "shufflenetv1": (960, 4, 4), "wrn_16_1": (64, 8, 8),
+                "wrn_40_1": (64, 8, 8), "vgg11": (512, 4, 4), "vgg16": (512, 4, 4), "vgg19": (512, 4, 4)}
+    for name, shape in expected.items():
+        with torch.no_grad():
+            assert build_model(name, {}, (3, 32, 32), 100).eval().features(x).shape[1:] == shape, name
 
 
 def test_mobilenetv2_at_half_width_is_crds_student():

@@ -7,12 +7,23 @@ Architectures and their sources:
   widths 16/32/64, depth 6n + 2.
 * ``resnet8x4``, ``resnet32x4``: the four-times wider variants of the CRD
   benchmark, widths 64/128/256 after a 32-channel first conv, as in CRD.
-* ``wrn_16_2``, ``wrn_40_2``: Wide ResNets of Zagoruyko & Komodakis, "Wide
-  Residual Networks" (BMVC 2016), pre-activation blocks, dropout 0.
-* ``vgg8``, ``vgg13``: VGG of Simonyan & Zisserman, "Very Deep Convolutional
-  Networks for Large-Scale Image Recognition" (ICLR 2015), with BatchNorm.
+* ``resnet50``: the bottleneck ResNet-50 of He et al. as CRD adapts it to
+  CIFAR: 3x3 stride-1 stem, no max pool, [3, 4, 6, 3] Bottleneck blocks of
+  widths 256/512/1024/2048 (CRD's ``resnetv2.ResNet50``; the ImageNet model is
+  ``torchvision`` with ``arch: resnet50``).
+* ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: Wide ResNets of
+  Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016), pre-activation
+  blocks, dropout 0.
+* ``vgg8``, ``vgg11``, ``vgg13``, ``vgg16``, ``vgg19``: VGG of Simonyan &
+  Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+  Recognition" (ICLR 2015), with BatchNorm and a single linear classifier;
+  ``vgg11`` / ``vgg16`` / ``vgg19`` are its configurations A / D / E, ``vgg8``
+  CRD's configuration S (one conv per stage).
 * ``mobilenetv2``: Sandler et al., "MobileNetV2: Inverted Residuals and Linear
   Bottlenecks" (CVPR 2018).
+* ``shufflenetv1``: Zhang et al., "ShuffleNet: An Extremely Efficient
+  Convolutional Neural Network for Mobile Devices" (CVPR 2018), groups 3,
+  stage widths 240/480/960 with 4/8/4 units, as CRD's ``ShuffleV1``.
 * ``shufflenetv2``: Ma et al., "ShuffleNet V2: Practical Guidelines for
   Efficient CNN Architecture Design" (ECCV 2018).
 * ``torchvision``: any ResNet / ResNeXt / Wide-ResNet / RegNet / MobileNetV2 /
@@ -21,15 +32,20 @@ Architectures and their sources:
 Widths, depths, shortcuts (1x1 conv + BN where the shape changes) and stems
 follow the CRD benchmark code of Tian, Krishnan & Isola, "Contrastive
 Representation Distillation" (ICLR 2020), also used by mdistiller and
-torchdistill, so parameter counts match their tables (resnet20 0.28M, resnet56
-0.86M, resnet110 1.73M, wrn_40_2 2.25M, resnet32x4 7.43M at 100 classes).
+torchdistill, so parameter counts match CRD's tables at 100 classes (resnet20
+0.28M, resnet56 0.86M, resnet110 1.73M, resnet8x4 1.23M, resnet32x4 7.43M,
+resnet50 23.71M, wrn_16_2 0.70M, wrn_40_1 0.57M, wrn_40_2 2.25M, vgg8 3.96M,
+vgg13 9.46M, shufflenetv1 0.95M, shufflenetv2 1.36M), and the others equal the
+count of CRD's code (wrn_16_1 0.18M, vgg11 9.28M, vgg16 14.77M, vgg19 20.09M).
 
 Every model is ``features`` (input to the last feature map) followed by global
 average pooling and a linear ``head``, so class activation maps are exact.
 Deviations from CRD: ReLUs are not in-place; ``mobilenetv2`` has a stride-1
 first conv (CRD: stride 2, so its last map is 2x2 instead of 4x4 on CIFAR) and
 defaults to width 1.0 (CRD's student is ``width_mult: 0.5``); VGG and
-MobileNetV2 heads keep PyTorch's default linear initialisation.
+MobileNetV2 heads keep PyTorch's default linear initialisation. ``shufflenetv1``
+follows CRD, not Zhang et al., in its 1x1 stride-1 stem without max pool and
+the ReLU after each depthwise conv.
 """
 from __future__ import annotations
 
@@ -159,6 +175,51 @@ class ResNet32x4(_CifarResNet):
     depth, filters = 32, (32, 64, 128, 256)
 
 
+class _Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand to ``4 * planes``; projection shortcut."""
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        super().__init__()
+        c_out = 4 * planes
+        self.body = nn.Sequential(
+            _conv_bn(c_in, planes, 1),
+            _conv_bn(planes, planes, 3, stride),
+            _conv_bn(planes, c_out, 1, relu=False),
+        )
+        same = stride == 1 and c_in == c_out
+        self.shortcut = nn.Identity() if same else _conv_bn(c_in, c_out, 1, stride, relu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c_in, H, W) -> (B, 4 * planes, H / stride, W / stride)."""
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+@MODELS.register("resnet50")
+class ResNet50(_GapNet):
+    """3x3 stride-1 stem of 64, then four stages of 3/4/6/3 Bottlenecks; stages 2-4 halve H, W.
+
+    A 32 px input ends in a (B, 2048, 4, 4) map.
+    """
+
+    BLOCKS = (3, 4, 6, 3)
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    def __init__(self, params: Params, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(input_shape[0], 64, 3)]
+        c_in = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), self.BLOCKS)):
+            for j in range(n):
+                layers.append(_Bottleneck(c_in, planes, 2 if i > 0 and j == 0 else 1))
+                c_in = 4 * planes
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+        _init_fan_out(self.features)
+
+
 # ------------------------------------------------------------ Wide ResNets
 
 
@@ -208,9 +269,19 @@ class _WideResNet(_GapNet):
         _init_fan_out(self.features)
 
 
+@MODELS.register("wrn_16_1")
+class WRN16x1(_WideResNet):
+    depth, widen = 16, 1
+
+
 @MODELS.register("wrn_16_2")
 class WRN16x2(_WideResNet):
     depth, widen = 16, 2
+
+
+@MODELS.register("wrn_40_1")
+class WRN40x1(_WideResNet):
+    depth, widen = 40, 1
 
 
 @MODELS.register("wrn_40_2")
@@ -253,9 +324,24 @@ class VGG8(_VGG):
     stages = ((64,), (128,), (256,), (512,), (512,))
 
 
+@MODELS.register("vgg11")
+class VGG11(_VGG):
+    stages = ((64,), (128,), (256, 256), (512, 512), (512, 512))  # configuration A
+
+
 @MODELS.register("vgg13")
 class VGG13(_VGG):
-    stages = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
+    stages = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))  # configuration B
+
+
+@MODELS.register("vgg16")
+class VGG16(_VGG):
+    stages = ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3)  # configuration D
+
+
+@MODELS.register("vgg19")
+class VGG19(_VGG):
+    stages = ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)  # configuration E
 
 
 # -------------------------------------------------------------- MobileNetV2
@@ -388,6 +474,63 @@ class ShuffleNetV2(_GapNet):
         layers.append(_conv_bn(c_in, widths[3], 1))
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(widths[3], num_classes)
+
+
+# ------------------------------------------------------------- ShuffleNetV1
+
+
+class _ShuffleV1Unit(nn.Module):
+    """Grouped 1x1, channel shuffle, depthwise 3x3, grouped 1x1 to ``c_branch`` channels.
+
+    Stride 1 adds the input (``c_branch == c_in``); stride 2 concatenates the input
+    average-pooled 3x3 / 2, giving ``c_branch + c_in`` channels at half H, W.
+    """
+
+    def __init__(self, c_in: int, c_branch: int, stride: int, groups: int, squeeze_groups: int) -> None:
+        super().__init__()
+        mid = c_branch // 4
+        self.squeeze_groups = squeeze_groups
+        self.squeeze = _conv_bn(c_in, mid, 1, groups=squeeze_groups)
+        self.rest = nn.Sequential(
+            _conv_bn(mid, mid, 3, stride, groups=mid),  # CRD keeps this ReLU; Zhang et al. drop it
+            _conv_bn(mid, c_branch, 1, groups=groups, relu=False),
+        )
+        self.pool = nn.AvgPool2d(3, 2, 1) if stride == 2 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c_in, H, W) -> (B, c_in or c_branch + c_in, H / stride, W / stride)."""
+        out = self.rest(_channel_shuffle(self.squeeze(x), self.squeeze_groups))
+        if self.pool is None:
+            return torch.relu(out + x)
+        return torch.relu(torch.cat([out, self.pool(x)], dim=1))
+
+
+@MODELS.register("shufflenetv1")
+class ShuffleNetV1(_GapNet):
+    """1x1 stem of 24 (no max pool, for 32 px), three stages of 4/8/4 units, groups 3.
+
+    Each stage opens with a stride-2 unit whose branch yields the stage width minus
+    the input width, so the concatenation has the stage width; a 32 px input ends in
+    a (B, 960, 4, 4) map.
+    """
+
+    GROUPS, WIDTHS, UNITS = 3, (240, 480, 960), (4, 8, 4)  # CRD's ShuffleV1
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    def __init__(self, params: Params, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(input_shape[0], 24, 1)]
+        c_in = 24
+        for i, (c_out, n) in enumerate(zip(self.WIDTHS, self.UNITS)):
+            # The first grouped 1x1 sees only the stem's 24 channels: ungrouped, as in the paper.
+            first = _ShuffleV1Unit(c_in, c_out - c_in, 2, self.GROUPS, 1 if i == 0 else self.GROUPS)
+            layers += [first, *(_ShuffleV1Unit(c_out, c_out, 1, self.GROUPS, self.GROUPS) for _ in range(n - 1))]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
 
 
 # -------------------------------------------------------------- torchvision
