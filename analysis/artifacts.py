@@ -9,18 +9,15 @@ calibration/: per-split reliability bins of the reported model
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from analysis import plots
+from analysis.document import Report
 from analysis.runs import StudyRuns, json_artifacts
 from kdablate.metrics import ece_from_bins, offdiagonal, spearman
-
-if TYPE_CHECKING:
-    from analysis.report import Report
 
 
 def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd.DataFrame]:
@@ -45,7 +42,7 @@ def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd
     return [(n, mats[n]) for n in names], rho
 
 
-def similarity_figure(rep: "Report", runs: StudyRuns) -> None:
+def similarity_figure(rep: Report, runs: StudyRuns) -> None:
     """Heatmaps of the seed-mean similarity matrices, or a note saying what is missing."""
     panels, rho = similarity_panels(runs)
     if not panels:
@@ -58,8 +55,7 @@ def similarity_figure(rep: "Report", runs: StudyRuns) -> None:
     if "oracle" not in rho:
         rep.note("Similarity: the data has no class hierarchy (class groups), so there is no oracle panel; "
                  "CIFAR-100 has one (its 20 superclasses).")
-    rho.to_csv(rep.out / "similarity.csv")
-    rep.files.append(rep.out / "similarity.csv")
+    rep.csv(rho, "similarity", index=True)  # the index names the rows
     rep.figure(plots.heatmaps(titled), "similarity",
                "Class similarity, seed-mean matrices (row y: where the non-ground-truth mass of class y goes): "
                "teacher soft targets, the oracle hierarchy where the data has one, and each arm's own explanations. "
@@ -81,7 +77,7 @@ def pooled_bins(runs: StudyRuns, split: str = "test") -> tuple[dict[str, dict[st
     return pooled, ece
 
 
-def calibration_figure(rep: "Report", runs: StudyRuns) -> None:
+def calibration_figure(rep: Report, runs: StudyRuns) -> None:
     """Reliability diagrams per arm, or a note that the runs hold no bins."""
     bins, ece = pooled_bins(runs)
     if not bins:

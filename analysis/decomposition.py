@@ -12,7 +12,7 @@ import itertools
 
 import pandas as pd
 
-from analysis.stats import holm, one_sample, paired, stars, t_ci
+from analysis.stats import holm_family, one_sample, paired, t_ci
 
 
 def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -40,12 +40,8 @@ def by_seed(cells: pd.DataFrame, arm: str, metric: str) -> dict[int, float]:
 def compare(cells: pd.DataFrame, pairs: list[tuple[str, str]], metric: str) -> pd.DataFrame:
     """One row per (a, b): the paired statistics of a - b, with Holm-adjusted p-values over the family."""
     rows = [{"a": a, "b": b, **paired(by_seed(cells, a, metric), by_seed(cells, b, metric))} for a, b in pairs]
-    out = pd.DataFrame(rows, columns=["a", "b", "diff_mean", "diff_std", "n_pairs", "ci_low", "ci_high",
-                                      "p_value", "p_wilcoxon", "d_z"])
-    out["p_holm"] = holm(out.p_value.tolist())
-    out["p_wilcoxon_holm"] = holm(out.p_wilcoxon.tolist())
-    out["mark"] = out.p_holm.map(stars)
-    return out
+    return holm_family(pd.DataFrame(rows, columns=["a", "b", "diff_mean", "diff_std", "n_pairs", "ci_low",
+                                                   "ci_high", "p_value", "p_wilcoxon", "d_z"]))
 
 
 def against(cells: pd.DataFrame, order: list[str], reference: str, metric: str) -> pd.DataFrame:
@@ -105,8 +101,4 @@ def factorial(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
         dd = (table[(m1, s1)] - table[(m1, s0)]) - (table[(m0, s1)] - table[(m0, s0)])
         rows.append({"kind": "interaction", "effect": f"({m1} − {m0}) × ({s1} − {s0})",
                      **one_sample(dd.dropna().to_dict())})
-    out = pd.DataFrame(rows)
-    out["p_holm"] = holm(out.p_value.tolist())
-    out["p_wilcoxon_holm"] = holm(out.p_wilcoxon.tolist())
-    out["mark"] = out.p_holm.map(stars)
-    return out
+    return holm_family(pd.DataFrame(rows))

@@ -1,6 +1,7 @@
 """From a finished (or partial) study in MLflow to a paper's figures, tables and report.
 
-    python -m analysis.report STUDY [--metric report/test_acc] [--out figures] [--no-log]
+    kdablate report STUDY [--metric report/test_acc] [--out figures] [--no-log]
+    python -m analysis.report STUDY [...]      (the same)
 
 Writes to ``figures/<study>/``:
   report.md                  every figure linked, one sentence per comparison, the reporting
@@ -11,6 +12,7 @@ Writes to ``figures/<study>/``:
   vs_<ref>.csv               every arm against each reference arm (one Holm family each);
   effects.{md,tex,csv}       the mass x structure main effects and interactions, with CIs;
   pairs.{md,tex,csv}         the study's declared paired comparisons;
+  similarity.csv             Spearman ρ between the heatmaps' similarity matrices;
   decomposition, interaction, temperature, learning_curves, similarity, calibration,
   agreement (.png and .pdf)  whichever the study's runs support.
 Then logs the folder as artifacts of the study's newest parent run, so the MLflow UI shows it.
@@ -19,7 +21,6 @@ The figures themselves are drawn by ``analysis.plots``; the statistics by ``anal
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -27,45 +28,22 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import decomposition as dec
-from analysis import tables
+from analysis import plots, tables
 from analysis.artifacts import calibration_figure, similarity_figure
-from analysis.figures import save, study_or_exit
-from analysis import plots
+from analysis.document import Report
+from analysis.figures import study_or_exit
+from analysis.options import DEFAULT_METRIC, DEFAULT_OUT, add_report_options
 from analysis.runs import PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
+from analysis.stats import MARKS
 from kdablate import tracking
+from kdablate.study import Study
 
 DEFAULT_EXTRA = ["report/test_ece", "report/test_agreement"]
 
 
-@dataclasses.dataclass
-class Report:
-    """What has been written so far: sections of report.md and the files behind them.
-
-    rule: the reporting rule of ``metric``, printed in every caption."""
-
-    out: Path
-    study: str
-    metric: str
-    rule: str
-    sections: list[str] = dataclasses.field(default_factory=list)
-    files: list[Path] = dataclasses.field(default_factory=list)
-
-    def figure(self, fig: object, stem: str, caption: str) -> None:
-        """Save ``fig`` as PNG and PDF and link it with its caption."""
-        self.files += save(fig, self.out, stem)
-        self.sections += [f"![{stem}]({stem}.png)", "", f"*{tables.md_escape(caption)}* [PDF]({stem}.pdf)", ""]
-
-    def note(self, text: str) -> None:
-        """Say in the report why something is not there."""
-        self.sections += [f"> {text}", ""]
-
-    def table(self, frame: pd.DataFrame, head: list[str], rows: list[list[str]], stem: str, cap: str) -> None:
-        """Write a table as CSV (the numbers), Markdown and LaTeX, and put it in the report."""
-        frame.to_csv(self.out / f"{stem}.csv", index=False)
-        (self.out / f"{stem}.md").write_text(tables.markdown(head, rows, cap))
-        (self.out / f"{stem}.tex").write_text(tables.latex(head, rows, cap, f"{self.study}-{stem}"))
-        self.files += [self.out / f"{stem}.{x}" for x in ("csv", "md", "tex")]
-        self.sections += [tables.markdown(head, rows, cap), f"Also as [LaTeX]({stem}.tex) and [CSV]({stem}.csv).", ""]
+class ReportError(Exception):
+    """No report can be made (no finished runs with the metric, an unusable --out); ``str()``
+    is the one-line message the CLI prints, with what to do."""
 
 
 def metric_rule(runs: StudyRuns, metric: str) -> str:
@@ -105,7 +83,7 @@ def header(runs: StudyRuns, rep: Report) -> list[str]:
              "- Comparisons are paired by seed (arms that share a seed share the init and data order): paired "
              "t-test and Wilcoxon signed-rank; p-values are Holm-adjusted within each section's family (so one "
              "comparison can appear in two families with two adjusted p-values); 95% CIs are unadjusted. In "
-             f"sentences, ± is the standard deviation of the per-seed differences. {tables.MARKS}."]
+             f"sentences, ± is the standard deviation of the per-seed differences. {MARKS}."]
     if n_min <= 6:  # the exact signed-rank test cannot go below 2 / 2^n, whatever the effect
         lines.append(f"- With {n_min} seed{'s' if n_min > 1 else ''} in the smallest arm, the smallest attainable "
                      f"two-sided Wilcoxon p is {2 / 2 ** n_min:.3g}: read p_W as a robustness check.")
@@ -180,14 +158,14 @@ def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
     vs = {ref: dec.against(runs.cells, runs.order, ref, rep.metric) for ref in references(runs)}
     base = baseline(runs)
     head, rows = tables.main_rows(summary, vs.get(base), extra)
-    rep.sections += ["## Arms", ""]
+    rep.heading("Arms")
     if base is None:
         rep.note("No `analysis.baseline` with finished runs: the table has no paired differences.")
     rep.table(summary, head, rows, "table", tables.caption(rep.metric, rep.rule, base, len(summary) - 1))
     for ref, table in vs.items():
-        table.to_csv(rep.out / f"vs_{safe(ref)}.csv", index=False)
-        rep.sections += [f"### Against `{ref}`", ""] + [f"- {tables.sentence(d)}" for d in table.to_dict("records")]
-        rep.sections.append("")
+        rep.csv(table, f"vs_{safe(ref)}")
+        rep.heading(f"Against `{ref}`", level=3)
+        rep.bullets([tables.sentence(d) for d in table.to_dict("records")])
     return {"summary": summary, **vs}
 
 
@@ -204,14 +182,14 @@ def factorial_section(rep: Report, runs: StudyRuns) -> None:
             rep.note("Factorial: no complete mass × structure crossing (≥ 2 × 2) among the finished arms.")
         return
     grid, left_out = dec.factorial_cells(runs.cells)
-    rep.sections += ["## Factorial decomposition: mass × structure", "",
-                     f"Crossing: mass {list(dict.fromkeys(grid.mass))} × structure "
-                     f"{list(dict.fromkeys(grid.structure))} at T = {grid.temperature.iat[0]:g}, "
-                     f"α = {grid.alpha.iat[0]:g}" + (f"; left out of it: {', '.join(left_out)}" if left_out else "")
-                     + ". A main effect is a level minus the previous one, averaged over the other factor's levels; "
-                     "an interaction is the difference of those differences (does what the structure adds depend on "
-                     "the mass?). Main effects and interactions form one Holm family.", ""]
-    rep.sections += [f"- {tables.sentence(d, d['effect'])}" for d in effects.to_dict("records")] + [""]
+    rep.heading("Factorial decomposition: mass × structure")
+    rep.paragraph(f"Crossing: mass {list(dict.fromkeys(grid.mass))} × structure "
+                  f"{list(dict.fromkeys(grid.structure))} at T = {grid.temperature.iat[0]:g}, "
+                  f"α = {grid.alpha.iat[0]:g}" + (f"; left out of it: {', '.join(left_out)}" if left_out else "")
+                  + ". A main effect is a level minus the previous one, averaged over the other factor's levels; "
+                  "an interaction is the difference of those differences (does what the structure adds depend on "
+                  "the mass?). Main effects and interactions form one Holm family.")
+    rep.bullets([tables.sentence(d, d["effect"]) for d in effects.to_dict("records")])
     head, rows = tables.effect_rows(effects)
     rep.table(effects, head, rows, "effects", tables.effects_caption(rep.metric, rep.rule, "Factorial effects",
                                                                      len(effects)))
@@ -225,8 +203,8 @@ def pairs_section(rep: Report, runs: StudyRuns) -> None:
     if not declared:
         return
     pairs = dec.compare(runs.cells, [tuple(p) for p in declared], rep.metric)
-    rep.sections += ["## Declared comparisons", ""] + [f"- {tables.sentence(d)}" for d in pairs.to_dict("records")]
-    rep.sections.append("")
+    rep.heading("Declared comparisons")
+    rep.bullets([tables.sentence(d) for d in pairs.to_dict("records")])
     head, rows = tables.effect_rows(pairs)
     rep.table(pairs, head, rows, "pairs", tables.effects_caption(rep.metric, rep.rule, "Declared comparisons",
                                                                  len(pairs)))
@@ -235,8 +213,8 @@ def pairs_section(rep: Report, runs: StudyRuns) -> None:
 def figures_section(rep: Report, runs: StudyRuns, stats: dict[str, pd.DataFrame]) -> None:
     """Every figure the runs support; a note for each that they do not."""
     base = baseline(runs)
-    rep.sections += ["## Figures", ""]
-    marks = f" Bottom: paired difference to {base}, 95% CI, marks {tables.MARKS}." if base else ""
+    rep.heading("Figures")
+    marks = f" Bottom: paired difference to {base}, 95% CI, marks {MARKS}." if base else ""
     rep.figure(plots.decomposition(stats["summary"], runs.cells, rep.metric, stats.get(base), references(runs),
                                    f"{runs.study.name}: mean and 95% CI over {seed_range(runs)} seeds"),
                "decomposition", f"Top: per arm, mean {rep.metric} with 95% CI, seeds as dots, reference means "
@@ -284,16 +262,19 @@ def clean(out: Path) -> None:
 
 def build(runs: StudyRuns, out: Path, metric: str) -> Report:
     """Write every table, figure and report.md of ``runs`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    clean(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        clean(out)
+    except OSError as e:  # e.g. --out names a file, or a folder this user cannot write
+        raise ReportError(f"{out}: cannot write the report there ({e.strerror or e}); "
+                          "give --out a writable folder") from None
     rep = Report(out, runs.study.name, metric, metric_rule(runs, metric))
-    rep.sections += header(runs, rep) + provenance_section(runs)
+    rep.lines(header(runs, rep) + provenance_section(runs))
     stats = comparisons(rep, runs)
     factorial_section(rep, runs)
     pairs_section(rep, runs)
     figures_section(rep, runs, stats)
-    (out / "report.md").write_text("\n".join(rep.sections) + "\n")
-    rep.files.append(out / "report.md")
+    rep.finish()
     return rep
 
 
@@ -305,33 +286,41 @@ def log_to_parent(runs: StudyRuns, out: Path) -> str | None:
     return run_id
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI; 0 on success, 2 (one line on stderr) for a bad study or no runs."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("study")
-    p.add_argument("--metric", default="report/test_acc")
-    p.add_argument("--out", type=Path, default=Path("figures"))
-    p.add_argument("--no-log", action="store_true", help="do not log the figures to the study's parent run")
-    args = p.parse_args(argv)
+def write(study: Study, metric: str = DEFAULT_METRIC, out: Path = DEFAULT_OUT, log: bool = True) -> Report:
+    """The report of ``study``'s runs in the tracking store, written into ``out/<study>/`` and
+    printed, with warnings for a partial or mixed study; logged to the study's parent run
+    unless ``log`` is False. ReportError when there is nothing to report on or ``out`` is unusable."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's file is noise
-    study = study_or_exit(args.study)
-    if study is None:
-        return 2
     runs = load(study)
-    if runs.cells.empty or args.metric not in runs.cells:
-        print(f"analysis: error: {study.path}: no finished runs with metric '{args.metric}' in "
-              f"{runs.uri}; run 'make study STUDY={study.name}' first", file=sys.stderr)
-        return 2
-    rep = build(runs, args.out / study.name, args.metric)
+    if runs.cells.empty or metric not in runs.cells:
+        raise ReportError(f"{study.path}: no finished runs with metric '{metric}' in {runs.uri}; run "
+                          f"'make study STUDY={study.name}' (or 'kdablate run {study.path}') first")
+    rep = build(runs, out / study.name, metric)
     print((rep.out / "report.md").read_text())
     if not runs.missing.empty:
         print(f"warning: partial study, {len(runs.missing)} of {len(study.cells)} cells missing (listed in the report)")
     if mixed := mixed_provenance(runs.cells):
         print(f"warning: the runs differ in {', '.join(mixed)}: not one machine and build (see the report)")
-    parent = None if args.no_log else log_to_parent(runs, rep.out)
+    parent = log_to_parent(runs, rep.out) if log else None
     print(f"wrote {len(rep.files)} files to {rep.out}/" + (f"; logged to parent run {parent}" if parent else ""))
-    if parent is None and not args.no_log:
+    if parent is None and log:
         print(f"warning: no parent run of study '{study.name}' in {runs.uri}; the figures were not logged to MLflow")
+    return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m analysis.report``; 0 on success, 2 (one line on stderr) for a bad study or no runs."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_report_options(p)
+    args = p.parse_args(argv)
+    study = study_or_exit(args.study)
+    if study is None:
+        return 2
+    try:
+        write(study, args.metric, args.out, log=not args.no_log)
+    except ReportError as e:
+        print(f"analysis: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,10 +13,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 NAN = math.nan
 DECIMALS = 10  # differences are compared at this precision
+# Significance marks, strictest first: the one table both ``stars`` and the captions' legend
+# (``MARKS``) are made from, so a threshold cannot change in one and not the other.
+MARK_LEVELS = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
+ALPHA = MARK_LEVELS[-1][0]  # a comparison is called significant below this (Holm-adjusted) p
+MARKS = ", ".join(f"{mark} p < {level:g}" for level, mark in reversed(MARK_LEVELS)) + " (paired t, Holm-adjusted)"
 
 
 def t_ci(values: np.ndarray | list[float], level: float = 0.95) -> tuple[float, float]:
@@ -80,9 +86,17 @@ def holm(p: list[float]) -> list[float]:
 
 def stars(p: float) -> str:
     """'***' p < 0.001, '**' p < 0.01, '*' p < 0.05, '' otherwise (or NaN)."""
-    if math.isnan(p):
-        return ""
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+    return next((mark for level, mark in MARK_LEVELS if p < level), "")  # NaN compares False: ''
+
+
+def holm_family(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (statistics of ``paired``, one comparison each) as one Holm family: a copy with
+    p_holm and p_wilcoxon_holm (both tests adjusted over the rows) and mark (from p_holm)."""
+    out = rows.copy()
+    out["p_holm"] = holm(out.p_value.tolist())
+    out["p_wilcoxon_holm"] = holm(out.p_wilcoxon.tolist())
+    out["mark"] = out.p_holm.map(stars)
+    return out
 
 
 def pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:

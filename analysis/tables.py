@@ -14,13 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.stats import fmt_p, pm
+from analysis.stats import ALPHA, MARKS, fmt_p, pm
 
 # Extra table columns: header, and whether the metric is a fraction to print in percent.
 DISPLAY = {"report/test_ece": ("ECE (%)", True), "report/test_agreement": ("agree. (%)", True),
            "time/step_ms": ("ms/step", False), "time/explain_ms": ("explain ms", False),
            "train/similarity_spearman": ("ρ(expl., teacher) per run", False)}
-MARKS = "* p < 0.05, ** p < 0.01, *** p < 0.001 (paired t, Holm-adjusted)"
 TEXT_COLUMNS = {"arm", "mass", "structure", "effect"}
 Row = dict[str, Any]
 
@@ -140,7 +139,7 @@ def sentence(d: Row, what: str = "") -> str:
         return f"{name}: fewer than 2 paired seeds (n = {d['n_pairs']}); no test."
     if d["diff_std"] == 0:
         return f"{name}: {signed(d['diff_mean'])} points in every one of {d['n_pairs']} seeds; no spread, tests undefined."
-    sig = not math.isnan(d["p_holm"]) and d["p_holm"] < 0.05
+    sig = not math.isnan(d["p_holm"]) and d["p_holm"] < ALPHA
     size = f"{abs(d['diff_mean']) * 100:.2f} ± {d['diff_std'] * 100:.2f} points"
     if not sig:
         head = f"{name}: {signed(d['diff_mean'])} ± {d['diff_std'] * 100:.2f} points, not significant after Holm adjustment"

@@ -1,7 +1,10 @@
-"""Command line: ``kdablate run | dry-run | status STUDY``.
+"""Command line: ``kdablate run | dry-run | status | report STUDY``.
 
-Bad input (a study file that does not validate) is one line on stderr naming
-the file and field, with exit code 2; never a traceback.
+Bad input (a study file that does not validate, a store that cannot be used, a study
+without runs to report on) is one line on stderr naming the file and field, with exit
+code 2; never a traceback. ``report`` is ``analysis.report``: its options come from the
+argparse-only ``analysis.options``, and the analysis itself (pandas, matplotlib, the figures)
+is imported only when the command runs, so it costs the other commands nothing.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from analysis.options import add_report_options
 from kdablate.registry import ConfigError
 from kdablate.study import Study, StudyError, load_study
 
@@ -42,10 +46,15 @@ def parser() -> argparse.ArgumentParser:
     dry.add_argument("study")
     status = sub.add_parser("status", help="finished / failed / pending cells of a study")
     status.add_argument("study")
+    report = sub.add_parser("report", help="tables, figures and report.md of a study, from MLflow alone",
+                            description="Write the tables, figures and report.md of a study's runs (finished or "
+                            "partial) into OUT/<study>/ and log them to the study's parent run in MLflow.")
+    add_report_options(report)
     return p
 
 
-def dry_run(study: Study) -> None:
+def dry_run(study: Study, args: argparse.Namespace) -> int:
+    """The cells of ``study``, one line each, with their config hashes."""
     print(f"study {study.name} ({study.path}): {len(study.arms())} arms x {len(study.config.seeds)} seeds "
           f"= {len(study.cells)} cells")
     print(f"{'arm':32} {'seed':>4} {'mass':>10} {'structure':>10} {'T':>5} {'alpha':>5}  hash")
@@ -53,9 +62,11 @@ def dry_run(study: Study) -> None:
         k = c.knowledge
         print(f"{c.arm:32} {c.seed:>4} {k.mass.name:>10} {k.structure.name:>10} "
               f"{k.temperature:>5g} {k.alpha:>5g}  {c.config_hash()}")
+    return 0
 
 
-def status(study: Study) -> int:
+def status(study: Study, args: argparse.Namespace) -> int:
+    """Count the cells of ``study`` by the state of their newest run; name the unfinished ones."""
     from kdablate import tracking
 
     client = tracking.client()
@@ -80,24 +91,8 @@ def status(study: Study) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    # `kdablate dry-run X | head` should end quietly, not with a BrokenPipeError.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = parser().parse_args(argv)
-    try:
-        study = load_study(args.study)
-    except StudyError as e:
-        print(f"kdablate: error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "dry-run":
-        dry_run(study)
-        return 0
-    if args.command == "status":
-        try:
-            return status(study)
-        except ConfigError as e:
-            print(f"kdablate: error: {e}", file=sys.stderr)
-            return 2
+def run(study: Study, args: argparse.Namespace) -> int:
+    """Train the pending cells; 1 when some failed."""
     from kdablate.runner import RunOptions, check_device, run_study
 
     problem = check_device(args.device)
@@ -109,14 +104,38 @@ def main(argv: list[str] | None = None) -> int:
     opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
                       checkpoint_every=args.checkpoint_every, executor=args.executor, address=args.address,
                       progress=not args.no_progress, device=args.device, amp=args.amp)
-    try:
-        failed = run_study(study, opts)
-    except ConfigError as e:  # e.g. resuming a study under another precision
-        print(f"kdablate: error: {e}", file=sys.stderr)
-        return 2
+    failed = run_study(study, opts)  # ConfigError (e.g. resuming under another precision): main says it
     if failed:
         print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)
     return 1 if failed else 0
+
+
+def report(study: Study, args: argparse.Namespace) -> int:
+    """``analysis.report`` for ``study``; 2 with one line when there is nothing to report on."""
+    # Imported here: the analysis stack (pandas, matplotlib) is for this command only.
+    from analysis.report import ReportError, write
+
+    try:
+        write(study, args.metric, args.out, log=not args.no_log)
+    except ReportError as e:
+        print(f"kdablate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# Every command takes the loaded study and the parsed arguments, and returns the exit code.
+COMMANDS = {"run": run, "dry-run": dry_run, "status": status, "report": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `kdablate dry-run X | head` should end quietly, not with a BrokenPipeError.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](load_study(args.study), args)
+    except (StudyError, ConfigError) as e:  # a bad study file, or a store or cache that cannot be used
+        print(f"kdablate: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from scipy import stats
 
 from analysis import decomposition as dec
 from analysis import plots, report, runs as runs_mod
+from analysis import stats as astats
 from analysis.stats import holm, paired, t_ci
-from kdablate import tracking
+from kdablate import cli, tracking
 from kdablate.config import flatten
 from kdablate.study import load_study
 
@@ -333,3 +334,83 @@ def test_report_without_baseline_and_on_last_epoch(store, tmp_path):
     assert "Δ [95% CI]" not in (tmp_path / "out" / "table.md").read_text()
     assert "last logged step" in (tmp_path / "out" / "table.tex").read_text()
     assert (tmp_path / "out" / "decomposition.pdf") in rep.files
+
+
+TEXT_OUTPUTS = ("report.md", "table.csv", "table.md", "table.tex", "effects.csv", "effects.md", "effects.tex",
+                "pairs.csv", "pairs.md", "pairs.tex", "similarity.csv", "vs_ce.csv", "vs_teacher+teacher.csv")
+
+
+def test_kdablate_report_from_another_folder_writes_what_analysis_report_writes(store, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`kdablate report` (what `make figures` runs) from a folder without studies/ or a store:
+    the study given as a path, the store by MLFLOW_TRACKING_URI, the same files as the
+    fixture's `python -m analysis.report`, byte for byte."""
+    study, store_path = store[0], store[1]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", str(study.path), "--out", "out", "--no-log"]) == 0
+    assert "wrote 27 files to out/synth/" in capsys.readouterr().out
+    ours, theirs = tmp_path / "out" / "synth", store_path / "figs" / "synth"
+    for name in TEXT_OUTPUTS:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    assert {p.name for p in ours.iterdir()} == {p.name for p in theirs.iterdir()}
+
+
+def test_kdablate_report_resolves_a_name_against_studies(store, tmp_path, monkeypatch):
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "synth.yaml").write_text(STUDY)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", "synth", "--no-log", "--metric", "report/val_acc"]) == 0
+    assert "`report/val_acc`" in (tmp_path / "figures" / "synth" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["report", "nosuch"], "studies/nosuch.yaml: no such study file; known studies: "),
+    (["report", "SYNTH", "--metric", "report/nope"], "no finished runs with metric 'report/nope'"),
+    (["report", "SYNTH", "--out", "afile"], "afile/synth: cannot write the report there"),
+    (["report", "SYNTH", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_kdablate_report_bad_input_is_one_line_and_exit_2(store, tmp_path, monkeypatch, capsys, args, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    args = [str(store[0].path) if a == "SYNTH" else a for a in args]
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's errors exit from inside the parser
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("kdablate: error: ") and says in err, err
+
+
+def test_kdablate_report_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--metric" in out and "--out" in out and "--no-log" in out and "OUT/<study>/" in out
+
+
+def test_every_holm_family_goes_through_the_one_holm(store, monkeypatch):
+    """decomposition keeps no Holm or marks of its own: replacing ``stats.holm`` changes every
+    family's adjusted p-values (comparisons, declared pairs and factorial effects alike)."""
+    runs, m = store[3], "report/test_acc"
+    calls = []
+    monkeypatch.setattr(astats, "holm", lambda p: calls.append(len(p)) or [0.0123] * len(p))
+    vs = dec.against(runs.cells, runs.order, "ce", m)
+    pairs = dec.compare(runs.cells, [("teacher+teacher", "teacher+uniform")], m)
+    eff = dec.factorial(runs.cells, m)
+    assert calls == [len(vs), len(vs), 1, 1, len(eff), len(eff)]
+    for frame in (vs, pairs, eff):
+        assert set(frame.p_holm) == set(frame.p_wilcoxon_holm) == {0.0123} and set(frame["mark"]) == {"*"}
+    assert not hasattr(dec, "holm") and not hasattr(dec, "stars")
+
+
+def test_holm_family_and_marks():
+    rows = pd.DataFrame({"p_value": [0.01, 0.04, 0.03, 0.2, math.nan], "p_wilcoxon": [0.5, 0.1, 0.2, 0.3, 0.4]})
+    got = astats.holm_family(rows)
+    assert list(got.columns) == ["p_value", "p_wilcoxon", "p_holm", "p_wilcoxon_holm", "mark"]
+    assert list(got.p_holm[:4]) == pytest.approx([0.04, 0.09, 0.09, 0.2]) and math.isnan(got.p_holm[4])
+    assert list(got.p_wilcoxon_holm) == pytest.approx(holm(list(rows.p_wilcoxon)))
+    assert list(got["mark"]) == ["*", "", "", "", ""] and "p_holm" not in rows  # a copy
+    assert [astats.stars(p) for p in (0.0009, 0.001, 0.009, 0.049, 0.05, math.nan)] == ["***", "**", "**", "*", "", ""]
+    from analysis import tables
+
+    assert tables.MARKS == astats.MARKS == "* p < 0.05, ** p < 0.01, *** p < 0.001 (paired t, Holm-adjusted)"

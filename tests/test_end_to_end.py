@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from analysis import report
-from kdablate import tracking
+from kdablate import cli, tracking
 from kdablate.runner import RunOptions, run_study
 from kdablate.study import load_study
 
@@ -51,9 +51,10 @@ def test_smoke_study_logs_every_cell_and_resumes(smoke_run, capsys):
 
 
 def test_figures_and_tables_from_mlflow(smoke_run):
-    """A real (trained) study through the whole report: every file, logged to the parent run."""
+    """A real (trained) study through the whole report, as `make figures` makes it (`kdablate
+    report`): every file, logged to the parent run."""
     study, tmp_path, _ = smoke_run
-    assert report.main(["smoke", "--out", str(tmp_path / "figures")]) == 0
+    assert cli.main(["report", "smoke", "--out", str(tmp_path / "figures")]) == 0
     out = tmp_path / "figures" / "smoke"
     for name in ("report.md", "decomposition.png", "decomposition.pdf", "interaction.pdf", "learning_curves.png",
                  "calibration.png", "agreement.pdf", "table.csv", "table.md", "table.tex", "effects.tex"):
@@ -72,10 +73,12 @@ def test_figures_and_tables_from_mlflow(smoke_run):
     assert "figures/report.md" in {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
 
 
-def test_figures_without_runs_is_a_clean_error(mlflow_store, capsys):
-    assert report.main(["smoke"]) == 2
+@pytest.mark.parametrize("main, args, prefix", [(cli.main, ["report", "smoke"], "kdablate: error:"),
+                                                (report.main, ["smoke"], "analysis: error:")])
+def test_figures_without_runs_is_a_clean_error(mlflow_store, capsys, main, args, prefix):
+    assert main(args) == 2
     err = capsys.readouterr().err
-    ours = [line for line in err.splitlines() if line.startswith("analysis: error:")]
+    ours = [line for line in err.splitlines() if line.startswith(prefix)]
     assert len(ours) == 1 and "Traceback" not in err
     assert "no finished runs" in ours[0] and "make study STUDY=smoke" in ours[0]
 
