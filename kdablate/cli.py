@@ -1,4 +1,4 @@
-"""Command line: ``kdablate run | dry-run | status | report STUDY``.
+"""Command line: ``kdablate run | dry-run | status | report | ui STUDY``.
 
 Bad input (a study file that does not validate, a store that cannot be used, a study
 without runs to report on) is one line on stderr naming the file and field, with exit
@@ -27,35 +27,106 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="kdablate", description="Ablation studies of knowledge distillation.")
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train every pending cell of a study, logging to MLflow")
-    run.add_argument("study", help="a study file, or the name of one in studies/")
+ENVIRONMENT = """environment:
+  MLFLOW_TRACKING_URI  the MLflow store (default: sqlite:///mlruns.db in the current folder)
+  KDABLATE_CACHE       teacher logits and checkpoints (default: .cache/kdablate)
+  KDABLATE_MAX_CELLS   the most cells a study may expand to (default 20000)
+
+examples:
+  kdablate run components --workers 2              # the default study, resumable
+  kdablate run smoke optim.epochs=2 --arm ce --seed 0   # one cell, one setting changed"""
+
+STUDY_HELP = ("a study file, or the name of one in ./studies (e.g. components, smoke); it holds base, "
+              "seeds and arms, see the README's 'Studies'")
+OVERRIDE_HELP = ("KEY=VALUE overrides of the study file, Hydra-style: optim.epochs=2 (a base field), seeds=[0,1], "
+                 "arms.kd.temperature=8 (an arm's field); values are YAML")
+
+
+def version() -> str:
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    try:
+        mine = importlib.metadata.version("kdablate")
+    except importlib.metadata.PackageNotFoundError:
+        mine = "unknown (not installed)"
+    return f"kdablate {mine} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
+class VersionAction(argparse.Action):
+    """--version, computed only when asked (it imports torch)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        print(version())
+        parser.exit()
+
+
+def add_study(p: argparse.ArgumentParser, subsets: bool = True) -> None:
+    """STUDY, its overrides and (for commands over cells) the --arm / --seed subsets."""
+    p.add_argument("study", help=STUDY_HELP)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    if subsets:
+        p.add_argument("--arm", action="append", default=[], metavar="NAME",
+                       help="only the arms matching this name or glob (e.g. 'il_*'); repeatable")
+        p.add_argument("--seed", action="append", default=[], type=int, metavar="N",
+                       help="only this seed; repeatable")
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: the models are small)")
-    run.add_argument("--workers", type=int, default=1, help="cells run in this many local processes")
-    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--workers", type=int, default=1, help="run cells in this many local processes (default 1)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local processes, or Ray tasks on a cluster (--address; pip install -e '.[ray]')")
     run.add_argument("--address", help="Ray cluster address for --executor ray (e.g. auto, host:6379)")
     run.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                      help="save each cell's state every so many epochs to resume after a crash (0: never)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
-    run.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("KDABLATE_CACHE", ".cache/kdablate")))
-    dry = sub.add_parser("dry-run", help="list the cells of a study without training")
-    dry.add_argument("study")
-    status = sub.add_parser("status", help="finished / failed / pending cells of a study")
-    status.add_argument("study")
+    run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                     help="autocast precision (bf16 on a CPU without AMX is slower: a warning says so)")
+    run.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("KDABLATE_CACHE", ".cache/kdablate")),
+                     help="teacher logits and checkpoints (default $KDABLATE_CACHE or .cache/kdablate)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="kdablate", description="Ablation studies of knowledge distillation: which part of a "
+                      "soft target helps. Studies are YAML files of arms x seeds; runs go to MLflow.",
+                      epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=VersionAction, help="print the versions of kdablate, torch and Python")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {
+        "run": "Train every pending cell of a study (resuming interrupted ones), logging each to MLflow.",
+        "dry-run": "List the cells a study expands to, with their config hashes, without training.",
+        "status": "Count a study's cells as done, pending, running, failed or killed, with the reasons.",
+    }
+    for name, text in commands.items():
+        cmd = sub.add_parser(name, help=text[0].lower() + text[1:-1], description=text, epilog=ENVIRONMENT,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_study(cmd)
+        if name == "run":
+            add_run_options(cmd)
     report = sub.add_parser("report", help="tables, figures and report.md of a study, from MLflow alone",
                             description="Write the tables, figures and report.md of a study's runs (finished or "
                             "partial) into OUT/<study>/ and log them to the study's parent run in MLflow.")
     add_report_options(report)
+    ui = sub.add_parser("ui", help="the MLflow UI on the study's store",
+                        description="Start the MLflow UI on the store runs are logged to ($MLFLOW_TRACKING_URI, "
+                        "default ./mlruns.db) and print a link to a study's runs table.")
+    ui.add_argument("study", nargs="?", help="print the link to this study's runs (a name in ./studies or a path)")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=int(os.environ.get("PORT", 5000)), help="port (default $PORT or 5000)")
     return p
 
 
 def dry_run(study: Study, args: argparse.Namespace) -> int:
     """The cells of ``study``, one line each, with their config hashes."""
-    print(f"study {study.name} ({study.path}): {len(study.arms())} arms x {len(study.config.seeds)} seeds "
+    print(f"study {study.name} ({study.path}): {len(study.arms())} arms x {len({c.seed for c in study.cells})} seeds "
           f"= {len(study.cells)} cells")
     print(f"{'arm':32} {'seed':>4} {'mass':>10} {'structure':>10} {'T':>5} {'alpha':>5}  hash")
     for c in study.cells:
@@ -123,16 +194,54 @@ def report(study: Study, args: argparse.Namespace) -> int:
     return 0
 
 
-# Every command takes the loaded study and the parsed arguments, and returns the exit code.
+def ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on the tracking store; blocks until interrupted."""
+    import subprocess
+
+    from kdablate import tracking
+
+    uri = tracking.tracking_uri()
+    link = f"http://{args.host}:{args.port}/"
+    if args.study:
+        exp = tracking.client(uri).get_experiment_by_name(load_study(args.study).name)
+        link += f"#/experiments/{exp.experiment_id}/runs" if exp else ""
+    print(f"MLflow UI on {uri}: {link}", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+# Every command over a study takes the loaded study and the parsed arguments, and returns the exit code.
 COMMANDS = {"run": run, "dry-run": dry_run, "status": status, "report": report}
+
+
+def study_of(args: argparse.Namespace) -> Study:
+    return load_study(args.study, getattr(args, "overrides", ()), getattr(args, "arm", ()), getattr(args, "seed", ()))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; KEY=VALUE overrides may come before or after the options."""
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    late = [t for t in rest if "=" in t and not t.startswith("-")]
+    if [t for t in rest if t not in late] or (late and not hasattr(args, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     # `kdablate dry-run X | head` should end quietly, not with a BrokenPipeError.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
-        return COMMANDS[args.command](load_study(args.study), args)
+        if args.command == "ui":
+            return ui(args)
+        return COMMANDS[args.command](study_of(args), args)
     except (StudyError, ConfigError) as e:  # a bad study file, or a store or cache that cannot be used
         print(f"kdablate: error: {e}", file=sys.stderr)
         return 2

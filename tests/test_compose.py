@@ -129,3 +129,45 @@ def test_a_plugin_that_fails_to_import_is_named(tmp_path):
     with pytest.raises(StudyError) as e:
         load_study(tmp_path / "s.yaml")
     assert e.value.field == "plugins[0]" and "no_such_module_xyz" in e.value.message
+
+
+# --- the command line: overrides before or after options, subsets, --version, help ------------------
+
+def test_cli_overrides_and_subsets(capsys):
+    from kdablate.cli import main
+
+    assert main(["dry-run", str(SMOKE), "--arm", "ce", "optim.epochs=2", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "= 1 cells" in out and "\nce " in out
+    assert next(c.config_hash() for c in load_study(SMOKE, ["optim.epochs=2"]).cells
+                if c.arm == "ce" and c.seed == 1) in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["dry-run", str(SMOKE), "optim.epocs=2"], "base.optim.epocs: unknown field"),
+    (["dry-run", str(SMOKE), "--arm", "nope"], "'nope' matches no arm"),
+    (["dry-run", str(SMOKE), "--bogus"], "unrecognized arguments: --bogus"),
+    (["report", str(SMOKE), "x=1"], "unrecognized arguments: x=1"),
+])
+def test_cli_bad_input_is_one_line_exit_2(argv, words, capsys):
+    from kdablate.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count("\n") == 1
+
+
+def test_cli_version_and_help_name_the_environment(capsys):
+    from kdablate.cli import main, parser
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("kdablate ")
+    text = parser().format_help()
+    assert all(v in text for v in ("MLFLOW_TRACKING_URI", "KDABLATE_CACHE", "KDABLATE_MAX_CELLS", "examples:"))
+    sub = parser()._subparsers._group_actions[0].choices
+    for name, p in sub.items():
+        assert p.description, name
+        for action in p._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
