@@ -1,10 +1,15 @@
 """Explanation sources: attribution maps for *every* class of a batch.
 
-One verb, as in captum: ``source.attribute(model, inputs)`` returns (B, K, *shape):
-the input's shape for input attributions (saliency, grad_input,
-integrated_gradients), the layer's spatial shape for class activation maps
-(cam, gradcam). Each is checked against captum's per-class equivalent in
-``tests/test_explanations.py``.
+One verb, as in captum: ``source.attribute(model, inputs, ctx=AttributionContext(...))``
+returns (B, K, *S): S is the input's shape for input attributions (saliency,
+grad_input, integrated_gradients) and the layer's spatial shape for class
+activation maps (cam, gradcam). ``ctx`` carries whatever a step offers a source
+beyond the model and inputs (the training forward's features, an RNG, whether to
+keep the graph), so a new source, or a wrapper such as SmoothGrad (Smilkov et al.
+2017), is one registered class and needs no edit to the explanation structure or
+the trainer. Every source declares its ``cost`` (a ``Cost``) and ``quick_params``
+(its parameters for a short run); the registry refuses a source without them. Each
+source is checked against captum's per-class equivalent in ``tests/test_explanations.py``.
 
 All K classes come from one forward and a loop of K ``autograd.grad`` calls over
 a retained graph: measured here for ResNet-20 at ×6.4 a CE step, against ×8.3 for
@@ -13,19 +18,97 @@ gradient at all: one einsum over the last feature map.
 
 References: Simonyan et al. 2014 (saliency); Shrikumar et al. 2016 (grad×input);
 Zhou et al. 2016 (CAM); Selvaraju et al. 2017 (Grad-CAM); Sundararajan et al.
-2017 (integrated gradients).
+2017 (integrated gradients); Kokhlikyan et al. 2020 (captum's ``attribute`` API).
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from kdablate.registry import Registry
+from kdablate.registry import ConfigError, Registry
 
-EXPLANATIONS: Registry = Registry("explanation")
+
+class Cost(enum.Enum):
+    """What one ``attribute`` call costs for K classes, beyond the training step's forward."""
+
+    FORWARD = "forward"                  # no extra backward pass: reads the forward's features (cam)
+    PER_CLASS = "per_class"              # one forward and about K backward passes
+    PER_CLASS_STEPS = "per_class_steps"  # K backward passes over steps x the batch: for offline use
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field is ambiguous
+class AttributionContext:
+    """What a step offers a source beyond the model and its inputs; a source reads what it needs.
+
+    features: (B, C, *L) the output of ``model.features`` in this step's training forward, or
+        None (then a source that wants it runs ``model.features`` itself).
+    generator: the RNG of any noise a source draws (SmoothGrad), so a seed reproduces its maps.
+    create_graph: keep the graph through the maps, so a loss on them trains the model.
+    """
+
+    features: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    create_graph: bool = False
+
+
+PLAIN = AttributionContext()  # no features, no RNG, maps detached from the model
+
+
+class Explanation(abc.ABC):
+    """Base of explanation sources: holds ``params``; subclasses implement ``attribute``.
+
+    cost: declared by every registered source (the registry refuses one without it).
+    quick_params: parameters for a short run (the bench's), checked against ``Params`` at
+        registration; read-only.
+    needs_features: the source reads ``ctx.features``, so the structure may reuse the
+        training forward's feature map.
+    """
+
+    cost: ClassVar[Cost]
+    quick_params: ClassVar[dict] = {}
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, params: object) -> None:
+        self.params = params
+
+    @abc.abstractmethod
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
+        """(B, *shape) inputs -> (B, K, *S) maps for every class."""
+
+
+class SourceRegistry(Registry):
+    """The explanation registry: a source registers only with its own ``cost`` and valid ``quick_params``,
+    so the bench (and a reader) can plan every registered source without a table of their own."""
+
+    def register(self, name: str) -> Callable[[type], type]:
+        add = super().register(name)
+
+        def checked(cls: type) -> type:
+            # Its own declaration: a subclass that changes the computation must restate what it costs.
+            if not isinstance(vars(cls).get("cost"), Cost):
+                raise TypeError(f"explanation '{name}' ({cls.__name__}) declares no cost: set "
+                                f"cost: ClassVar[Cost] to one of {', '.join(c.name for c in Cost)}")
+            add(cls)
+            valid = False
+            try:
+                self.params(name, cls.quick_params)
+                valid = True
+            except ConfigError as e:
+                raise TypeError(f"explanation '{name}' quick_params are not its parameters: {e}") from None
+            finally:
+                if not valid:  # a refused source leaves no entry behind
+                    del self._entries[name]
+            return cls
+
+        return checked
+
+
+EXPLANATIONS: SourceRegistry = SourceRegistry("explanation")
 
 
 def class_gradients(outputs: torch.Tensor, wrt: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -46,38 +129,36 @@ def _leaf(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.detach().requires_grad_(True)
 
 
-class Explanation(abc.ABC):
-    """Base of explanation plugins: holds ``params``; subclasses implement ``attribute``."""
-
-    needs_features = False
-
-    def __init__(self, params: object) -> None:
-        self.params = params
-
-    @abc.abstractmethod
-    def attribute(self, model: nn.Module, inputs: torch.Tensor, create_graph: bool = False,
-                  features: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, *shape) -> (B, K, *S) maps for every class; ``features``: this step's last feature map."""
-
-
 @EXPLANATIONS.register("saliency")
 class Saliency(Explanation):
     """E_c = dz_c/dx (signed; captum's ``Saliency(abs=False)``)."""
 
-    def attribute(self, model, inputs, create_graph=False, features=None):
+    cost = Cost.PER_CLASS
+
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         x = _leaf(inputs)
         with torch.enable_grad():
-            return class_gradients(model(x), x, create_graph)
+            return class_gradients(model(x), x, ctx.create_graph)
 
 
 @EXPLANATIONS.register("grad_input")
 class GradInput(Explanation):
     """E_c = x * dz_c/dx (captum's ``InputXGradient``)."""
 
-    def attribute(self, model, inputs, create_graph=False, features=None):
+    cost = Cost.PER_CLASS
+
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         x = _leaf(inputs)
         with torch.enable_grad():
-            return class_gradients(model(x), x, create_graph) * inputs[:, None]
+            return class_gradients(model(x), x, ctx.create_graph) * inputs[:, None]
+
+
+# Integrated gradients' interpolation points alpha_i in [0, 1] for n steps, by Riemann rule (captum's names).
+_ALPHAS = {
+    "riemann_middle": lambda n: (torch.arange(n) + 0.5) / n,
+    "riemann_left": lambda n: torch.arange(n) / n,
+    "riemann_right": lambda n: (torch.arange(n) + 1.0) / n,
+}
 
 
 @EXPLANATIONS.register("integrated_gradients")
@@ -86,6 +167,9 @@ class IntegratedGradients(Explanation):
 
     Costs ``steps`` times the forward; meant for offline comparison.
     """
+
+    cost = Cost.PER_CLASS_STEPS
+    quick_params = {"steps": 8}
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -98,22 +182,15 @@ class IntegratedGradients(Explanation):
             if self.method not in _ALPHAS:
                 raise ValueError(f"method must be one of {', '.join(_ALPHAS)}, got '{self.method}'")
 
-    def attribute(self, model, inputs, create_graph=False, features=None):
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         n, b = self.params.steps, inputs.shape[0]
         alphas = _ALPHAS[self.params.method](n).to(inputs.dtype)
         # (n*B, *S): every interpolation point of every sample in one forward.
         path = _leaf((alphas.view(n, 1, *[1] * (inputs.dim() - 1)) * inputs[None]).flatten(0, 1))
         with torch.enable_grad():
-            g = class_gradients(model(path), path, create_graph)
+            g = class_gradients(model(path), path, ctx.create_graph)
         g = g.view(n, b, *g.shape[1:]).mean(0)
         return g * inputs[:, None]
-
-
-_ALPHAS = {
-    "riemann_middle": lambda n: (torch.arange(n) + 0.5) / n,
-    "riemann_left": lambda n: torch.arange(n) / n,
-    "riemann_right": lambda n: (torch.arange(n) + 1.0) / n,
-}
 
 
 def class_activation_maps(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -138,23 +215,26 @@ def _feature_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 class CAM(Explanation):
     """Class activation maps at the last feature map, for GAP + linear heads (Zhou et al., 2016).
 
-    With ``features`` already captured from the training forward it is one einsum.
+    With ``ctx.features`` already captured from the training forward it is one einsum.
     """
 
+    cost = Cost.FORWARD
     needs_features = True
 
-    def attribute(self, model, inputs, create_graph=False, features=None):
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         feat_mod, head = _feature_head(model)
+        features = ctx.features
         if features is None:
-            with torch.set_grad_enabled(create_graph):
+            with torch.set_grad_enabled(ctx.create_graph):
                 features = feat_mod(inputs)
-        weight = head.weight if create_graph else head.weight.detach()
+        weight = head.weight if ctx.create_graph else head.weight.detach()
         # Features captured under autocast may be bf16/fp16: compute the maps at the weights' precision.
         dtype = torch.promote_types(features.dtype, weight.dtype)
         return class_activation_maps(features.to(dtype), weight.to(dtype))
 
 
 def module_at(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` in ``model.named_modules()``; a clear error listing them if none."""
     modules = dict(model.named_modules())
     if name not in modules:
         raise ValueError(f"{type(model).__name__} has no layer '{name}'; layers: {', '.join(n for n in modules if n)}")
@@ -168,19 +248,21 @@ class GradCAM(Explanation):
     E_c(l) = [relu](sum_k mean_l'(dz_c/dA_k(l')) A_k(l)); captum's ``LayerGradCam``.
     """
 
+    cost = Cost.PER_CLASS
+
     @dataclasses.dataclass(frozen=True)
     class Params:
         layer: str = "features"
         relu: bool = True
 
-    def attribute(self, model, inputs, create_graph=False, features=None):
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         captured: list[torch.Tensor] = []
         hook = module_at(model, self.params.layer).register_forward_hook(lambda m, i, o: captured.append(o))
         try:
             with torch.enable_grad():
                 logits = model(_leaf(inputs))  # a leaf, so frozen models still have a graph
                 acts = captured[0]
-                grads = class_gradients(logits, acts, create_graph)  # (B, K, C, *L)
+                grads = class_gradients(logits, acts, ctx.create_graph)  # (B, K, C, *L)
         finally:
             hook.remove()
         weights = grads.mean(dim=tuple(range(3, grads.dim())), keepdim=True) if grads.dim() > 3 else grads

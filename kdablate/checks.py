@@ -23,7 +23,7 @@ from kdablate.components.context import Probe
 from kdablate.config import CellConfig, KnowledgeConfig, ModelSpec
 from kdablate.data import DataShape, describe_dataset
 from kdablate.models import build_model
-from kdablate.objectives import build_method
+from kdablate.objectives import build_objective
 from kdablate.registry import ConfigError
 
 
@@ -132,7 +132,7 @@ def _probe(knowledge_json: str, probe: Probe, field: str) -> None:
     if key in _probed:  # models are cached, so their ids name them
         return
     try:
-        build_method(KnowledgeConfig.model_validate_json(knowledge_json)).check(probe)
+        build_objective(KnowledgeConfig.model_validate_json(knowledge_json)).check(probe)
     except ConfigError as e:
         raise CellCheckError(field, str(e)) from None
     _probed.add(key)

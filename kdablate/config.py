@@ -18,7 +18,7 @@ from kdablate.components import MASSES, STRUCTURES, Need
 from kdablate.data import DATASETS
 from kdablate.hashing import stable_hash
 from kdablate.models import MODELS
-from kdablate.objectives import OBJECTIVES, build_method
+from kdablate.objectives import OBJECTIVES, build_objective
 from kdablate.registry import Registry
 
 
@@ -173,10 +173,14 @@ class CellConfig(Frozen):
         fields.get("teacher", {}).pop("min_accuracy", None)
         return stable_hash({"schema": HASH_SCHEMA, **fields})
 
+    def teacher_seed(self) -> int:
+        """The teacher's seed: its own, or (None) the cell's, so each seed gets its own teacher."""
+        return self.seed if self.teacher is None or self.teacher.seed is None else self.teacher.seed
+
     def teacher_key(self) -> str:
         """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""
         assert self.teacher is not None
-        seed = self.seed if self.teacher.seed is None else self.teacher.seed
+        seed = self.teacher_seed()
         # views and the gate are how the teacher is used, not how it is trained.
         teacher = {k: v for k, v in canonical(self.teacher).items() if k not in ("views", "min_accuracy")}
         return stable_hash({"data": canonical(self.data), "teacher": teacher, "seed": seed})
@@ -184,7 +188,7 @@ class CellConfig(Frozen):
 
 @functools.lru_cache(maxsize=256)
 def _needs(knowledge_json: str) -> Need:
-    return build_method(KnowledgeConfig.model_validate_json(knowledge_json)).needs
+    return build_objective(KnowledgeConfig.model_validate_json(knowledge_json)).needs
 
 
 # Bump when a default *changes meaning*: canonical() leaves defaults out of the hash.

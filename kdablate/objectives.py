@@ -1,23 +1,28 @@
 """Objectives: how a cell turns its knowledge config into a training loss.
 
-``soft_target`` is the component-assembled target of ``kdablate.components``;
+An ``Objective`` is a thin class beside pure tensor math, as mdistiller's ``Distiller``
+(megvii-research/mdistiller, mdistiller/distillers/_base.py) is beside its loss functions:
+it owns the cell's temperature T and distillation weight alpha (nothing else keeps a copy),
+declares what it reads (``needs``), and adds what any objective can take: the confidence
+penalty (Pereyra et al., 2017), loss - beta * H(p_student), and a linear warm-up of the
+distillation weight, per step or, as mdistiller's DKD (mdistiller/distillers/DKD.py), per epoch.
+
+``soft_target`` assembles q from the cell's mass and structure (``kdablate.components``);
 ``dkd`` is Decoupled KD (Zhao et al., CVPR 2022), the decomposition anchor:
     DKD = alpha * TCKD + beta * NCKD,  loss = CE + DKD,
 TCKD being the KL between the binary (target, non-target) distributions and
-NCKD the KL among the non-target classes, each times T^2. ``Method`` adds what
-any objective can take: the confidence penalty (Pereyra et al., 2017),
-loss - beta * H(p_student), and a linear warm-up of the distillation weight, per
-step or, as mdistiller's DKD (megvii-research/mdistiller, mdistiller/distillers/DKD.py), per epoch.
+NCKD the KL among the non-target classes, each times T^2.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import Need, SoftTarget, TargetContext
+from kdablate.components import MASSES, STRUCTURES, Need, TargetContext, assemble_target, ce_only_loss, soft_target_loss
 from kdablate.components.context import Probe, StateDict
 from kdablate.registry import Registry
 
@@ -72,7 +77,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def state_of(part: Any) -> StateDict:
-    """A part's ``state_dict()``; {} for a plugin that defines none (it keeps no state)."""
+    """A component's ``state_dict()``; {} for a plugin that defines none (it keeps no state)."""
     fn = getattr(part, "state_dict", None)
     return {} if fn is None else fn()
 
@@ -86,33 +91,131 @@ def load_state_into(part: Any, state: StateDict) -> None:
         raise ValueError(f"{type(part).__name__} keeps no state, got {sorted(state)}")
 
 
-@OBJECTIVES.register("soft_target")
-class SoftTargetObjective:
-    """(1 - alpha) CE + alpha T^2 KL(q || p_T), q from the cell's mass and structure."""
+class PluginSpecLike(Protocol):
+    """A registered plugin's name and its checked parameters (``kdablate.config.PluginSpec``)."""
 
-    def __init__(self, params: object, knowledge: Any) -> None:
-        k = knowledge
-        self.core = SoftTarget.from_specs(k.mass.flat(), k.structure.flat(), k.temperature, k.alpha)
-        self.needs = self.core.needs
-        self.temperature = k.temperature
+    name: str
+    params: Mapping[str, Any]
 
-    def __call__(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
-        return self.core(logits, ctx, alpha=self.core.alpha * ramp)
 
-    def summary(self) -> dict[str, torch.Tensor]:
-        return {**self.core.mass.summary(), **self.core.structure.summary()}
+class KnowledgeLike(Protocol):
+    """What an objective reads of a cell's knowledge (``kdablate.config.KnowledgeConfig``,
+    which this layer cannot import: the config imports the objectives to check its names)."""
 
-    def check(self, probe: Probe) -> None:
-        self.core.check(probe)
+    objective: PluginSpecLike
+    mass: PluginSpecLike
+    structure: PluginSpecLike
+    temperature: float
+    alpha: float
+    warmup_epochs: int
+    warmup_by: str
+    entropy_penalty: float
+
+
+class Objective(abc.ABC):
+    """A cell's full loss: the objective's own ``loss``, the warm-up ramp and the confidence penalty.
+
+    Owns T (``temperature``) and alpha, read once from the cell's knowledge. Components see T
+    in the context their objective hands them: it writes ``TargetContext.temperature`` just
+    before it calls them (``SoftTargetObjective.target``), and nothing else does.
+    ``params``: the registered plugin's checked ``Params``.
+    """
+
+    needs: Need = Need.NONE
+
+    def __init__(self, params: object, knowledge: KnowledgeLike) -> None:
+        self.params = params
+        self.temperature, self.alpha = knowledge.temperature, knowledge.alpha
+        self.entropy_penalty = knowledge.entropy_penalty
+        self.warmup_epochs, self.warmup_by = knowledge.warmup_epochs, knowledge.warmup_by
+
+    @abc.abstractmethod
+    def loss(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
+        """(B, K) logits -> {'loss', ...} scalars, the distillation term weighted by ``ramp`` in [0, 1]."""
+
+    def __call__(self, logits: torch.Tensor, ctx: TargetContext) -> dict[str, torch.Tensor]:
+        """(B, K) logits -> {'loss': the training loss, its detached parts ...}."""
+        ramp = warmup_ramp(ctx.step, self.warmup_epochs, ctx.steps_per_epoch, self.warmup_by)
+        parts = self.loss(logits, ctx, ramp)
+        if self.entropy_penalty:
+            h = entropy(logits)
+            parts["loss"] = parts["loss"] - self.entropy_penalty * h
+            parts["entropy"] = h.detach()
+        return parts
 
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        """(N, K) q of every sample in ``ctx`` when it depends on nothing that changes in training."""
-        return self.core.target(ctx) if self.core.static else None
+        """(N, K) q of every sample in ``ctx`` when it depends on nothing that changes in
+        training (see ``Component.static``), so the trainer may build it once; else None."""
+        return None
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """Per-epoch statistics of the objective's parts (e.g. a class-similarity matrix)."""
+        return {}
+
+    def check(self, probe: Probe) -> None:
+        """Raise ConfigError when the objective cannot work with the cell's data and models."""
+
+    def state_dict(self) -> StateDict:
+        """What the objective changes in training, for a checkpoint: tensors and numbers only.
+        Everything else is rebuilt from the cell's config."""
+        return {}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Restore ``state_dict()``'s output; an objective without state refuses any."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+
+@OBJECTIVES.register("soft_target")
+class SoftTargetObjective(Objective):
+    """(1 - alpha) CE + alpha T^2 KL(q || p_T), q from the cell's mass and structure plugins."""
+
+    def __init__(self, params: object, knowledge: KnowledgeLike) -> None:
+        super().__init__(params, knowledge)
+        self.mass = MASSES.build(knowledge.mass.name, knowledge.mass.params)
+        self.structure = STRUCTURES.build(knowledge.structure.name, knowledge.structure.params)
+
+    @property
+    def needs(self) -> Need:  # type: ignore[override]
+        """What the target reads (``Need``); nothing when alpha is 0."""
+        return Need.NONE if self.alpha == 0 else self.mass.needs | self.structure.needs
+
+    @property
+    def static(self) -> bool:
+        """q is a fixed function of each sample's label and cached teacher logits."""
+        return self.alpha != 0 and self.mass.static and self.structure.static and not self.structure.differentiable
+
+    def target(self, ctx: TargetContext) -> torch.Tensor:
+        """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
+        is differentiable (then gradients flow through the explanations into the model)."""
+        ctx.temperature = self.temperature  # the components' T, from its one owner
+        with torch.set_grad_enabled(self.structure.differentiable and torch.is_grad_enabled()):
+            return assemble_target(self.mass(ctx), self.structure(ctx), ctx.labels)
+
+    def loss(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
+        if self.alpha == 0:  # CE only: no source needs to be present, no target to build
+            return ce_only_loss(logits, ctx.labels)
+        q = self.target(ctx) if ctx.target is None else ctx.target
+        out = soft_target_loss(logits, ctx.labels, q, self.temperature, self.alpha * ramp)
+        out["target_mass"] = 1.0 - q.gather(1, ctx.labels[:, None]).mean()
+        return out
+
+    def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
+        return self.target(ctx) if self.static else None
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        return {**self.mass.summary(), **self.structure.summary()}
+
+    def check(self, probe: Probe) -> None:
+        """Both components' load-time checks (``Component.check``), unless alpha is 0."""
+        if self.alpha != 0:
+            self.mass.check(probe)
+            self.structure.check(probe)
 
     def state_dict(self) -> StateDict:
         """The components' training state, keys prefixed 'mass.' and 'structure.'."""
         return {f"{name}.{k}": v for name in ("mass", "structure")
-                for k, v in state_of(getattr(self.core, name)).items()}
+                for k, v in state_of(getattr(self, name)).items()}
 
     def load_state_dict(self, state: StateDict) -> None:
         parts: dict[str, StateDict] = {"mass": {}, "structure": {}}
@@ -122,11 +225,11 @@ class SoftTargetObjective:
                 raise ValueError(f"soft_target state has an unknown key '{key}'")
             parts[name][rest] = value
         for name, sub in parts.items():
-            load_state_into(getattr(self.core, name), sub)
+            load_state_into(getattr(self, name), sub)
 
 
 @OBJECTIVES.register("dkd")
-class DKDObjective:
+class DKDObjective(Objective):
     """CE + alpha TCKD + beta NCKD; alpha is the cell's ``alpha``, beta a parameter."""
 
     @dataclasses.dataclass(frozen=True)
@@ -135,21 +238,12 @@ class DKDObjective:
 
     needs = Need.TEACHER
 
-    def __init__(self, params: Params, knowledge: Any) -> None:
-        self.params, self.alpha, self.temperature = params, knowledge.alpha, knowledge.temperature
-
-    def __call__(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
+    def loss(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(logits, ctx.labels)
         tckd, nckd = dkd_parts(logits, ctx.logits("teacher"), ctx.labels, self.temperature)
         kd = self.alpha * tckd + self.params.beta * nckd
         return {"loss": ce + ramp * kd, "loss_ce": ce.detach(), "loss_kd": kd.detach(),
                 "loss_tckd": tckd.detach(), "loss_nckd": nckd.detach()}
-
-    def summary(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        return None
 
 
 def warmup_ramp(step: int, warmup_epochs: int, steps_per_epoch: int, by: str = "step") -> float:
@@ -167,62 +261,7 @@ def warmup_ramp(step: int, warmup_epochs: int, steps_per_epoch: int, by: str = "
     return min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
 
 
-@dataclasses.dataclass
-class Method:
-    """A cell's full loss: an objective, the confidence penalty and the warm-up ramp.
-
-    warmup_epochs, steps_per_epoch, warmup_by: the distillation weight ramps linearly from 0
-    over ``warmup_epochs``, per step or per epoch (see ``warmup_ramp``).
-    """
-
-    objective: Any
-    entropy_penalty: float = 0.0
-    warmup_epochs: int = 0
-    steps_per_epoch: int = 1
-    warmup_by: str = "step"
-
-    @property
-    def needs(self) -> Need:
-        return self.objective.needs
-
-    @property
-    def temperature(self) -> float:
-        return self.objective.temperature
-
-    def __call__(self, logits: torch.Tensor, ctx: TargetContext) -> dict[str, torch.Tensor]:
-        ramp = warmup_ramp(ctx.step, self.warmup_epochs, self.steps_per_epoch, self.warmup_by)
-        parts = self.objective(logits, ctx, ramp)
-        if self.entropy_penalty:
-            h = entropy(logits)
-            parts["loss"] = parts["loss"] - self.entropy_penalty * h
-            parts["entropy"] = h.detach()
-        return parts
-
-    def summary(self) -> dict[str, torch.Tensor]:
-        return self.objective.summary()
-
-    def check(self, probe: Probe) -> None:
-        """The objective's load-time check (``Component.check``), where it has one."""
-        fn = getattr(self.objective, "check", None)
-        if fn is not None:
-            fn(probe)
-
-    def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        """The objective's precomputable target (see ``SoftTarget.static``), or None."""
-        fn = getattr(self.objective, "static_target", None)
-        return None if fn is None else fn(ctx)
-
-    def state_dict(self) -> StateDict:
-        """What the objective changes in training (its components' state), for a checkpoint:
-        tensors and numbers only. The rest of a Method is rebuilt from the cell's config."""
-        return state_of(self.objective)
-
-    def load_state_dict(self, state: StateDict) -> None:
-        load_state_into(self.objective, state)
-
-
-def build_method(knowledge: Any, steps_per_epoch: int = 1) -> Method:
-    """The Method of a ``KnowledgeConfig``."""
+def build_objective(knowledge: KnowledgeLike) -> Objective:
+    """The ``Objective`` of a cell's knowledge (``KnowledgeConfig``), its plugin's params checked."""
     spec = knowledge.objective
-    objective = OBJECTIVES.get(spec.name)(OBJECTIVES.params(spec.name, spec.params), knowledge)
-    return Method(objective, knowledge.entropy_penalty, knowledge.warmup_epochs, steps_per_epoch, knowledge.warmup_by)
+    return OBJECTIVES.get(spec.name)(OBJECTIVES.params(spec.name, spec.params), knowledge)

@@ -54,7 +54,6 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             if not hasattr(cls, "Params"):
                 cls.Params = NoParams
-            cls.registry_name = name
             self._entries[name] = cls
             return cls
 

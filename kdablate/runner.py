@@ -32,7 +32,7 @@ from kdablate.data import DataBundle, load_dataset
 from kdablate.registry import ConfigError
 from kdablate.storage import Checkpoint
 from kdablate.study import Study
-from kdablate.teacher import Teacher, get_teacher, get_teacher_views, teacher_model
+from kdablate.teacher import Teacher, get_teacher
 from kdablate.trainer import Runtime, fit
 
 
@@ -139,18 +139,11 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
         data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
     teacher = load_teacher(cell, data, opts, runtime)
-    needs = cell.knowledge.needs()
-    # Cached logits are of unaugmented images: with augmentation the teacher runs online (exact),
-    # or, with teacher.views = V, is looked up on V cached augmented views.
-    augmented_kd = data.augment != "none" and Need.TEACHER in needs
-    views = get_teacher_views(cell, data, teacher, runtime) if augmented_kd and cell.teacher.views else None
-    online_logits = augmented_kd and views is None
-    model = teacher_model(cell, data, teacher, runtime) if online_logits or Need.TEACHER_MODEL in needs else None
+    # The teacher, resolved once into what the trainer reads: cached logits, cached views or online.
+    signal = None if teacher is None else teacher.signal(cell, data, runtime)
     ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id}, key=cell.config_hash())
-    result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed,
-                 teacher=None if teacher is None else teacher.logits, report=cell.report,
-                 on_epoch=on_epoch, teacher_model=model, checkpoint=ckpt, online_teacher=online_logits,
-                 runtime=runtime, teacher_views=views)
+    result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed, teacher=signal, report=cell.report,
+                 on_epoch=on_epoch, checkpoint=ckpt, runtime=runtime)
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     for split, bins in result.calibration.items():

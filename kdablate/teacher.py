@@ -1,4 +1,5 @@
-"""Train a teacher once per (data, teacher config, seed), cache it with its logits.
+"""Train a teacher once per (data, teacher config, seed), cache it with its logits, and hand
+it to a cell's training as one ``kdablate.trainer.TeacherSignal`` (``Teacher.signal``).
 
 The cache holds the reported (best-on-val) weights, their metrics and the
 teacher's logits on every split of the unaugmented data, so distillation is a
@@ -20,11 +21,13 @@ import torch
 
 from torch import nn
 
+from kdablate.components import Need
 from kdablate.config import CellConfig, KnowledgeConfig
 from kdablate.data import DataBundle, crop_flip_params
 from kdablate.models import build_model
+from kdablate.models.factory import place_model
 from kdablate.storage import atomic_save, file_lock
-from kdablate.trainer import CPU, SPLITS, Runtime, fit, predict
+from kdablate.trainer import CPU, SPLITS, Runtime, TeacherSignal, fit, predict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,18 @@ class Teacher:
         return (f"teacher {self.key} ({cell.teacher.model.name}) has validation accuracy {acc:.4f}, below "
                 f"teacher.min_accuracy {gate:.4f}; train it longer or set base.teacher.min_accuracy")
 
+    def signal(self, cell: CellConfig, data: DataBundle, runtime: Runtime = CPU) -> TeacherSignal:
+        """This teacher as ``cell``'s training reads it: the cached logits, and what the cell's
+        knowledge needs beyond them. Cached logits are of unaugmented images: on augmented data
+        a cell that reads the teacher's logits looks them up on ``teacher.views`` cached augmented
+        views or, with views 0, runs the teacher online on every batch (exact)."""
+        needs = cell.knowledge.needs()
+        augmented_kd = data.augment != "none" and Need.TEACHER in needs
+        views = get_teacher_views(cell, data, self, runtime) if augmented_kd and cell.teacher.views else None
+        online = augmented_kd and views is None
+        model = teacher_model(cell, data, self, runtime) if online or Need.TEACHER_MODEL in needs else None
+        return TeacherSignal(self.logits, model, None if views is None else (views["views"], views["logits"]), online)
+
 
 def logits_checksum(logits: dict[str, torch.Tensor] | torch.Tensor) -> str:
     """sha256 over every split's logits, in split order (or over one tensor)."""
@@ -60,7 +75,7 @@ def logits_checksum(logits: dict[str, torch.Tensor] | torch.Tensor) -> str:
 def train_teacher(cell: CellConfig, data: DataBundle, runtime: Runtime = CPU) -> dict:
     """Fit the teacher of ``cell`` with plain CE; return the cache record (logits in inference mode)."""
     assert cell.teacher is not None
-    seed = cell.seed if cell.teacher.seed is None else cell.teacher.seed
+    seed = cell.teacher_seed()
     result = fit(cell.teacher.model, data, cell.teacher.optim, KnowledgeConfig(), seed, report=cell.report,
                  runtime=runtime)
     logits = {s: predict(result.model, data.split(s)[0], prepare=data.prepare, runtime=runtime) for s in SPLITS}
@@ -146,7 +161,4 @@ def teacher_model(cell: CellConfig, data: DataBundle, teacher: Teacher, runtime:
     spec = cell.teacher.model
     model = build_model(spec.name, spec.params, data.input_shape, data.num_classes)
     model.load_state_dict(torch.load(teacher.path, weights_only=True)["state_dict"])
-    model = model.to(runtime.device)
-    if len(data.input_shape) == 3:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    return place_model(model, data.input_shape, runtime.device).eval().requires_grad_(False)

@@ -2,7 +2,9 @@
 
 Batches are slices of a seeded permutation, so a step costs no Python beyond the
 model itself, and a teacher is a lookup into precomputed logits (measured ×1.02
-of a CE step, against ×1.3–3.2 for an online teacher). Determinism: the model
+of a CE step, against ×1.3–3.2 for an online teacher). The teacher reaches the
+trainer as one ``TeacherSignal``, resolved once per cell by the runner: cached
+logits, per-epoch cached views, or the model run online. Determinism: the model
 init, the data order and the components' randomness each come from their own
 seeded stream, so arms that share a seed also share init and data order, which
 makes per-seed differences between arms paired comparisons.
@@ -19,7 +21,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +32,8 @@ from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.metrics import evaluate, offdiagonal, reliability, spearman
 from kdablate.models import build_model
-from kdablate.objectives import Method, build_method
+from kdablate.models.factory import place_model
+from kdablate.objectives import Objective, build_objective
 from kdablate.storage import Checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -85,15 +88,102 @@ class FitResult:
 
 @dataclasses.dataclass
 class Member:
-    """One student of the cohort, with its optimiser and its own (stateful) method."""
+    """One student of the cohort, with its optimiser and its own (stateful) objective."""
 
     model: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    method: Method
+    objective: Objective
     features: list[torch.Tensor] = dataclasses.field(default_factory=list)
     scaler: torch.amp.GradScaler | None = None
     static_target: tuple[tuple, torch.Tensor | None] | None = None  # (key, q) kept across epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSignal:
+    """The teacher as the trainer reads it; the runner resolves a cell's teacher into one.
+
+    logits: split -> (N, K) logits of the unaugmented data (the teacher cache): evaluation,
+        agreement and the reference class similarity, and each training batch's lookup unless
+        ``views`` or ``online`` say otherwise.
+    model: the frozen teacher module in eval mode, or None; components that explain the
+        teacher (``Need.TEACHER_MODEL``) read it, and ``online`` runs it.
+    views: ((V, N, 3) fixed augmentations of the train split, (V, N, K) teacher logits on them),
+        the ``teacher.views`` cache: epoch e looks up view (e - 1) mod V of every image.
+    online: each training batch's logits are ``model`` on that (augmented) batch, exact where
+        the cache only holds logits of unaugmented images.
+    """
+
+    logits: dict[str, torch.Tensor] | None = None
+    model: nn.Module | None = None
+    views: tuple[torch.Tensor, torch.Tensor] | None = None
+    online: bool = False
+
+    def __post_init__(self) -> None:
+        if self.online and (self.model is None or self.views is not None):
+            raise ValueError("an online teacher needs its model and no cached views")
+
+    def split_logits(self, split: str) -> torch.Tensor | None:
+        """(N, K) cached logits on a split of the unaugmented data, or None without a cache."""
+        return None if self.logits is None else self.logits[split]
+
+    @property
+    def fixed_train_logits(self) -> torch.Tensor | None:
+        """(N, K) train logits that every epoch looks up unchanged (the cache), or None when the
+        batches see views or the model online: only then may a target be built once per cell."""
+        return None if self.views is not None or self.online else self.split_logits("train")
+
+    def epoch_lookup(self, epoch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Epoch ``epoch`` (from 1): ((N, 3) fixed augmentations of the train split or None,
+        (N, K) train logits its batches look up, or None when there are none or they run online)."""
+        if self.views is None:
+            return None, self.fixed_train_logits
+        v = (epoch - 1) % self.views[0].shape[0]
+        return self.views[0][v], self.views[1][v]
+
+    def logits_for(self, x: torch.Tensor, looked_up: torch.Tensor | None, runtime: Runtime) -> torch.Tensor | None:
+        """(B, K) a training batch's teacher logits: ``model`` on the prepared batch ``x`` when
+        online, else ``looked_up``, the batch's rows of ``epoch_lookup``."""
+        if not self.online:
+            return looked_up
+        with torch.inference_mode(), runtime.autocast():
+            return self.model(x).float().clone()  # clone: a normal tensor outside inference mode
+
+
+NO_TEACHER = TeacherSignal()
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One training batch on the device.
+
+    x: (B, *shape) prepared inputs; y: (B,) int64 labels; teacher_logits: (B, K) or None.
+    targets: per member, the batch's rows of its precomputed soft target (``static_targets``)
+        or None; empty: none precomputed.
+    preds: per member, a (B,) int64 buffer that receives the predicted classes; without it each
+        member's parts include its batch accuracy 'acc'.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    targets: Sequence[torch.Tensor | None] = ()
+    preds: Sequence[torch.Tensor] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnv:
+    """What every step of one epoch shares: where it is in training (``epoch`` from 1,
+    ``steps_per_epoch``), the components' RNG, the (K,) class groups on the device or None,
+    the teacher and the runtime."""
+
+    num_classes: int
+    epoch: int
+    steps_per_epoch: int
+    generator: torch.Generator
+    class_groups: torch.Tensor | None = None
+    teacher: TeacherSignal = NO_TEACHER
+    runtime: Runtime = CPU
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -141,75 +231,77 @@ def split_logits(model: nn.Module, data: DataBundle, split: str, runtime: Runtim
     return logits
 
 
-def evaluate_model(
-    model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, splits: tuple[str, ...] = ("val", "test"),
-    runtime: Runtime = CPU,
-) -> dict[str, float]:
-    """'<split>/<metric>' of ``model`` on each split (agreement when a teacher is given)."""
+def evaluate_model(model: nn.Module, data: DataBundle, teacher: TeacherSignal = NO_TEACHER,
+                   splits: tuple[str, ...] = ("val", "test"), runtime: Runtime = CPU) -> dict[str, float]:
+    """'<split>/<metric>' of ``model`` on each split (agreement where the teacher has cached logits)."""
     out: dict[str, float] = {}
     for split in splits:
         logits = split_logits(model, data, split, runtime)
-        out.update(evaluate(logits, data.split(split)[1], split, None if teacher is None else teacher[split]))
+        out.update(evaluate(logits, data.split(split)[1], split, teacher.split_logits(split)))
     return out
 
 
 def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
                 seed: int, steps_per_epoch: int, runtime: Runtime = CPU) -> Member:
+    """A freshly initialised student (init seeded by ``seed``), its optimiser and schedule, its objective."""
     torch.manual_seed(seed)  # the init is drawn on the CPU, so it is the same on every device
-    model = build_model(spec.name, spec.params, data.input_shape, data.num_classes).to(runtime.device)
-    if len(data.input_shape) == 3:  # images: match the channels_last batches of DataBundle.prepare
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(spec.name, spec.params, data.input_shape, data.num_classes), data.input_shape,
+                        runtime.device)
     opt, sched = make_optimizer(model, optim, max(optim.epochs * steps_per_epoch, 1), steps_per_epoch)
-    member = Member(model, opt, sched, build_method(knowledge, steps_per_epoch))
+    member = Member(model, opt, sched, build_objective(knowledge))
     if runtime.amp == "fp16":  # fp16 needs loss scaling; bf16 has fp32's range and does not
         member.scaler = torch.amp.GradScaler(torch.device(runtime.device).type)
-    if Need.FEATURES in member.method.needs:
+    if Need.FEATURES in member.objective.needs:
         # The training forward's last feature map, so CAM needs no second forward.
         model.features.register_forward_hook(lambda m, i, out: member.features.append(out))
     return member
 
 
-def train_step(members: list[Member], x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int,
-               teacher_logits: torch.Tensor | None, teacher_model: nn.Module | None,
-               generator: torch.Generator, class_groups: torch.Tensor | None = None,
-               runtime: Runtime = CPU, targets: list[torch.Tensor | None] | None = None,
-               preds: list[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
-    """One optimisation step of every cohort member on the batch (x, y), all on ``runtime.device``.
+def step_context(members: list[Member], outputs: list[torch.Tensor], i: int, batch: Batch, step: int,
+                 env: EpochEnv) -> TargetContext:
+    """Member i's view of the step for its objective's components; ``outputs``: every member's (B, K) logits."""
+    m = members[i]
+    others = [o.detach() for j, o in enumerate(outputs) if j != i]
+    models = {"self": m.model} if env.teacher.model is None else {"self": m.model, "teacher": env.teacher.model}
+    return TargetContext(
+        batch.y, env.num_classes, outputs[i].detach(), batch.teacher_logits, env.generator,
+        peer_logits=torch.stack(others).mean(0) if others else None, inputs=batch.x, models=models,
+        features=m.features[-1] if m.features else None, step=step, epoch=env.epoch,
+        steps_per_epoch=env.steps_per_epoch, class_groups=env.class_groups,
+        target=batch.targets[i] if batch.targets else None,
+    )
 
-    targets: per member, the batch's precomputed soft target (``static_targets``) or None.
-    preds: per member, a (B,) int64 buffer that receives the predicted classes; without
-    it each member's parts include its batch accuracy 'acc'.
-    """
+
+def optimizer_step(m: Member) -> None:
+    """Apply the member's gradients (through its loss scaler under fp16) and advance its schedule."""
+    if m.scaler:
+        m.scaler.step(m.opt)
+        m.scaler.update()
+    else:
+        m.opt.step()
+    m.sched.step()
+
+
+def train_step(members: list[Member], batch: Batch, step: int, env: EpochEnv) -> list[dict[str, torch.Tensor]]:
+    """One optimisation step of every cohort member on ``batch`` (global ``step``, 0-based), all on
+    ``env.runtime.device``; per member, its loss parts (scalars; all but 'loss' detached)."""
     outputs = []
     for m in members:
         m.features.clear()
-        with runtime.autocast():
-            outputs.append(m.model(x).float())
+        with env.runtime.autocast():
+            outputs.append(m.model(batch.x).float())
     results = []
     for i, (m, logits) in enumerate(zip(members, outputs)):
-        others = [o.detach() for j, o in enumerate(outputs) if j != i]
-        ctx = TargetContext(
-            y, num_classes, m.method.temperature, logits.detach(), teacher_logits, generator,
-            peer_logits=torch.stack(others).mean(0) if others else None, inputs=x,
-            models={"self": m.model, **({"teacher": teacher_model} if teacher_model is not None else {})},
-            features=m.features[-1] if m.features else None, step=step, class_groups=class_groups,
-            target=targets[i] if targets else None,
-        )
-        parts = m.method(logits, ctx)
+        parts = m.objective(logits, step_context(members, outputs, i, batch, step, env))
         m.opt.zero_grad(set_to_none=True)
         (m.scaler.scale(parts["loss"]) if m.scaler else parts["loss"]).backward()
-        if preds is None:
-            parts["acc"] = (logits.detach().argmax(1) == y).float().mean()
+        if batch.preds is None:
+            parts["acc"] = (logits.detach().argmax(1) == batch.y).float().mean()
         else:  # one op; the accuracy is counted once per epoch
-            torch.argmax(logits.detach(), 1, out=preds[i])
+            torch.argmax(logits.detach(), 1, out=batch.preds[i])
         results.append(parts)
     for m in members:  # after every member's backward: peers saw the same weights
-        if m.scaler:
-            m.scaler.step(m.opt)
-            m.scaler.update()
-        else:
-            m.opt.step()
-        m.sched.step()
+        optimizer_step(m)
     return results
 
 
@@ -222,72 +314,85 @@ def epoch_batches(t: torch.Tensor | None, order: torch.Tensor, batch_size: int,
     return runtime.to(t.index_select(0, order.to(t.device))).split(batch_size)
 
 
-def static_targets(member: Member, data: DataBundle, teacher: dict[str, torch.Tensor] | None,
-                   groups: torch.Tensor | None, runtime: Runtime = CPU) -> torch.Tensor | None:
+def static_targets(member: Member, data: DataBundle, teacher: TeacherSignal, groups: torch.Tensor | None,
+                   runtime: Runtime = CPU) -> torch.Tensor | None:
     """(N, K) the member's soft target for every train sample when it is static (a function of
     the label and the cached teacher logits only, e.g. KD, label smoothing), else None.
     Built once per cell (kept while the data and teacher logits are the same tensors), it turns
     the per-step mass and structure ops into one lookup."""
-    if teacher is None and Need.TEACHER in member.method.needs:  # online teacher or teacher views
+    logits = teacher.fixed_train_logits
+    if logits is None and Need.TEACHER in member.objective.needs:  # online teacher or teacher views
         return None
-    key = (id(data.y_train), None if teacher is None else id(teacher["train"]), id(groups))
+    key = (id(data.y_train), None if logits is None else id(logits), id(groups))
     if member.static_target is None or member.static_target[0] != key:
         y = runtime.to(data.y_train)
-        t = None if teacher is None else runtime.to(teacher["train"])
-        ctx = TargetContext(y, data.num_classes, member.method.temperature,
-                            torch.empty(0, data.num_classes, device=y.device), t, class_groups=groups)
-        member.static_target = (key, member.method.static_target(ctx))
+        ctx = TargetContext(y, data.num_classes, torch.empty(0, data.num_classes, device=y.device),
+                            runtime.to(logits), class_groups=groups)
+        member.static_target = (key, member.objective.static_target(ctx))
     return member.static_target[1]
 
 
-def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
-                step: int, teacher: dict[str, torch.Tensor] | None, teacher_model: nn.Module | None,
-                online_teacher: bool = False, runtime: Runtime = CPU,
-                view: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[dict[str, float]], int]:
-    """One pass over the train split; per member, the mean of each loss part ('train/<part>').
+def epoch_steps(members: list[Member], data: DataBundle, order: torch.Tensor, batch_size: int, env: EpochEnv,
+                augment: torch.Generator) -> tuple[Iterator[Batch], list[torch.Tensor], torch.Tensor]:
+    """The epoch's batches in ``order``, each prepared (augmented from ``augment``) on the device
+    when it is taken; per member the (N,) int64 buffer its batches' predictions fill; the (N,) labels.
 
-    online_teacher: the teacher's logits come from ``teacher_model`` on each (augmented)
-    batch instead of the cache, which only holds logits of unaugmented images.
-    view: ((N, 3) augmentations, (N, K) teacher logits on them): this epoch's cached view.
+    The epoch's samples are gathered once, in order, here, then sliced into batches (views): a
+    step indexes nothing, and labels, teacher logits and targets go to the device once per epoch.
+    """
+    runtime, teacher = env.runtime, env.teacher
+    views, logits = teacher.epoch_lookup(env.epoch)
+    targets = [static_targets(m, data, teacher, env.class_groups, runtime) for m in members]
+    labels = runtime.to(data.y_train.index_select(0, order))
+    preds = [torch.empty(len(order), dtype=torch.long, device=runtime.device) for _ in members]
+    rows = zip(epoch_batches(data.x_train, order, batch_size), labels.split(batch_size),
+               epoch_batches(views, order, batch_size), epoch_batches(logits, order, batch_size, runtime))
+    qs = [epoch_batches(q, order, batch_size, runtime) for q in targets]
+    pred_batches = [p.split(batch_size) for p in preds]
+
+    def batch(b: int, xb: torch.Tensor, yb: torch.Tensor, vb: torch.Tensor | None, tb: torch.Tensor | None) -> Batch:
+        x = runtime.to(data.prepare(xb, train=True, generator=augment, views=vb))
+        return Batch(x, yb, teacher.logits_for(x, tb, runtime), [q[b] for q in qs], [p[b] for p in pred_batches])
+
+    return (batch(b, *row) for b, row in enumerate(rows)), preds, labels
+
+
+def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
+                epoch: int, step: int, teacher: TeacherSignal = NO_TEACHER,
+                runtime: Runtime = CPU) -> tuple[list[dict[str, float]], int]:
+    """One pass over the train split, epoch ``epoch`` (from 1) starting at global ``step``; per
+    member, the mean of each loss part ('train/<part>'), and the global step after the epoch.
+
+    gens: the cell's (data order, components, augmentation) generators.
     """
     for m in members:
         m.model.train()
     order_gen, component_gen, augment_gen = gens
     perm = torch.randperm(len(data.y_train), generator=order_gen)
-    # Drop the ragged last batch: BatchNorm cannot train on a batch of 1.
-    n = len(perm) - len(perm) % batch_size
+    order = perm[: len(perm) - len(perm) % batch_size]  # drop the ragged last batch: BatchNorm cannot train on 1
+    env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,
+                   runtime.to(data.class_groups), teacher, runtime)  # class groups moved once per epoch
+    batches, preds, labels = epoch_steps(members, data, order, batch_size, env, augment_gen)
     # Per member and part, the step's detached scalar; reduced once at the end of the epoch, so
     # a step adds no tensor ops and no host sync for its metrics.
     logged: list[dict[str, list[torch.Tensor]]] = [{} for _ in members]
-    groups = runtime.to(data.class_groups)  # once per epoch, not per batch
-    cached = None if view is not None or online_teacher else teacher
-    targets = [static_targets(m, data, cached, groups, runtime) for m in members]
-    # The epoch's samples gathered once, in order, then sliced into batches (views): a step
-    # indexes nothing. Labels, teacher logits and targets go to the device once per epoch.
-    order = perm[:n]
-    y_epoch = runtime.to(data.y_train.index_select(0, order))  # host to device once per epoch
-    xs = epoch_batches(data.x_train, order, batch_size)
-    vs = epoch_batches(None if view is None else view[0], order, batch_size)
-    logits = view[1] if view is not None else None if online_teacher or teacher is None else teacher["train"]
-    ts = epoch_batches(logits, order, batch_size, runtime)
-    qs = [epoch_batches(q, order, batch_size, runtime) for q in targets]
-    preds = [torch.empty(n, dtype=torch.long, device=runtime.device) for _ in members]
-    pred_batches = [p.split(batch_size) for p in preds]
     t0 = time.perf_counter()
-    for b, (xb, yb, vb, t_logits) in enumerate(zip(xs, y_epoch.split(batch_size), vs, ts)):
-        x = runtime.to(data.prepare(xb, train=True, generator=augment_gen, views=vb))
-        if online_teacher and view is None:
-            with torch.inference_mode(), runtime.autocast():
-                t_logits = teacher_model(x).float().clone()  # clone: a normal tensor outside inference mode
-        parts = train_step(members, x, yb, step, data.num_classes, t_logits, teacher_model, component_gen,
-                           groups, runtime, [q[b] for q in qs], [p[b] for p in pred_batches])
-        step += 1
-        for log, p in zip(logged, parts):
-            for k, v in p.items():
+    for batch in batches:
+        for log, parts in zip(logged, train_step(members, batch, step, env)):
+            for k, v in parts.items():
                 log.setdefault(k, []).append(v.detach() if v.requires_grad else v)
-    steps = max(n // batch_size, 1)
+        step += 1
+    return epoch_means(logged, preds, labels, batch_size, step, time.perf_counter() - t0), step
+
+
+def epoch_means(logged: list[dict[str, list[torch.Tensor]]], preds: list[torch.Tensor], y_epoch: torch.Tensor,
+                batch_size: int, step: int, seconds: float) -> list[dict[str, float]]:
+    """Per member, 'train/<part>': the mean over the epoch's steps of each logged scalar, and
+    'train/acc' from the (N,) predictions against the (N,) labels; 'time/step_ms' for member 0.
+    NonFiniteLoss if a loss was NaN or inf at any step of the epoch (which ends at ``step``)."""
+    steps = max(len(y_epoch) // batch_size, 1)
     sums = [{k: torch.stack(v).float().sum() for k, v in log.items()} for log in logged]
-    if n:  # train accuracy: the epoch's predictions against its labels, in one comparison
+    if len(y_epoch):  # train accuracy: the epoch's predictions against its labels, in one comparison
         for s, p in zip(sums, preds):
             s["acc"] = (p == y_epoch).float().sum() / batch_size
     # Checked once per epoch, not per step: a per-step check is a host sync on a GPU, and a
@@ -295,17 +400,18 @@ def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: 
     if not all(torch.isfinite(s["loss"]) for s in sums if "loss" in s):
         raise NonFiniteLoss(f"non-finite training loss in the epoch ending at step {step}")
     out = [{f"train/{k}": (v / steps).item() for k, v in s.items()} for s in sums]
-    out[0]["time/step_ms"] = 1000 * (time.perf_counter() - t0) / steps
-    return out, step
+    out[0]["time/step_ms"] = 1000 * seconds / steps
+    return out
 
 
-def reference_similarities(data: DataBundle, teacher: dict[str, torch.Tensor] | None,
+def reference_similarities(data: DataBundle, teacher_train: torch.Tensor | None,
                            temperature: float) -> dict[str, torch.Tensor]:
     """(K, K) class-similarity matrices to hold explanations against, fixed for a cell: the
-    teacher's mean soft-target structure at T, and the oracle where the data has a hierarchy."""
+    teacher's mean soft-target structure at T from its (N, K) train logits, if given, and the
+    oracle where the data has a hierarchy."""
     refs = {}
-    if teacher is not None:
-        p = torch.softmax(teacher["train"] / temperature, 1)
+    if teacher_train is not None:
+        p = torch.softmax(teacher_train / temperature, 1)
         refs["teacher"] = class_mean_structure(nongt_distribution(p, data.y_train), data.y_train, data.num_classes)
     if data.class_groups is not None:
         refs["oracle"] = oracle_structure(torch.arange(data.num_classes), data.class_groups, 1.0)
@@ -316,10 +422,11 @@ def reference_similarities(data: DataBundle, teacher: dict[str, torch.Tensor] | 
 SPEARMAN_METRICS = {"teacher": "train/similarity_spearman", "oracle": "train/similarity_oracle_spearman"}
 
 
-def epoch_summary(method: Method, references: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics and matrices from the method's per-epoch summary (explanation similarity),
+def epoch_summary(objective: Objective,
+                  references: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics and matrices from the objective's per-epoch summary (explanation similarity),
     with its Spearman correlation against each of ``reference_similarities``."""
-    summary = method.summary()
+    summary = objective.summary()
     metrics: dict[str, float] = {}
     artifacts: dict[str, torch.Tensor] = {}
     if "explain_ms" in summary:
@@ -333,13 +440,15 @@ def epoch_summary(method: Method, references: dict[str, torch.Tensor]) -> tuple[
 
 
 def cohort_size(knowledge: KnowledgeConfig) -> int:
+    """Students trained side by side: two when the knowledge reads a peer (DML), else one."""
     return 2 if Need.PEER in knowledge.needs() else 1
 
 
 def member_state(m: Member) -> dict:
-    """One member's weights, optimiser, schedule, loss-scaler and method state (tensors and numbers)."""
+    """One member's weights, optimiser, schedule, loss-scaler and objective state (tensors and numbers).
+    The objective's is kept under 'method', the key checkpoints have always used."""
     out = {"model": m.model.state_dict(), "opt": m.opt.state_dict(), "sched": m.sched.state_dict(),
-           "method": m.method.state_dict()}
+           "method": m.objective.state_dict()}
     if m.scaler is not None:  # fp16: the loss scale and its growth counter change every step
         out["scaler"] = m.scaler.state_dict()
     return out
@@ -349,7 +458,7 @@ def snapshot(members: list[Member], gens: tuple[torch.Generator, ...], epoch: in
              best: dict) -> dict:
     """Everything needed to continue training after ``epoch`` bit for bit. Only tensors, numbers,
     strings and containers (no Python objects), so it loads with ``torch.load(weights_only=True)``:
-    the methods are rebuilt from the config and given back their ``state_dict``."""
+    the objectives are rebuilt from the config and given back their ``state_dict``."""
     return {
         "epoch": epoch, "step": step, "best": best, "gens": [g.get_state() for g in gens],
         "members": [member_state(m) for m in members],
@@ -363,10 +472,10 @@ def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...
         m.model.load_state_dict(saved["model"])
         m.opt.load_state_dict(saved["opt"])  # moves its state to each parameter's device
         m.sched.load_state_dict(saved["sched"])
-        # The method's tensors live where its labels do: the model's device.
+        # The objective's tensors live where its labels do: the model's device.
         device = next(m.model.parameters(), torch.empty(0)).device
-        m.method.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                  for k, v in saved["method"].items()})
+        m.objective.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                     for k, v in saved["method"].items()})
         if m.scaler is not None and "scaler" in saved:
             m.scaler.load_state_dict(saved["scaler"])
     for g, saved in zip(gens, state["gens"]):
@@ -374,19 +483,16 @@ def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...
     return state["epoch"], state["step"], state["best"]
 
 
-def fit(
-    model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
-    teacher: dict[str, torch.Tensor] | None = None, report: str = "best_val",
-    on_epoch: EpochCallback | None = None, teacher_model: nn.Module | None = None,
-    checkpoint: Checkpoint | None = None, online_teacher: bool = False, runtime: Runtime = CPU,
-    teacher_views: dict[str, torch.Tensor] | None = None,
-) -> FitResult:
+def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
+        teacher: TeacherSignal | None = None, report: str = "best_val", on_epoch: EpochCallback | None = None,
+        checkpoint: Checkpoint | None = None, runtime: Runtime = CPU) -> FitResult:
     """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
-    teacher: split -> (N, K) precomputed teacher logits, or None.
+    teacher: the cell's teacher (``TeacherSignal``), or None.
     checkpoint: save the state every few epochs and, if one exists, resume from it.
     Selection only ever looks at val accuracy; test is logged, never chosen on.
     """
+    teacher = NO_TEACHER if teacher is None else teacher
     steps_per_epoch = len(data.y_train) // optim.batch_size
     if steps_per_epoch < 1:  # refused when the study loads; a FitResult at chance must never come out
         raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
@@ -395,22 +501,14 @@ def fit(
                for i in range(cohort_size(knowledge))]
     gens = (seeded_generator(seed, 0), seeded_generator(seed, 1), seeded_generator(seed, 2))
     epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
-    references = reference_similarities(data, teacher, knowledge.temperature)
+    references = reference_similarities(data, teacher.split_logits("train"), members[0].objective.temperature)
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
     for epoch in range(epoch + 1, optim.epochs + 1):
-        view = None
-        if teacher_views is not None:  # epoch e sees view (e - 1) mod V of every image
-            v = (epoch - 1) % teacher_views["views"].shape[0]
-            view = (teacher_views["views"][v], teacher_views["logits"][v])
-        parts, step = train_epoch(members, data, optim.batch_size, gens, step, teacher, teacher_model,
-                                  online_teacher, runtime, view)
-        metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, runtime=runtime)}
-        for i, m in enumerate(members[1:], 1):
-            extra = {**parts[i], **evaluate_model(m.model, data, teacher, runtime=runtime)}
-            metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
-        summary, best["artifacts"] = epoch_summary(members[0].method, references)
+        parts, step = train_epoch(members, data, optim.batch_size, gens, epoch, step, teacher, runtime)
+        metrics = epoch_metrics(members, parts, data, teacher, runtime)
+        summary, best["artifacts"] = epoch_summary(members[0].objective, references)
         metrics.update(summary)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -421,7 +519,18 @@ def fit(
     return report_result(members[0].model, data, teacher, report, best, optim.epochs, runtime)
 
 
-def report_result(model: nn.Module, data: DataBundle, teacher: dict[str, torch.Tensor] | None, report: str,
+def epoch_metrics(members: list[Member], parts: list[dict[str, float]], data: DataBundle, teacher: TeacherSignal,
+                  runtime: Runtime = CPU) -> dict[str, float]:
+    """An epoch's metrics: member 0's training ``parts`` and evaluation, each other member's
+    under 'member<i>/' with the '/' of its keys made '_'."""
+    metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, runtime=runtime)}
+    for i, m in enumerate(members[1:], 1):
+        extra = {**parts[i], **evaluate_model(m.model, data, teacher, runtime=runtime)}
+        metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
+    return metrics
+
+
+def report_result(model: nn.Module, data: DataBundle, teacher: TeacherSignal, report: str,
                   best: dict, epochs: int, runtime: Runtime = CPU) -> FitResult:
     """Load the reported weights and evaluate them: 'report/<split>_<metric>', 'report/epoch',
     and the reliability bins of val and test."""
@@ -433,7 +542,7 @@ def report_result(model: nn.Module, data: DataBundle, teacher: dict[str, torch.T
     reported, calibration = {"report/epoch": float(epoch)}, {}
     for split in ("val", "test"):
         logits, y = split_logits(model, data, split, runtime), data.split(split)[1]
-        metrics = evaluate(logits, y, split, None if teacher is None else teacher[split])
+        metrics = evaluate(logits, y, split, teacher.split_logits(split))
         reported.update({"report/" + k.replace("/", "_"): v for k, v in metrics.items()})
         calibration[split] = reliability(logits, y)
     return FitResult(model, reported, best["artifacts"], calibration)

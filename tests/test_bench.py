@@ -15,9 +15,9 @@ import torch
 from kdablate.bench import suite as bench, system as bench_system
 from kdablate.bench.core import Row, interleave, ratio, synthetic
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
-from kdablate.attribution import EXPLANATIONS
+from kdablate.attribution import EXPLANATIONS, Cost
 from kdablate.study import load_study
-from kdablate.trainer import cohort_size, make_member, seeded_generator, train_epoch
+from kdablate.trainer import TeacherSignal, cohort_size, make_member, seeded_generator, train_epoch
 
 IL = dict(mass={"name": "constant", "eps": 0.2}, temperature=4.0, alpha=0.9)
 KNOWLEDGE = {
@@ -47,7 +47,8 @@ def test_quick_bench_reports_every_row(quick_record):
             assert (setting, row) in names
         assert any(s == setting and n.startswith("KD step, online teacher") for s, n in names)
         sources = {n for s, n in names if s == f"IL, {setting}"}
-        expected = set(EXPLANATIONS.names()) - ({"integrated_gradients"} if "ResNet" in setting else set())
+        offline = {n for n in EXPLANATIONS.names() if EXPLANATIONS.get(n).cost is Cost.PER_CLASS_STEPS}
+        expected = set(EXPLANATIONS.names()) - (offline if "ResNet" in setting else set())
         assert {f"il {src} step vs CE step" for src in expected} <= sources
     assert ("compute", "ResNet-20 step GFLOP/s / conv peak") in names
     assert sum(s == "levers" for s, _ in names) == 4
@@ -58,6 +59,30 @@ def test_quick_bench_values_are_finite_and_targets_are_judged(quick_record):
     for r in quick_record["rows"]:
         assert math.isfinite(r["value"]) and r["value"] > 0, r
         assert r["status"] in ("PASS", "MISS", "") and bool(r["status"]) == bool(r["target"] != "reported"), r
+
+
+def test_il_sources_are_planned_by_their_declared_cost(monkeypatch):
+    """The IL rows read each source's ``cost`` and ``quick_params``, not its name: a new source
+    meant for offline use is left out at image scale and runs with its quick parameters."""
+    import dataclasses as dc
+
+    from kdablate.attribution import Saliency
+    from kdablate.bench.explain import variants
+
+    monkeypatch.setattr(EXPLANATIONS, "_entries", dict(EXPLANATIONS._entries))
+
+    @EXPLANATIONS.register("slow_saliency")
+    class SlowSaliency(Saliency):
+        @dc.dataclass(frozen=True)
+        class Params:
+            steps: int = 64
+
+        cost = Cost.PER_CLASS_STEPS
+        quick_params = {"steps": 2}
+
+    default, images = variants(images=False), variants(images=True)
+    assert default["il slow_saliency"].structure.params["source_params"] == {"steps": 2}
+    assert "il slow_saliency" not in images and "il saliency" in images
 
 
 def test_interleave_runs_every_variant_each_round_and_ratios_pair_rounds():
@@ -100,14 +125,13 @@ def test_train_epoch_makes_no_host_sync_per_step(monkeypatch, name):
     members_n = cohort_size(knowledge)
     for steps in (2, 6):
         data = synthetic(10, (1, 40), 16 * steps)
-        teacher = {"train": torch.randn(16 * steps, 10)}
-        teacher_model = None
+        teacher = TeacherSignal({"train": torch.randn(16 * steps, 10)})
         members = [make_member(ModelSpec(name="mlp", params={"hidden": 16}), data, OptimConfig(batch_size=16),
                                knowledge, i, steps) for i in range(members_n)]
         gens = (seeded_generator(0, 0), seeded_generator(0, 1), seeded_generator(0, 2))
         with monkeypatch.context() as m:
             counts = count_syncs(m)
-            logs, _ = train_epoch(members, data, 16, gens, 0, teacher, teacher_model)
+            logs, _ = train_epoch(members, data, 16, gens, 1, 0, teacher)
         syncs.append(counts["n"])
         assert "train/acc" in logs[0] and "train/loss" in logs[0]
     assert syncs[0] > 0  # the epoch-end metrics: proves the counting works

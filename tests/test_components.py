@@ -7,20 +7,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import MASSES, STRUCTURES, Need, SoftTarget, TargetContext, assemble_target, soft_target_loss
+from kdablate.components import MASSES, STRUCTURES, Need, TargetContext, assemble_target, soft_target_loss
 from kdablate.components.structure import permute_nongt
+from kdablate.config import KnowledgeConfig
+from kdablate.objectives import SoftTargetObjective, build_objective
+
+
+def soft_target(mass: dict, structure: dict, temperature: float, alpha: float) -> SoftTargetObjective:
+    """The soft-target objective of a cell with this mass, structure, T and alpha."""
+    return build_objective(KnowledgeConfig(mass=mass, structure=structure, temperature=temperature, alpha=alpha))
 
 
 def ctx_for(batch: dict, temperature: float = 4.0, seed: int = 0) -> TargetContext:
-    """Every source a component may read: teacher and peer logits, inputs, models, features."""
-    return TargetContext(batch["labels"], batch["k"], temperature, batch["student"], batch["teacher"],
+    """Every source a component may read: teacher and peer logits, inputs, models, features; and
+    the T an objective would hand its components (they are called directly here)."""
+    return TargetContext(batch["labels"], batch["k"], batch["student"], batch["teacher"],
                          torch.Generator().manual_seed(seed), peer_logits=batch["peer"], inputs=batch["inputs"],
-                         models=batch["models"], features=batch["features"], class_groups=batch["groups"])
+                         models=batch["models"], features=batch["features"], class_groups=batch["groups"],
+                         temperature=temperature)
 
 
 @pytest.mark.parametrize("mass,structure", list(itertools.product(MASSES.names(), STRUCTURES.names())))
 def test_every_target_is_a_distribution(batch, mass, structure):
-    obj = SoftTarget.from_specs({"name": mass}, {"name": structure}, 4.0, 0.9)
+    obj = soft_target({"name": mass}, {"name": structure}, 4.0, 0.9)
     ctx = ctx_for(batch)
     m, r, q = obj.mass(ctx), obj.structure(ctx), obj.target(ctx)
     y = batch["labels"]
@@ -36,7 +45,7 @@ def test_every_target_is_a_distribution(batch, mass, structure):
 
 def test_teacher_mass_and_structure_is_hinton_kd(batch):
     T, alpha = 4.0, 0.9
-    obj = SoftTarget.from_specs({"name": "teacher"}, {"name": "teacher"}, T, alpha)
+    obj = soft_target({"name": "teacher"}, {"name": "teacher"}, T, alpha)
     ctx = ctx_for(batch, T)
     p_t = torch.softmax(batch["teacher"] / T, 1)
     torch.testing.assert_close(obj.target(ctx), p_t, rtol=0, atol=1e-6)
@@ -57,7 +66,7 @@ def test_constant_mass_uniform_structure_is_label_smoothing(batch, ls):
     """
     k = batch["k"]
     eps = ls * (k - 1) / k
-    obj = SoftTarget.from_specs({"name": "constant", "eps": eps}, {"name": "uniform"}, 1.0, 1.0)
+    obj = soft_target({"name": "constant", "eps": eps}, {"name": "uniform"}, 1.0, 1.0)
     ctx = ctx_for(batch, 1.0)
     q = obj.target(ctx)
     s1 = batch["student"].clone().requires_grad_()
@@ -73,11 +82,11 @@ def test_constant_mass_uniform_structure_is_label_smoothing(batch, ls):
 
 @pytest.mark.parametrize("mass,structure", [("teacher", "teacher"), ("constant", "permuted"), ("none", "uniform")])
 def test_alpha_zero_is_plain_ce(batch, mass, structure):
-    obj = SoftTarget.from_specs({"name": mass}, {"name": structure}, 4.0, 0.0)
+    obj = soft_target({"name": mass}, {"name": structure}, 4.0, 0.0)
     s1 = batch["student"].clone().requires_grad_()
     s2 = batch["student"].clone().requires_grad_()
     # No teacher in the context: alpha=0 must not need one.
-    ctx = TargetContext(batch["labels"], batch["k"], 4.0, batch["student"], None, None)
+    ctx = TargetContext(batch["labels"], batch["k"], batch["student"])
     ours = obj(s1, ctx)["loss"]
     ce = F.cross_entropy(s2, batch["labels"])
     assert torch.equal(ours, ce)
@@ -89,8 +98,8 @@ def test_alpha_zero_is_plain_ce(batch, mass, structure):
 
 def test_permuted_keeps_values_and_mass_but_moves_them(batch):
     ctx = ctx_for(batch)
-    teacher = SoftTarget.from_specs({"name": "teacher"}, {"name": "teacher"}, 4.0, 0.9)
-    permuted = SoftTarget.from_specs({"name": "teacher"}, {"name": "permuted"}, 4.0, 0.9)
+    teacher = soft_target({"name": "teacher"}, {"name": "teacher"}, 4.0, 0.9)
+    permuted = soft_target({"name": "teacher"}, {"name": "permuted"}, 4.0, 0.9)
     q_t, q_p = teacher.target(ctx), permuted.target(ctx)
     y = batch["labels"]
     # Same mass, same multiset of non-ground-truth values, per sample.
@@ -111,9 +120,9 @@ def test_permutation_is_fresh_per_step_and_reproducible_per_seed(batch):
 
 
 def test_teacher_components_declare_their_source():
-    assert SoftTarget.from_specs({"name": "teacher"}, {"name": "uniform"}, 4.0, 0.5).needs == Need.TEACHER
-    assert SoftTarget.from_specs({"name": "constant"}, {"name": "permuted"}, 4.0, 0.5).needs == Need.TEACHER
-    assert SoftTarget.from_specs({"name": "constant"}, {"name": "uniform"}, 4.0, 0.5).needs == Need.NONE
+    assert soft_target({"name": "teacher"}, {"name": "uniform"}, 4.0, 0.5).needs == Need.TEACHER
+    assert soft_target({"name": "constant"}, {"name": "permuted"}, 4.0, 0.5).needs == Need.TEACHER
+    assert soft_target({"name": "constant"}, {"name": "uniform"}, 4.0, 0.5).needs == Need.NONE
 
 
 def test_assemble_and_loss_shapes_and_zero_entries():
@@ -133,7 +142,7 @@ def test_oracle_structure_splits_mass_by_superclass(batch):
     torch.testing.assert_close(r[0], torch.tensor([0, 0.4, 0.4, 0.2 / 3, 0.2 / 3, 0.2 / 3]))
     torch.testing.assert_close(r[1], torch.tensor([0.05, 0.05, 0.05, 0, 0.8, 0.05]))
     torch.testing.assert_close(r[2], torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 0]))  # a superclass of one
-    obj = SoftTarget.from_specs({"name": "constant", "eps": 0.5}, {"name": "oracle", "within": 1.0}, 1.0, 1.0)
+    obj = soft_target({"name": "constant", "eps": 0.5}, {"name": "oracle", "within": 1.0}, 1.0, 1.0)
     ctx = ctx_for(batch)
     q = obj.target(ctx)
     same = batch["groups"][batch["labels"]][:, None] == batch["groups"][None]

@@ -1,73 +1,119 @@
 """Every explanation source against captum's per-class equivalent, to 1e-5, on 1-D models and a
-2-D zoo ResNet (Grad-CAM at inner layers too), and CAM's identity with Grad-CAM."""
+2-D zoo ResNet (Grad-CAM at inner layers too), and CAM's identity with Grad-CAM; every source's
+declared cost, and every source inside the explanation structure.
+
+A new source adds one ``Reference`` to ``REFERENCES``: the parametrized tests pick it up, and a
+registered source without one fails, naming what to add. ``check_matches_captum`` and
+``check_source_in_structure`` are the checks themselves, reused by ``tests/test_newcomer.py``.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import pytest
 import torch
 
 import captum.attr as captum_attr
 
+from kdablate.attribution import (EXPLANATIONS, AttributionContext, Cost, Explanation, SourceRegistry,
+                                  class_activation_maps, module_at)
+from kdablate.components import STRUCTURES, TargetContext
+from kdablate.components.context import Probe
 from kdablate.components.explanation import explanation_similarity, structure_from_similarity
-from kdablate.attribution import EXPLANATIONS, class_activation_maps, module_at
 from kdablate.models import MODELS, build_model
 
 K = 10
+# The seed of any noise: ours draws it through ctx.generator, captum through the global RNG, and
+# a CPU generator and the global RNG seeded alike give the same float32 normals.
+NOISE_SEED = 5
 
 
-def model_and_inputs(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A float64 eval-mode model and its inputs: (6, 1, 40) signals, or (2, 3, 32, 32) images
-    for the zoo's resnet8."""
+def model_and_inputs(name: str, dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Module, torch.Tensor]:
+    """An eval-mode model and its inputs: (6, 1, 40) signals, or (2, 3, 32, 32) images for the zoo's
+    resnet8."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if name == "resnet8":
-        model = build_model(name, {}, (3, 32, 32), K).double().eval()
-        return model, torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=g)
+        model = build_model(name, {}, (3, 32, 32), K).to(dtype).eval()
+        return model, torch.randn(2, 3, 32, 32, dtype=dtype, generator=g)
     params = {"hidden": 32} if name == "mlp" else {"channels": 8, "depth": 2}
-    model = build_model(name, params, (1, 40), K).double().eval()
-    return model, torch.randn(6, 1, 40, dtype=torch.float64, generator=g)
+    model = build_model(name, params, (1, 40), K).to(dtype).eval()
+    return model, torch.randn(6, 1, 40, dtype=dtype, generator=g)
 
 
-def per_class(fn) -> torch.Tensor:
-    """Stack captum's single-class attributions into (B, K, ...)."""
-    return torch.stack([fn(c) for c in range(K)], dim=1)
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """captum's per-class equivalent of one source.
+
+    method: a captum attribution class (or a callable building one) taking the model, and the
+        layer module when ``layer`` is set.
+    kwargs: captum's ``attribute`` keywords besides the inputs and target.
+    params: our source's parameters.
+    layer: for a layer method, the layer (a name in ``named_modules``); its (B, 1, *L) maps are
+        squeezed, and the MLP, whose layers have no spatial dims, is left out.
+    times_positions: scale captum's maps by L, the number of positions of the layer.
+    dtype: float32 where captum draws float32 noise, so both see the same noise.
+    """
+
+    method: Callable[..., captum_attr.Attribution]
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    params: dict = dataclasses.field(default_factory=dict)
+    layer: str | None = None
+    times_positions: bool = False
+    dtype: torch.dtype = torch.float64
+
+    def models(self) -> tuple[str, ...]:
+        return ("cnn1d", "resnet8") if self.layer else ("cnn1d", "mlp", "resnet8")
 
 
-def captum_reference(source: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if source == "saliency":
-        sal = captum_attr.Saliency(model)
-        return per_class(lambda c: sal.attribute(x, target=c, abs=False))
-    if source == "grad_input":
-        ixg = captum_attr.InputXGradient(model)
-        return per_class(lambda c: ixg.attribute(x, target=c))
-    if source == "integrated_gradients":
-        ig = captum_attr.IntegratedGradients(model)
-        return per_class(lambda c: ig.attribute(x, baselines=0.0, target=c, n_steps=32, method="riemann_middle"))
-    if source == "gradcam":
-        gc = captum_attr.LayerGradCam(model, model.features)
-        return per_class(lambda c: gc.attribute(x, target=c, relu_attributions=True).squeeze(1))
-    if source == "cam":
-        # CAM is Grad-CAM without the ReLU for a GAP + linear head, up to the 1/L of the pooling
-        # (L = the number of positions, H * W for images).
-        gc = captum_attr.LayerGradCam(model, model.features)
-        positions = math.prod(model.features(x).shape[2:])
-        return per_class(lambda c: gc.attribute(x, target=c).squeeze(1)) * positions
-    raise AssertionError(f"no captum reference for '{source}': add one")
+REFERENCES: dict[str, Reference] = {
+    "saliency": Reference(captum_attr.Saliency, {"abs": False}),
+    "grad_input": Reference(captum_attr.InputXGradient),
+    "integrated_gradients": Reference(captum_attr.IntegratedGradients,
+                                      {"baselines": 0.0, "n_steps": 32, "method": "riemann_middle"}),
+    "gradcam": Reference(captum_attr.LayerGradCam, {"relu_attributions": True}, layer="features"),
+    # CAM is Grad-CAM without the ReLU for a GAP + linear head, up to the 1/L of the pooling
+    # (L = the number of positions, H * W for images).
+    "cam": Reference(captum_attr.LayerGradCam, layer="features", times_positions=True),
+}
 
 
-# captum's layer methods need a spatial feature map: the MLP's CAM is tested on its own below.
-CASES = [(m, s) for m in ("cnn1d", "mlp", "resnet8") for s in EXPLANATIONS.names()
-         if not (m == "mlp" and s in ("cam", "gradcam"))]
+def captum_maps(ref: Reference, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """captum's single-class attributions for every class, stacked: (B, K, *S)."""
+    method = ref.method(model, module_at(model, ref.layer)) if ref.layer else ref.method(model)
+
+    def one(c: int) -> torch.Tensor:
+        torch.manual_seed(NOISE_SEED)  # every class sees the same noise, as ours draws it once for all K
+        out = method.attribute(x, target=c, **ref.kwargs)
+        return out.squeeze(1) if ref.layer else out
+
+    maps = torch.stack([one(c) for c in range(K)], dim=1)
+    return maps * math.prod(maps.shape[2:]) if ref.times_positions else maps
+
+
+def check_matches_captum(source: str, ref: Reference, model_name: str) -> torch.Tensor:
+    """Our maps of ``source`` with ``ref.params`` equal captum's to 1e-5; returns captum's."""
+    model, x = model_and_inputs(model_name, ref.dtype)
+    ctx = AttributionContext(generator=torch.Generator().manual_seed(NOISE_SEED))
+    ours = EXPLANATIONS.build(source, ref.params).attribute(model, x, ctx=ctx)
+    theirs = captum_maps(ref, model, x)
+    assert ours.shape == theirs.shape and ours.shape[:2] == (len(x), K)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    return theirs
+
+
+CASES = [(m, s) for s in EXPLANATIONS.names()
+         for m in (REFERENCES[s].models() if s in REFERENCES else ("cnn1d",))]
 
 
 @pytest.mark.parametrize("model_name,source", CASES)
 def test_matches_captum(source, model_name):
-    model, x = model_and_inputs(model_name)
-    ours = EXPLANATIONS.build(source).attribute(model, x)
-    ref = captum_reference(source, model, x)
-    assert ours.shape == ref.shape and ours.shape[:2] == (len(x), K)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    if source not in REFERENCES:
+        pytest.fail(f"explanation source '{source}' has no captum reference: add a Reference (captum class, "
+                    "params, layer) to REFERENCES in tests/test_explanations.py")
+    check_matches_captum(source, REFERENCES[source], model_name)
 
 
 # Grad-CAM away from the default layer: a whole stage-2 block (16 x 16), the first conv-BN-ReLU
@@ -77,13 +123,66 @@ LAYERS = {"features": (8, 8), "features.2": (16, 16), "features.1.body.0": (32, 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_gradcam_at_any_layer_of_a_2d_resnet_matches_captum(layer):
-    model, x = model_and_inputs("resnet8")
-    ours = EXPLANATIONS.build("gradcam", {"layer": layer}).attribute(model, x)
-    gc = captum_attr.LayerGradCam(model, module_at(model, layer))
-    ref = per_class(lambda c: gc.attribute(x, target=c, relu_attributions=True).squeeze(1))
-    assert ours.shape == ref.shape == (len(x), K, *LAYERS[layer])
-    assert (ref > 0).any() and (ref == 0).any()  # the ReLU cut something, and left something
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ref = dataclasses.replace(REFERENCES["gradcam"], params={"layer": layer}, layer=layer)
+    theirs = check_matches_captum("gradcam", ref, "resnet8")
+    assert theirs.shape == (2, K, *LAYERS[layer])
+    assert (theirs > 0).any() and (theirs == 0).any()  # the ReLU cut something, and left something
+
+
+@pytest.mark.parametrize("source", EXPLANATIONS.names())
+def test_every_source_declares_its_cost_and_quick_params(source):
+    cls = EXPLANATIONS.get(source)
+    assert isinstance(cls.cost, Cost) and isinstance(cls.quick_params, dict)
+    model, x = model_and_inputs("cnn1d")
+    ctx = AttributionContext(generator=torch.Generator().manual_seed(NOISE_SEED))
+    maps = EXPLANATIONS.build(source, cls.quick_params).attribute(model, x, ctx=ctx)
+    assert maps.shape[:2] == (len(x), K) and torch.isfinite(maps).all()
+
+
+def test_the_registry_refuses_a_source_without_a_cost_or_with_wrong_quick_params():
+    reg = SourceRegistry("explanation")
+
+    class Free(Explanation):
+        def attribute(self, model, inputs, *, ctx=AttributionContext()):
+            return inputs
+
+    with pytest.raises(TypeError, match="explanation 'free' \\(Free\\) declares no cost"):
+        reg.register("free")(Free)
+
+    class Typo(Free):
+        cost = Cost.PER_CLASS
+        quick_params = {"step": 8}
+
+    with pytest.raises(TypeError, match="quick_params are not its parameters: .*no parameter 'step'"):
+        reg.register("typo")(Typo)
+    assert reg.names() == []  # a refused source leaves no entry behind
+
+
+def check_source_in_structure(source: str, params: dict, ctx: TargetContext) -> torch.Tensor:
+    """The explanation structure over ``source`` accepts the cnn1d in ``ctx.models['self']`` at load
+    (its ``check``) and gives a (B, K) distribution off the true class; returns it."""
+    structure = STRUCTURES.build("explanation", {"source": source, "source_params": params})
+    model = ctx.models["self"]
+    structure.check(Probe(ctx.inputs[:4], K, {"self": model}, {"self": "cnn1d"}))
+    r = structure(ctx)
+    y = ctx.labels
+    assert r.shape == (len(y), K) and torch.isfinite(r).all() and (r >= 0).all()
+    assert (r.gather(1, y[:, None]) == 0).all()
+    torch.testing.assert_close(r.sum(1), torch.ones(len(y)))
+    return r
+
+
+def cnn_context(batch: dict) -> TargetContext:
+    """A step's context whose explainer ('self') is the batch's cnn1d, with its feature map."""
+    cnn = batch["models"]["teacher"]
+    return TargetContext(labels=batch["labels"], num_classes=batch["k"], student_logits=batch["student"],
+                         generator=torch.Generator().manual_seed(0), inputs=batch["inputs"], models={"self": cnn},
+                         features=cnn.features(batch["inputs"]).detach(), step=0)
+
+
+@pytest.mark.parametrize("source", EXPLANATIONS.names())
+def test_every_source_makes_a_structure(source, batch):
+    check_source_in_structure(source, EXPLANATIONS.get(source).quick_params, cnn_context(batch))
 
 
 @pytest.mark.parametrize("model_name", ["resnet8", "cnn1d"])
@@ -98,6 +197,16 @@ def test_cam_is_positions_times_gradcam_without_relu(model_name):
     assert cam.shape == gradcam.shape and positions == math.prod(cam.shape[2:]) > 1
     torch.testing.assert_close(cam, positions * gradcam, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(cam.flatten(2).mean(-1), model(x) - model.head.bias, rtol=1e-10, atol=1e-10)
+
+
+def test_cam_reads_the_training_forwards_features():
+    model, x = model_and_inputs("cnn1d")
+    cam = EXPLANATIONS.build("cam")
+    features = model.features(x)
+    torch.testing.assert_close(cam.attribute(model, x, ctx=AttributionContext(features=features)),
+                               cam.attribute(model, x), rtol=0, atol=0)
+    fake = AttributionContext(features=torch.zeros_like(features))
+    assert (cam.attribute(model, x, ctx=fake) == 0).all()  # it used them, rather than a forward of its own
 
 
 def test_cam_without_spatial_dims_is_per_unit_contribution():
@@ -119,7 +228,7 @@ def test_saliency_is_per_sample_in_eval_mode():
 
 def test_differentiable_explanations_carry_gradients():
     model, x = model_and_inputs("mlp")
-    maps = EXPLANATIONS.build("saliency").attribute(model, x, create_graph=True)
+    maps = EXPLANATIONS.build("saliency").attribute(model, x, ctx=AttributionContext(create_graph=True))
     maps.pow(2).sum().backward()
     assert model.features[1].weight.grad is not None and model.features[1].weight.grad.abs().sum() > 0
     assert not EXPLANATIONS.build("saliency").attribute(model, x).requires_grad

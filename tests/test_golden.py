@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import SoftTarget, TargetContext
+from kdablate.components import TargetContext
 from kdablate.config import KnowledgeConfig
-from kdablate.objectives import build_method, dkd_parts
+from kdablate.objectives import SoftTargetObjective, build_objective, dkd_parts
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "kd_losses.json").read_text())
 CASES = GOLDEN["cases"]
@@ -37,6 +37,11 @@ def tensors(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     s = torch.tensor(case["student_logits"], dtype=torch.float64, requires_grad=True)
     t = torch.tensor(case["teacher_logits"], dtype=torch.float64)
     return s, t, torch.tensor(case["labels"]), torch.tensor(case["grad_student_logits"], dtype=torch.float64)
+
+
+def soft_target(mass: dict, structure: dict, temperature: float, alpha: float) -> SoftTargetObjective:
+    """The soft-target objective of a cell with this mass, structure, T and alpha."""
+    return build_objective(KnowledgeConfig(mass=mass, structure=structure, temperature=temperature, alpha=alpha))
 
 
 def check(loss: torch.Tensor, s: torch.Tensor, case: dict, grad: torch.Tensor) -> None:
@@ -59,8 +64,8 @@ def test_kd_matches_mdistiller_and_torchdistill(case, fused):
     meaning of kdablate's alpha."""
     s, t, y, grad = tensors(case)
     T, alpha = case["params"]["T"], case["params"]["alpha"]
-    kd = SoftTarget.from_specs({"name": "teacher"}, {"name": "teacher"}, T, alpha)
-    ctx = TargetContext(y, s.shape[1], T, s.detach(), t)
+    kd = soft_target({"name": "teacher"}, {"name": "teacher"}, T, alpha)
+    ctx = TargetContext(y, s.shape[1], s.detach(), t)
     # A target that requires grad takes the plain autograd path; a constant one the fused node.
     ctx.target = kd.target(ctx).detach().requires_grad_(not fused)
     loss = kd(s, ctx)["loss"]
@@ -83,7 +88,7 @@ def test_dkd_objective_is_ce_plus_mdistillers_dkd_loss(case):
     s, t, y, grad = tensors(case)
     p = case["params"]
     knowledge = KnowledgeConfig(objective={"name": "dkd", "beta": p["beta"]}, temperature=p["T"], alpha=p["alpha"])
-    parts = build_method(knowledge)(s, TargetContext(y, s.shape[1], p["T"], s.detach(), t))
+    parts = build_objective(knowledge)(s, TargetContext(y, s.shape[1], s.detach(), t))
     torch.testing.assert_close(parts["loss_kd"], torch.tensor(case["loss"], dtype=torch.float64), **TOL)
     (g,) = torch.autograd.grad(parts["loss"], s)
     (g_ce,) = torch.autograd.grad(F.cross_entropy(s, y), s)
@@ -103,9 +108,9 @@ def test_label_smoothing_at_temperature_through_the_fused_node(T, alpha):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(16, k, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, k, (16,), generator=g)
-    ls = SoftTarget.from_specs({"name": "constant", "eps": eps}, {"name": "uniform"}, T, alpha)
+    ls = soft_target({"name": "constant", "eps": eps}, {"name": "uniform"}, T, alpha)
     s1 = z.clone().requires_grad_()
-    out = ls(s1, TargetContext(y, k, T, z))["loss"]
+    out = ls(s1, TargetContext(y, k, z))["loss"]
     assert "Fused" in type(out.grad_fn).__name__
     q = torch.full_like(z, eps / (k - 1)).scatter_(1, y[:, None], 1 - eps)
     s2 = z.clone().requires_grad_()
@@ -117,7 +122,7 @@ def test_label_smoothing_at_temperature_through_the_fused_node(T, alpha):
 
 def test_uniform_structure_follows_the_logits_dtype(batch):
     z = batch["student"].double()
-    ls = SoftTarget.from_specs({"name": "constant", "eps": 0.2}, {"name": "uniform"}, 4.0, 1.0)
-    q = ls.target(TargetContext(batch["labels"], 10, 4.0, z))
+    ls = soft_target({"name": "constant", "eps": 0.2}, {"name": "uniform"}, 4.0, 1.0)
+    q = ls.target(TargetContext(batch["labels"], 10, z))
     exact = torch.full_like(z, 0.2 / 9).scatter_(1, batch["labels"][:, None], 0.8)
     torch.testing.assert_close(q, exact, rtol=1e-15, atol=0)

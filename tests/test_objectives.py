@@ -8,12 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import Need, SoftTarget, TargetContext
+from kdablate.components import Need, TargetContext
 from kdablate.components.mass import virtual_teacher_mass
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
-from kdablate.objectives import build_method, dkd_parts, entropy, warmup_ramp
-from kdablate.trainer import fit
+from kdablate.objectives import SoftTargetObjective, build_objective, dkd_parts, entropy, warmup_ramp
+from kdablate.trainer import TeacherSignal, fit
+
+
+def soft_target(mass: dict, structure: dict, temperature: float, alpha: float) -> SoftTargetObjective:
+    """The soft-target objective of a cell with this mass, structure, T and alpha."""
+    return build_objective(KnowledgeConfig(mass=mass, structure=structure, temperature=temperature, alpha=alpha))
 
 
 def dkd_by_the_paper(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, T: float) -> tuple[float, float]:
@@ -115,8 +120,8 @@ def test_dkd_reformulates_kd_per_sample(batch):
 
 
 def test_dkd_objective_weights_tckd_by_alpha_and_nckd_by_beta(batch):
-    method = build_method(KnowledgeConfig(objective={"name": "dkd", "beta": 8.0}, temperature=4.0, alpha=1.0))
-    ctx = TargetContext(batch["labels"], 10, 4.0, batch["student"], batch["teacher"])
+    method = build_objective(KnowledgeConfig(objective={"name": "dkd", "beta": 8.0}, temperature=4.0, alpha=1.0))
+    ctx = TargetContext(batch["labels"], 10, batch["student"], batch["teacher"])
     parts = method(batch["student"], ctx)
     tckd, nckd = dkd_parts(batch["student"], batch["teacher"], batch["labels"], 4.0)
     ce = F.cross_entropy(batch["student"], batch["labels"])
@@ -125,16 +130,16 @@ def test_dkd_objective_weights_tckd_by_alpha_and_nckd_by_beta(batch):
 
 
 def test_peer_components_are_kd_from_the_peer(batch):
-    obj = SoftTarget.from_specs({"name": "peer"}, {"name": "peer"}, 3.0, 0.5)
-    ctx = TargetContext(batch["labels"], 10, 3.0, batch["student"], peer_logits=batch["peer"])
+    obj = soft_target({"name": "peer"}, {"name": "peer"}, 3.0, 0.5)
+    ctx = TargetContext(batch["labels"], 10, batch["student"], peer_logits=batch["peer"])
     torch.testing.assert_close(obj.target(ctx), torch.softmax(batch["peer"] / 3.0, 1), rtol=0, atol=1e-6)
     assert obj.needs == Need.PEER
 
 
 def test_self_mass_is_the_students_own_detached_mass(batch):
-    obj = SoftTarget.from_specs({"name": "self"}, {"name": "uniform"}, 4.0, 0.9)
+    obj = soft_target({"name": "self"}, {"name": "uniform"}, 4.0, 0.9)
     s = batch["student"].clone().requires_grad_()
-    ctx = TargetContext(batch["labels"], 10, 4.0, s)  # not detached on purpose: the mass must detach
+    ctx = TargetContext(batch["labels"], 10, s, temperature=4.0)  # not detached on purpose: the mass must detach
     m = obj.mass(ctx)
     p = torch.softmax(batch["student"] / 4.0, 1)
     torch.testing.assert_close(m, 1 - p.gather(1, batch["labels"][:, None]).squeeze(1))
@@ -151,12 +156,12 @@ def test_virtual_teacher_mass_is_tfkd():
 
 def test_confidence_penalty_and_warmup(batch):
     y = batch["labels"]
-    ctx = TargetContext(y, 10, 1.0, batch["student"], step=0)
-    cp = build_method(KnowledgeConfig(entropy_penalty=0.3))
+    ctx = TargetContext(y, 10, batch["student"], step=0, steps_per_epoch=5)
+    cp = build_objective(KnowledgeConfig(entropy_penalty=0.3))
     expected = F.cross_entropy(batch["student"], y) - 0.3 * entropy(batch["student"])
     torch.testing.assert_close(cp(batch["student"], ctx)["loss"], expected)
     ls = KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, alpha=1.0, warmup_epochs=2)
-    warm = build_method(ls, steps_per_epoch=5)  # ramps over 10 steps
+    warm = build_objective(ls)  # ramps over 10 steps: 2 epochs of the context's 5
     ce = F.cross_entropy(batch["student"], y)
     first = warm(batch["student"], ctx)
     torch.testing.assert_close(first["loss"], 0.9 * ce + 0.1 * first["loss_kd"])
@@ -179,7 +184,7 @@ def test_dml_trains_a_cohort_and_logs_both_students():
 
 def test_il_logs_similarity_and_cost_and_spearman_with_teacher():
     data = load_dataset("mnist1d", {"num_samples": 400})
-    teacher = {s: torch.randn(len(data.split(s)[1]), 10) for s in ("train", "val", "test")}
+    teacher = TeacherSignal({s: torch.randn(len(data.split(s)[1]), 10) for s in ("train", "val", "test")})
     il = KnowledgeConfig(mass={"name": "constant", "eps": 0.3}, structure={"name": "explanation", "every": 2},
                          temperature=4.0, alpha=0.9)
     logs = []
@@ -213,10 +218,52 @@ def test_dkd_method_warms_up_the_dkd_term(batch, by, ramps):
     """loss = CE + ramp * (alpha TCKD + beta NCKD), the ramp per step or per epoch."""
     k = KnowledgeConfig(objective={"name": "dkd", "beta": 2.0}, temperature=4.0, alpha=1.0,
                         warmup_epochs=20, warmup_by=by)
-    method = build_method(k, steps_per_epoch=3)
+    method = build_objective(k)
     y = batch["labels"]
     ce = F.cross_entropy(batch["student"], y)
     tckd, nckd = dkd_parts(batch["student"], batch["teacher"], y, 4.0)
     for step, ramp in ramps.items():
-        ctx = TargetContext(y, 10, 4.0, batch["student"], batch["teacher"], step=step)
+        ctx = TargetContext(y, 10, batch["student"], batch["teacher"], step=step, epoch=1 + step // 3,
+                            steps_per_epoch=3)
         torch.testing.assert_close(method(batch["student"], ctx)["loss"], ce + ramp * (tckd + 2.0 * nckd))
+
+
+def test_the_objective_owns_the_temperature(batch):
+    """T lives on the objective only: the trainer's context carries none, a component read
+    outside an objective says so, and the objective hands its own T to its components."""
+    kd = soft_target({"name": "teacher"}, {"name": "teacher"}, 3.0, 0.9)
+    ctx = TargetContext(batch["labels"], 10, batch["student"], batch["teacher"])
+    with pytest.raises(RuntimeError, match="temperature"):
+        kd.mass(ctx)
+    q = kd.target(ctx)
+    assert ctx.temperature == kd.temperature == 3.0
+    torch.testing.assert_close(q, torch.softmax(batch["teacher"] / 3.0, 1), rtol=0, atol=1e-6)
+    tfkd = build_objective(KnowledgeConfig(mass={"name": "virtual_teacher", "a": 0.9}, structure="uniform",
+                                        temperature=2.0, alpha=0.5))
+    m = tfkd.target(TargetContext(batch["labels"], 10, batch["student"]))
+    expected = virtual_teacher_mass(0.9, 2.0, 10)
+    torch.testing.assert_close(1 - m.gather(1, batch["labels"][:, None]), torch.full((16, 1), expected))
+
+
+def test_an_epoch_dependent_mass_is_one_class(monkeypatch):
+    """The context carries the epoch and the steps per epoch, so a mass scheduled by epoch needs
+    no edit elsewhere: here m = 0.1 * epoch, seen by the trainer's steps of each epoch."""
+    from kdablate.components import MASSES
+    from kdablate.components.context import Component
+
+    monkeypatch.setattr(MASSES, "_entries", dict(MASSES._entries))
+    seen: list[tuple[int, int]] = []
+
+    @MASSES.register("by_epoch")
+    class ByEpoch(Component):
+        def __call__(self, ctx: TargetContext) -> torch.Tensor:
+            seen.append((ctx.epoch, ctx.steps_per_epoch))
+            return torch.full((len(ctx.labels),), 0.1 * ctx.epoch)
+
+    data = load_dataset("mnist1d", {"num_samples": 400})
+    logs: list[dict] = []
+    fit(ModelSpec(name="mlp", params={"hidden": 8}), data, OptimConfig(epochs=2, batch_size=100),
+        KnowledgeConfig(mass="by_epoch", structure="uniform", alpha=0.5), 0, on_epoch=lambda e, m: logs.append(m))
+    steps = len(data.y_train) // 100
+    assert seen == [(1, steps)] * steps + [(2, steps)] * steps
+    assert [m["train/target_mass"] for m in logs] == pytest.approx([0.1, 0.2])

@@ -6,10 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from kdablate.components import MASSES, STRUCTURES, SoftTarget, TargetContext
+from kdablate.components import MASSES, STRUCTURES, TargetContext
 from kdablate.components.context import Component
+from kdablate.config import KnowledgeConfig
 from kdablate.data import DATASETS, load_dataset
 from kdablate.models import MODELS, build_model
+from kdablate.objectives import build_objective
 from kdablate.registry import ConfigError, Registry
 
 
@@ -58,8 +60,8 @@ def test_a_new_structure_needs_one_class_and_no_other_edit(monkeypatch, batch):
         def __call__(self, ctx: TargetContext) -> torch.Tensor:
             return next_class(ctx.labels, ctx.num_classes)
 
-    obj = SoftTarget.from_specs({"name": "constant", "eps": 0.2}, {"name": "next_class"}, 1.0, 1.0)
-    ctx = TargetContext(batch["labels"], 10, 1.0, batch["student"])
+    obj = build_objective(KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure="next_class", alpha=1.0))
+    ctx = TargetContext(batch["labels"], 10, batch["student"])
     q = obj.target(ctx)
     assert torch.allclose(q.gather(1, ((batch["labels"] + 1) % 10)[:, None]), torch.tensor(0.2))
     assert "next_class" in STRUCTURES.names()
@@ -97,12 +99,13 @@ def test_every_dataset_has_disjoint_labelled_splits(name, tmp_path):
 
 
 def full_context(batch: dict, step: int, student_scale: float = 1.0) -> TargetContext:
-    """Every source a component may read, at ``step``; the student's own logits scaled (they
-    change in training, while labels, cached teacher logits and class groups do not)."""
-    return TargetContext(batch["labels"], batch["k"], 4.0, batch["student"] * student_scale, batch["teacher"],
+    """Every source a component may read, at ``step`` (and its epoch, 7 steps each); the student's
+    own logits scaled (they change in training, while labels, cached teacher logits and class
+    groups do not)."""
+    return TargetContext(batch["labels"], batch["k"], batch["student"] * student_scale, batch["teacher"],
                          torch.Generator().manual_seed(step), peer_logits=batch["peer"] * student_scale,
                          inputs=batch["inputs"], models=batch["models"], features=batch["features"], step=step,
-                         class_groups=batch["groups"])
+                         epoch=1 + step // 7, steps_per_epoch=7, class_groups=batch["groups"], temperature=4.0)
 
 
 @pytest.mark.parametrize("kind,name", [("mass", n) for n in MASSES.names()] + [("structure", n) for n in STRUCTURES.names()])

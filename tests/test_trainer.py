@@ -8,7 +8,7 @@ import torch
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
 from kdablate.metrics import agreement, ece
-from kdablate.trainer import NonFiniteLoss, fit, predict
+from kdablate.trainer import NonFiniteLoss, TeacherSignal, fit, predict
 
 CE = KnowledgeConfig()
 OPT = OptimConfig(epochs=3, batch_size=32)
@@ -38,8 +38,8 @@ def test_same_seed_same_result_on_cpu(tiny, model):
 
 
 def test_kd_with_teacher_logits_is_deterministic_and_logs_every_part(tiny):
-    teacher = {s: torch.randn(len(tiny.split(s)[1]), 10, generator=torch.Generator().manual_seed(0))
-               for s in ("train", "val", "test")}
+    teacher = TeacherSignal({s: torch.randn(len(tiny.split(s)[1]), 10, generator=torch.Generator().manual_seed(0))
+                             for s in ("train", "val", "test")})
     obj = KnowledgeConfig(mass="teacher", structure="permuted", temperature=4.0, alpha=0.9)
     logs = []
     a = fit(ModelSpec(name="mlp"), tiny, OPT, obj, 0, teacher=teacher, on_epoch=lambda e, m: logs.append(m))
@@ -187,17 +187,17 @@ def test_resume_after_two_epochs_matches_every_later_epoch(tiny, tmp_path, knowl
     assert resumed.metrics == straight.metrics
 
 
-def test_method_state_dict_round_trips_the_explanation_ema(batch):
-    """The state a checkpoint keeps of an IL method is its tensors; loaded into a fresh method,
+def test_objective_state_dict_round_trips_the_explanation_ema(batch):
+    """The state a checkpoint keeps of an IL objective is its tensors; loaded into a fresh one,
     the next steps give the same losses, and the two never share storage."""
     from kdablate.components import TargetContext
-    from kdablate.objectives import build_method
+    from kdablate.objectives import build_objective
 
     def ctx(step):
-        return TargetContext(batch["labels"], batch["k"], 4.0, batch["student"], inputs=batch["inputs"],
+        return TargetContext(batch["labels"], batch["k"], batch["student"], inputs=batch["inputs"],
                              models={"self": batch["models"]["self"]}, step=step)
 
-    a, b = build_method(IL_SCHEDULED), build_method(IL_SCHEDULED)
+    a, b = build_objective(IL_SCHEDULED), build_objective(IL_SCHEDULED)
     for step in range(3):
         a(batch["student"], ctx(step))
     state = a.state_dict()
@@ -211,4 +211,44 @@ def test_method_state_dict_round_trips_the_explanation_ema(batch):
     assert torch.equal(a.state_dict()["structure.class_matrix"], b.state_dict()["structure.class_matrix"])
     with pytest.raises(ValueError, match="unknown key 'bogus'"):
         b.load_state_dict({"bogus": 1})
-    assert build_method(KnowledgeConfig()).state_dict() == {}  # CE keeps no state
+    assert build_objective(KnowledgeConfig()).state_dict() == {}  # CE keeps no state
+
+
+def test_teacher_signal_looks_up_the_cache_a_view_per_epoch_or_runs_the_model(batch):
+    """One teacher object, three sources of a batch's logits: the cache (fixed, so a static target
+    may be built once), view (e - 1) mod V in epoch e, or the model on the batch itself."""
+    from kdablate.trainer import CPU, NO_TEACHER
+
+    cache = {s: torch.randn(6, 10) for s in ("train", "val", "test")}
+    views = (torch.arange(2 * 6 * 3).view(2, 6, 3), torch.randn(2, 6, 10))
+    cached, viewed = TeacherSignal(cache), TeacherSignal(cache, views=views)
+    assert cached.epoch_lookup(3) == (None, cache["train"]) and cached.fixed_train_logits is cache["train"]
+    for epoch, v in ((1, 0), (2, 1), (3, 0)):
+        aug, logits = viewed.epoch_lookup(epoch)
+        assert torch.equal(aug, views[0][v]) and torch.equal(logits, views[1][v])
+    assert viewed.fixed_train_logits is None and viewed.split_logits("val") is cache["val"]
+    model = batch["models"]["teacher"].eval()
+    online = TeacherSignal(cache, model, online=True)
+    assert online.epoch_lookup(1) == (None, None) and online.fixed_train_logits is None
+    with torch.no_grad():
+        expected = model(batch["inputs"])
+    torch.testing.assert_close(online.logits_for(batch["inputs"], None, CPU), expected, rtol=0, atol=0)
+    assert cached.logits_for(batch["inputs"], cache["train"], CPU) is cache["train"]
+    assert NO_TEACHER.split_logits("val") is None and NO_TEACHER.epoch_lookup(1) == (None, None)
+    with pytest.raises(ValueError, match="needs its model"):
+        TeacherSignal(cache, online=True)
+
+
+def test_image_models_and_batches_share_one_layout():
+    from kdablate.data.bundle import batch_layout
+    from kdablate.models import build_model
+    from kdablate.models.factory import place_model
+
+    images = place_model(build_model("resnet8", {}, (3, 8, 8), 10), (3, 8, 8))
+    kernels = [p for p in images.parameters() if p.dim() == 4]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+    assert batch_layout(torch.randn(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
+    signals = place_model(build_model("cnn1d", {}, (1, 40), 10), (1, 40))
+    assert all(p.is_contiguous() for p in signals.parameters())
+    x = torch.randn(2, 1, 40)
+    assert batch_layout(x) is x

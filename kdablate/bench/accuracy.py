@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 
+from kdablate.bench.core import KD
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle, load_dataset
 from kdablate.data.fake import write_cifar
-from kdablate.trainer import Runtime, fit, predict
-
-KD = KnowledgeConfig(mass="teacher", structure="teacher", temperature=4.0, alpha=0.9)
+from kdablate.trainer import Runtime, TeacherSignal, fit, predict
 
 
 def paired(name: str, spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
-           seeds: range, teacher: dict | None = None) -> dict[str, list[float]]:
+           seeds: range, teacher: TeacherSignal | None = None) -> dict[str, list[float]]:
     """Test accuracy (%) per seed with amp none and bf16; prints one line per cell."""
     acc: dict[str, list[float]] = {"none": [], "bf16": []}
     for seed in seeds:
@@ -45,10 +44,10 @@ def paired(name: str, spec: ModelSpec, data: DataBundle, optim: OptimConfig, kno
     return acc
 
 
-def teacher_logits(data: DataBundle) -> dict[str, torch.Tensor]:
-    spec = ModelSpec(name="cnn1d")
-    model = fit(spec, data, OptimConfig(epochs=30), KnowledgeConfig(), 0).model
-    return {s: predict(model, data.split(s)[0], prepare=data.prepare) for s in ("train", "val", "test")}
+def cached_teacher(data: DataBundle) -> TeacherSignal:
+    """A CNN-1D teacher trained with CE in fp32, as its cached logits on every split."""
+    model = fit(ModelSpec(name="cnn1d"), data, OptimConfig(epochs=30), KnowledgeConfig(), 0).model
+    return TeacherSignal({s: predict(model, data.split(s)[0], prepare=data.prepare) for s in ("train", "val", "test")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("mnist1d", {"num_samples": 5000})
     mlp, optim = ModelSpec(name="mlp"), OptimConfig(epochs=40)
     paired("mlp ce", mlp, data, optim, KnowledgeConfig(), range(args.seeds))
-    paired("mlp kd (cnn1d)", mlp, data, optim, KD, range(args.seeds), teacher_logits(data))
+    paired("mlp kd (cnn1d)", mlp, data, optim, KD, range(args.seeds), cached_teacher(data))
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar(Path(tmp), "cifar10", n_train=2000, n_test=500)
         images = load_dataset("cifar10", {"data_root": tmp, "augment": True})

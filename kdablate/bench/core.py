@@ -1,4 +1,4 @@
-"""The benchmark's shared parts: interleaved timing, result rows, synthetic data, the table.
+"""The benchmark's shared parts: interleaved timing, result rows, synthetic data, the KD arm, the table.
 
 Every comparison runs its variants side by side in one process: a warm-up call
 each (not timed), then ``rounds`` rounds in which every variant runs once, in
@@ -16,7 +16,12 @@ from typing import Callable
 
 import torch
 
+from kdablate.config import KnowledgeConfig
 from kdablate.data import DataBundle
+from kdablate.data.bundle import batch_layout
+
+# The benchmark's KD arm (Hinton KD at T = 4, alpha = 0.9), as in ``studies/components.yaml``.
+KD = KnowledgeConfig(mass="teacher", structure="teacher", temperature=4.0, alpha=0.9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +96,7 @@ def synthetic(num_classes: int, shape: tuple[int, ...], n: int, uint8: bool = Fa
         stats = {"mean": (0.5,) * shape[0], "std": (0.25,) * shape[0]}
     else:
         x, stats = torch.randn(n, *shape, generator=g), {}
-    if len(shape) == 3:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = batch_layout(x)
     y = torch.randint(0, num_classes, (n,), generator=g)
     k = min(n, 64)
     return DataBundle(x, y, x[:k], y[:k], x[:k], y[:k], num_classes, augment=augment, **stats)

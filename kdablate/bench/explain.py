@@ -6,8 +6,10 @@ structure), plus the cheap saliency schedules (every n steps, a fraction of the
 batch). Each variant runs a whole number of ``CYCLE`` steps a round, so the
 schedules average right. The 'soft target, uniform' row is the KD loss alone,
 so an explanation's own overhead is the difference to it. Target: cam <= x1.10.
-ResNet-20 leaves out integrated gradients (tens of seconds a step on one core)
-and the fractional schedules.
+Sources are planned by their declared ``cost`` (``kdablate.attribution.Cost``) and run
+with their ``quick_params``, not by name: ResNet-20 leaves out the sources meant for
+offline use (``Cost.PER_CLASS_STEPS``, e.g. integrated gradients: tens of seconds a step
+on one core) and the fractional schedules.
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from typing import Callable
 
 import torch
 
+from kdablate.attribution import EXPLANATIONS, Cost
 from kdablate.bench.core import Row, Scale, interleave, median, ratio, synthetic
 from kdablate.bench.trainer import DEFAULT, RESNET, Setting, shape_of
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
-from kdablate.attribution import EXPLANATIONS
-from kdablate.trainer import Member, make_member, train_step
+from kdablate.trainer import Batch, EpochEnv, Member, make_member, train_step
 
 CYCLE = 4  # the longest 'every' schedule: every timed window is a whole number of cycles
 SCHEDULES = ((4, 1.0), (2, 1.0), (1, 0.25), (4, 0.5))
@@ -31,10 +33,11 @@ def variants(images: bool) -> dict[str, KnowledgeConfig]:
     il = dict(mass={"name": "constant", "eps": 0.2}, temperature=4.0, alpha=0.9)
     out = {"ce": KnowledgeConfig(), "soft target, uniform": KnowledgeConfig(structure="uniform", **il)}
     for source in EXPLANATIONS.names():
-        if images and source == "integrated_gradients":
+        plugin = EXPLANATIONS.get(source)
+        if images and plugin.cost is Cost.PER_CLASS_STEPS:
             continue
-        # 8 steps keeps integrated gradients short (it is meant for offline comparison, not training).
-        params = {"steps": 8} if source == "integrated_gradients" else {}
+        # quick_params keep a source meant for offline comparison short (e.g. 8 integration steps).
+        params = dict(plugin.quick_params)
         out[f"il {source}"] = KnowledgeConfig(
             structure={"name": "explanation", "source": source, "source_params": params}, **il)
     for every, fraction in SCHEDULES[:1] if images else SCHEDULES:
@@ -47,14 +50,13 @@ def steps_fn(member: Member, data: DataBundle, batch: int) -> Callable[..., None
     """``count`` training steps on successive batches, the step counter running on across calls
     (any CYCLE consecutive steps hold the same number of explained steps of every schedule)."""
     state = {"step": 0}
-    gen = torch.Generator().manual_seed(0)
+    env = EpochEnv(data.num_classes, 1, len(data.y_train) // batch, torch.Generator().manual_seed(0))
 
     def run(count: int = CYCLE) -> None:
         for _ in range(count):
             s = state["step"]
             i = (s * batch) % (len(data.y_train) - batch + 1)
-            train_step([member], data.x_train[i : i + batch], data.y_train[i : i + batch], s, data.num_classes,
-                       None, None, gen)
+            train_step([member], Batch(data.x_train[i : i + batch], data.y_train[i : i + batch]), s, env)
             state["step"] = s + 1
 
     return run

@@ -21,7 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdablate.bench.core import Row, Scale, interleave, median, ratio, synthetic
 from kdablate.bench.trainer import DEFAULT, RESNET, Setting, frozen_teacher, samples, shape_of, trainer_epoch
 from kdablate.config import KnowledgeConfig, OptimConfig
+from kdablate.data.bundle import batch_layout
 from kdablate.models import build_model
+from kdablate.models.factory import place_model
 from kdablate.trainer import Runtime, predict
 
 
@@ -39,12 +41,14 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
 
 
 def batch_for(setting: Setting, scale: Scale, channels_last: bool = True) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The setting's student and a (B, *shape) random batch with (B,) labels, in the trainer's
+    layout or, ``channels_last=False``, both left in the default (NCHW) one."""
     torch.manual_seed(0)
     shape = shape_of(setting, scale)
     model = build_model(setting.student, {}, shape, setting.num_classes)
     x, y = torch.randn(scale.batch, *shape), torch.randint(0, setting.num_classes, (scale.batch,))
-    if setting.images and channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        model, x = place_model(model, shape), batch_layout(x)
     return model, x, y
 
 

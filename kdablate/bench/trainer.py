@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdablate.bench.core import Row, Scale, interleave, median, ratio, synthetic
+from kdablate.bench.core import KD, Row, Scale, interleave, median, ratio, synthetic
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.models import build_model
-from kdablate.trainer import CPU, Runtime, make_member, seeded_generator, train_epoch
-
-KD = KnowledgeConfig(mass="teacher", structure="teacher", temperature=4.0, alpha=0.9)
+from kdablate.models.factory import place_model
+from kdablate.trainer import CPU, NO_TEACHER, Runtime, TeacherSignal, make_member, seeded_generator, train_epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +61,7 @@ def shape_of(setting: Setting, scale: Scale) -> tuple[int, ...]:
 def hand_loop(setting: Setting, data: DataBundle, optim: OptimConfig, steps: int) -> Callable[[], None]:
     """One epoch of the minimal hand-written loop (see the module docstring)."""
     torch.manual_seed(0)
-    model = build_model(setting.student, {}, data.input_shape, data.num_classes)
-    if setting.images:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(setting.student, {}, data.input_shape, data.num_classes), data.input_shape)
     opt = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
                           weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -84,22 +81,19 @@ def hand_loop(setting: Setting, data: DataBundle, optim: OptimConfig, steps: int
 
 
 def trainer_epoch(setting: Setting, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
-                  teacher: dict | None = None, teacher_model: nn.Module | None = None,
-                  runtime: Runtime = CPU) -> Callable[[], None]:
-    """One epoch of ``train_epoch`` as a cell runs it."""
+                  teacher: TeacherSignal = NO_TEACHER, runtime: Runtime = CPU) -> Callable[[], None]:
+    """One epoch of ``train_epoch`` as a cell runs it (always its first epoch, from step 0)."""
     steps = len(data.y_train) // optim.batch_size
     member = make_member(ModelSpec(name=setting.student), data, optim, knowledge, 0, steps, runtime)
     gens = (seeded_generator(0, 0), seeded_generator(0, 1), seeded_generator(0, 2))
-    online = teacher_model is not None
-    return lambda: train_epoch([member], data, optim.batch_size, gens, 0, teacher, teacher_model, online, runtime)
+    return lambda: train_epoch([member], data, optim.batch_size, gens, 1, 0, teacher, runtime)
 
 
 def frozen_teacher(setting: Setting, data: DataBundle) -> nn.Module:
+    """An untrained ``setting.teacher`` in eval mode without gradients, as a cell's online teacher."""
     torch.manual_seed(1)
     model = build_model(setting.teacher, {}, data.input_shape, data.num_classes)
-    if setting.images:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval().requires_grad_(False)
+    return place_model(model, data.input_shape).eval().requires_grad_(False)
 
 
 def pipeline_epoch(setting: Setting, scale: Scale, batch: int) -> Callable[[], None]:
@@ -123,11 +117,12 @@ def trainer_rows(setting: Setting, scale: Scale) -> tuple[list[Row], dict[str, f
     data = synthetic(setting.num_classes, shape_of(setting, scale), n)
     optim = OptimConfig(epochs=100, batch_size=b)
     cached = {"train": torch.randn(n, setting.num_classes, generator=torch.Generator().manual_seed(2))}
+    online = TeacherSignal(cached, frozen_teacher(setting, data), online=True)
     variants = {
         "hand": hand_loop(setting, data, optim, 100 * (n // b)),
         "ce": trainer_epoch(setting, data, optim, KnowledgeConfig()),
-        "kd cached": trainer_epoch(setting, data, optim, KD, cached),
-        "kd online": trainer_epoch(setting, data, optim, KD, cached, frozen_teacher(setting, data)),
+        "kd cached": trainer_epoch(setting, data, optim, KD, TeacherSignal(cached)),
+        "kd online": trainer_epoch(setting, data, optim, KD, online),
         "pipeline": pipeline_epoch(setting, scale, b),
     }
     times = interleave(variants, scale.image_rounds if setting.images else scale.rounds)

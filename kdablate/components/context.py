@@ -1,4 +1,5 @@
-"""What a knowledge component may read when it builds its part of a soft target."""
+"""What a knowledge component may read when it builds its part of a soft target: the step's
+``TargetContext``, the load-time ``Probe``, the ``Need`` flags, and the ``Component`` base."""
 from __future__ import annotations
 
 import abc
@@ -31,11 +32,10 @@ StateDict = dict[str, torch.Tensor | float | int | None]
 
 @dataclasses.dataclass
 class TargetContext:
-    """One training step's view for the components.
+    """One training step's view for the components, built by the trainer per member and step.
 
     labels: (B,) int64 ground truth.
     num_classes: K.
-    temperature: T, applied to any source logits before a component reads them.
     student_logits: (B, K) the model's own logits, detached (the 'self' source).
     teacher_logits: (B, K) a teacher's logits, or None when no teacher is loaded.
     generator: the cell's RNG for components, so random ones are reproducible per seed.
@@ -44,13 +44,17 @@ class TargetContext:
     models: 'self' and, when loaded, 'teacher' modules, for explanations.
     features: (B, C, *L) the student's last feature map from this step's forward, if captured.
     step: the global optimisation step (0-based).
+    epoch: the epoch this step belongs to (1-based, as the trainer counts them).
+    steps_per_epoch: optimisation steps in one epoch, so a component may schedule by epoch.
     class_groups: (K,) the superclass of each class, when the data has a hierarchy.
     target: (B, K) the soft target q, when the trainer precomputed it (see ``Component.static``).
+    temperature: T of the objective that reads this context, applied to any source logits
+        before a component reads them. The objective owns T and writes it here before its
+        components see the context (``kdablate.objectives.Objective``); the trainer never does.
     """
 
     labels: torch.Tensor
     num_classes: int
-    temperature: float
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
@@ -59,8 +63,11 @@ class TargetContext:
     models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     features: torch.Tensor | None = None
     step: int = 0
+    epoch: int = 1
+    steps_per_epoch: int = 1
     class_groups: torch.Tensor | None = None
     target: torch.Tensor | None = None
+    temperature: float | None = None
 
     def logits(self, source: str) -> torch.Tensor:
         """(B, K) logits of 'self', 'teacher' or 'peer'; a clear error if not loaded."""
@@ -70,8 +77,14 @@ class TargetContext:
         return out
 
     def probs(self, source: str) -> torch.Tensor:
-        """(B, K) softmax(logits(source) / T)."""
-        return torch.softmax(self.logits(source) / self.temperature, dim=1)
+        """(B, K) softmax(logits(source) / T), T the reading objective's temperature."""
+        return torch.softmax(self.logits(source) / self.require_temperature(), dim=1)
+
+    def require_temperature(self) -> float:
+        """T; an error if no objective has set it (a component called outside an objective)."""
+        if self.temperature is None:
+            raise RuntimeError("this component reads the temperature, which its objective sets; none has")
+        return self.temperature
 
 
 @dataclasses.dataclass(frozen=True)

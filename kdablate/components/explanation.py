@@ -26,7 +26,7 @@ from torch import nn
 
 from kdablate.components.context import Component, Need, Probe, StateDict, TargetContext
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
-from kdablate.attribution import EXPLANATIONS, Explanation
+from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation
 from kdablate.registry import ConfigError
 
 SIMILARITIES = ("cosine", "pearson", "neg_l2")
@@ -51,14 +51,14 @@ def structure_from_similarity(sim: torch.Tensor, labels: torch.Tensor, tau: floa
     return torch.softmax(masked, dim=1)
 
 
-def explain(model: nn.Module, source: Explanation, inputs: torch.Tensor, eval_mode: bool,
-            create_graph: bool, features: torch.Tensor | None = None) -> torch.Tensor:
+def explain(model: nn.Module, source: Explanation, inputs: torch.Tensor, *, eval_mode: bool,
+            ctx: AttributionContext) -> torch.Tensor:
     """(B, *shape) -> (B, K, *S) maps of ``model``, in eval mode if asked, mode restored after."""
     was_training = model.training
     if eval_mode:
         model.eval()
     try:
-        return source.attribute(model, inputs, create_graph=create_graph, features=features)
+        return source.attribute(model, inputs, ctx=ctx)
     finally:
         model.train(was_training)
 
@@ -135,8 +135,10 @@ class ExplanationStructure(Component):
         if model is None:  # a missing teacher is refused by the cell's needs
             return
         what = f"explanation '{self.params.source}' of the {who} model '{probe.names[who]}'"
+        # A generator of its own: a source that draws noise is checked without touching the cell's RNG.
+        probe_ctx = AttributionContext(generator=torch.Generator().manual_seed(0))
         try:
-            maps = explain(model, self.source, probe.inputs, eval_mode=True, create_graph=False)
+            maps = explain(model, self.source, probe.inputs, eval_mode=True, ctx=probe_ctx)
         except (ValueError, RuntimeError, AttributeError) as e:
             raise ConfigError(f"{what} fails: {e}") from None
         if maps[0, 0].numel() < 2:
@@ -153,8 +155,9 @@ class ExplanationStructure(Component):
         if model is None:
             raise RuntimeError(f"structure 'explanation' explains with '{self.params.explainer}', which is not loaded")
         features = ctx.features[:n] if self.reuse and ctx.features is not None else None
-        maps = explain(model, self.source, ctx.inputs[:n], eval_mode=not self.reuse,
-                       create_graph=self.params.differentiable, features=features)
+        source_ctx = AttributionContext(features=features, generator=ctx.generator,
+                                        create_graph=self.params.differentiable)
+        maps = explain(model, self.source, ctx.inputs[:n], eval_mode=not self.reuse, ctx=source_ctx)
         if not self.params.differentiable:
             maps = maps.detach()
         sim = explanation_similarity(maps, ctx.labels[:n], self.params.similarity)

@@ -78,7 +78,7 @@ class VirtualTeacherMass(Component):
                 raise ValueError(f"a must be in (0, 1), got {self.a}")
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return per_sample(ctx, virtual_teacher_mass(self.params.a, ctx.temperature, ctx.num_classes))
+        return per_sample(ctx, virtual_teacher_mass(self.params.a, ctx.require_temperature(), ctx.num_classes))
 
 
 class SourceMass(SourceComponent):

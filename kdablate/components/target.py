@@ -1,19 +1,13 @@
-"""Assemble q from mass and structure, and the soft-target distillation loss.
+"""The soft target's tensor math: assemble q from a mass and a structure, and the loss.
 
 Loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(q || softmax(student / T)),
-the Hinton et al. (2015) form, with q assembled from independent components.
+the Hinton et al. (2015) form, with q assembled from independent components. The
+class that owns T and alpha and calls these is ``kdablate.objectives.SoftTargetObjective``.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
-
 import torch
 import torch.nn.functional as F
-
-from kdablate.components.context import Need, Probe, TargetContext
-from kdablate.components.mass import MASSES
-from kdablate.components.structure import STRUCTURES
 
 
 def assemble_target(mass: torch.Tensor, structure: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,55 +94,3 @@ def ce_only_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str
     """
     ce = F.cross_entropy(student_logits, labels)
     return {"loss": ce, "loss_ce": ce.detach()}
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftTarget:
-    """The distiller of a cell: a mass and a structure plugin, T and alpha."""
-
-    mass: Any
-    structure: Any
-    temperature: float
-    alpha: float
-
-    @classmethod
-    def from_specs(
-        cls, mass: Mapping[str, Any], structure: Mapping[str, Any], temperature: float, alpha: float
-    ) -> "SoftTarget":
-        """mass / structure: {'name': ..., **params}, as in a study file."""
-        m = MASSES.build(mass["name"], {k: v for k, v in mass.items() if k != "name"})
-        s = STRUCTURES.build(structure["name"], {k: v for k, v in structure.items() if k != "name"})
-        return cls(m, s, temperature, alpha)
-
-    @property
-    def needs(self) -> Need:
-        """What this target reads (``Need``); nothing when alpha is 0."""
-        return Need.NONE if self.alpha == 0 else self.mass.needs | self.structure.needs
-
-    @property
-    def static(self) -> bool:
-        """q is a fixed function of each sample's label and cached teacher logits: the trainer
-        may build it for the whole train split at once and look it up per batch."""
-        return self.alpha != 0 and self.mass.static and self.structure.static and not self.structure.differentiable
-
-    def check(self, probe: Probe) -> None:
-        """Both components' load-time checks (``Component.check``)."""
-        if self.alpha != 0:
-            self.mass.check(probe)
-            self.structure.check(probe)
-
-    def target(self, ctx: TargetContext) -> torch.Tensor:
-        """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
-        is differentiable (then gradients flow through the explanations into the model)."""
-        with torch.set_grad_enabled(self.structure.differentiable and torch.is_grad_enabled()):
-            return assemble_target(self.mass(ctx), self.structure(ctx), ctx.labels)
-
-    def __call__(self, student_logits: torch.Tensor, ctx: TargetContext, alpha: float | None = None) -> dict[str, torch.Tensor]:
-        """alpha: overrides ``self.alpha`` for this step (warm-up ramps)."""
-        alpha = self.alpha if alpha is None else alpha
-        if self.alpha == 0:  # CE only: no source needs to be present, no target to build
-            return ce_only_loss(student_logits, ctx.labels)
-        q = self.target(ctx) if ctx.target is None else ctx.target
-        out = soft_target_loss(student_logits, ctx.labels, q, self.temperature, alpha)
-        out["target_mass"] = 1.0 - q.gather(1, ctx.labels[:, None]).mean()
-        return out

@@ -73,10 +73,7 @@ class DataBundle:
             x = (x - mean.view(shape)) / std.view(shape)
         if train and self.augment == "crop_flip":
             x = apply_crop_flip(x, views if views is not None else crop_flip_params(len(x), generator))
-        if x.dim() == 4:
-            # channels_last: measured +27-57% training throughput for convnets on this CPU.
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return batch_layout(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +88,13 @@ class DataShape:
     @classmethod
     def of(cls, data: DataBundle) -> "DataShape":
         return cls(data.input_shape, data.num_classes, len(data.y_train), data.class_groups is not None)
+
+
+def batch_layout(x: torch.Tensor) -> torch.Tensor:
+    """A batch in the layout the models use: (B, C, H, W) images channels_last (measured +27-57%
+    training throughput for convnets on this CPU; ``kdablate.models.factory.place_model`` puts image
+    models in it too), any other batch as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def crop_flip_params(b: int, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The model registry and its one factory.
+"""The model registry, its one factory, and where a built model is put.
 
 Every model maps (B, *input_shape) to (B, K) logits.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kdablate.registry import Registry
@@ -15,3 +16,13 @@ def build_model(name: str, params: dict, input_shape: tuple[int, ...], num_class
     """The model plugin ``name`` with ``params``, for inputs of ``input_shape``."""
     cls = MODELS.get(name)
     return cls(MODELS.params(name, params), input_shape, num_classes)
+
+
+def place_model(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> nn.Module:
+    """``model`` on ``device``, in the memory layout of its inputs: channels_last for images,
+    (C, H, W) inputs, whose batches ``kdablate.data.bundle.batch_layout`` lays out channels_last too
+    (a convolution whose weights and input disagree in layout converts one of them every call)."""
+    model = model.to(device)
+    if len(input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)
+    return model
