@@ -78,14 +78,26 @@ def add_study(p: argparse.ArgumentParser, subsets: bool = True) -> None:
                        help="only this seed; repeatable")
 
 
+def checkpoint_every(text: str) -> tuple[int, float]:
+    """'5' -> every 5 epochs, '60s' -> every 60 seconds, '0' -> never: (epochs, seconds)."""
+    try:
+        value = float(text[:-1]) if text.endswith("s") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is neither N (epochs) nor Ns (seconds), e.g. 1 or 60s") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is negative; use 0 for never")
+    return (0, float(value)) if text.endswith("s") else (int(value), 0.0)
+
+
 def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: the models are small)")
     run.add_argument("--workers", type=int, default=1, help="run cells in this many local processes (default 1)")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local processes, or Ray tasks on a cluster (--address; pip install -e '.[ray]')")
     run.add_argument("--address", help="Ray cluster address for --executor ray (e.g. auto, host:6379)")
-    run.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
-                     help="save each cell's state every so many epochs to resume after a crash (0: never)")
+    run.add_argument("--checkpoint-every", type=checkpoint_every, default="60s", metavar="N|Ns",
+                     help="save each cell's state to resume after a crash: every N epochs, or (default 60s) at "
+                          "the end of the first epoch N seconds after the last save; 0: never")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
@@ -173,7 +185,8 @@ def run(study: Study, args: argparse.Namespace) -> int:
         print(f"kdablate: error: {problem}", file=sys.stderr)
         return 2
     opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
-                      checkpoint_every=args.checkpoint_every, executor=args.executor, address=args.address,
+                      checkpoint_every=args.checkpoint_every[0], checkpoint_every_s=args.checkpoint_every[1],
+                      executor=args.executor, address=args.address,
                       progress=not args.no_progress, device=args.device, amp=args.amp)
     failed = run_study(study, opts)  # ConfigError (e.g. resuming under another precision): main says it
     if failed:

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from kdablate import tracking
+from kdablate import hardware, tracking
+from kdablate.compose import import_plugins
 from kdablate.components import Need
 from kdablate.config import CellConfig, flatten
 from kdablate.data import DataBundle, load_dataset
@@ -50,6 +51,9 @@ class RunOptions:
     progress: bool = True
     device: str = "auto"
     amp: str = "none"
+    checkpoint_every_s: float = 0.0  # > 0: checkpoint by time instead (the CLI's default, 60 s)
+    plugins: tuple[str, ...] = ()  # the study's plugin modules, imported in every worker too
+    plugin_dir: str = ""  # the study file's folder, where plugin modules may lie
     # teacher key -> why it cannot be used (it diverged or failed to train), found by
     # ensure_teachers before the cells fan out, so no worker trains it again.
     teacher_failures: tuple[tuple[str, str], ...] = ()
@@ -68,25 +72,14 @@ class CellOutcome:
     message: str
 
 
-def cpu_model() -> str:
-    """The CPU's model name (float results differ between CPU models within seed noise)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def provenance(threads: int, runtime: Runtime = Runtime()) -> dict[str, str]:
     """Tags that say where and how a run was made: bit-identical numbers need all of them equal."""
     device = runtime.device
     if device.startswith("cuda"):
         device += f" ({torch.cuda.get_device_name(torch.device(device))})"
     return {
-        "cpu_model": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": hardware.cpu_model(),
+        "cpu_capability": hardware.cpu_capability(),
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda or "none",
         "python_version": platform.python_version(),
@@ -141,7 +134,8 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     teacher = load_teacher(cell, data, opts, runtime)
     # The teacher, resolved once into what the trainer reads: cached logits, cached views or online.
     signal = None if teacher is None else teacher.signal(cell, data, runtime)
-    ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id}, key=cell.config_hash())
+    ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id}, key=cell.config_hash(),
+                      every_s=opts.checkpoint_every_s)
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed, teacher=signal, report=cell.report,
                  on_epoch=on_epoch, checkpoint=ckpt, runtime=runtime)
     for name, matrix in result.artifacts.items():
@@ -167,7 +161,7 @@ def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: Cell
     when the cell is finished or another process owns it."""
     # A truncated, corrupt or foreign checkpoint is deleted here, with a message: the cell restarts.
     saved, problem = (Checkpoint(checkpoint_path(cell, opts), key=cell.config_hash()).load_checked()
-                      if opts.checkpoint_every else (None, ""))
+                      if opts.checkpoint_every or opts.checkpoint_every_s else (None, ""))
 
     def create() -> str:
         cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
@@ -237,9 +231,11 @@ def cell_bar(cell: CellConfig, opts: RunOptions) -> Any:
     return tqdm(total=cell.optim.epochs, desc=f"  {cell.arm} s{cell.seed}", unit="ep", leave=False, disable=None)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, plugins: tuple[str, ...] = (), plugin_dir: str = "") -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    if plugins:  # a spawned worker or a Ray task starts without the study's own components
+        import_plugins(list(plugins), Path(plugin_dir or "."))
 
 
 def _run_sequential(cells: list[CellConfig], args: tuple, opts: RunOptions):
@@ -253,7 +249,7 @@ def _run_processes(cells: list[CellConfig], args: tuple, opts: RunOptions):
 
     # spawn, not fork: forking a process that already runs torch / OpenMP threads is unsafe.
     with cf.ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                initargs=(opts.threads,)) as pool:
+                                initargs=(opts.threads, opts.plugins, opts.plugin_dir)) as pool:
         futures = [pool.submit(run_cell, cell, *args, opts) for cell in cells]
         try:
             for future in cf.as_completed(futures):
@@ -278,7 +274,7 @@ def _run_ray(cells: list[CellConfig], args: tuple, opts: RunOptions):
 
 
 def _ray_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], opts: RunOptions) -> CellOutcome:
-    _init_worker(opts.threads)
+    _init_worker(opts.threads, opts.plugins, opts.plugin_dir)
     return run_cell(cell, exp_id, parent, tags, opts)
 
 
@@ -354,7 +350,10 @@ def check_folder(path: Path, what: str) -> None:
 
 def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     """Run every pending cell; returns the number of cells that FAILED."""
-    opts = resolve(opts)
+    opts = dataclasses.replace(resolve(opts), plugins=study.plugins, plugin_dir=str(study.path.parent.resolve()))
+    warning = hardware.amp_warning(opts.runtime().device, opts.amp)
+    if warning:
+        print(warning, flush=True)
     check_folder(Path(opts.cache_dir), "the cache (--cache-dir, KDABLATE_CACHE)")
     db = tracking.sqlite_path(opts.uri)
     if db is not None:
@@ -368,10 +367,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     pending = [c for c in study.cells if c.config_hash() not in done]
     print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(pending)} already finished, "
           f"{len(pending)} to run" + (f"; {len(reaped)} interrupted run(s) marked KILLED" if reaped else ""), flush=True)
-    tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads, opts.runtime())}
-    parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                {**tags, **tracking.owner_tags(), "kind": "study", "workers": str(opts.workers)})
-    client.log_artifact(parent, str(study.path))
+    parent, tags = start_parent(client, exp_id, study, opts)
     failed = 0
     try:
         opts = ensure_teachers(pending, opts)
@@ -383,6 +379,20 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     tracking.log_metrics(client, parent, {"study/cells": len(study.cells), "study/failed": failed}, 0)
     tracking.terminate(client, parent, "FAILED" if failed else "FINISHED")
     return failed
+
+
+def start_parent(client: tracking.MlflowClient, exp_id: str, study: Study, opts: RunOptions) -> tuple[str, dict[str, str]]:
+    """The invocation's parent run, with the study file, its command-line overrides and subset
+    recorded; returns (its id, the tags every cell run shares)."""
+    tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads, opts.runtime())}
+    extra = {"kind": "study", "workers": str(opts.workers), "cells_selected": str(len(study.cells)),
+             "overrides": " ".join(study.overrides) or "none", "plugins": ",".join(study.plugins) or "none"}
+    parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                {**tags, **tracking.owner_tags(), **extra})
+    client.log_artifact(parent, str(study.path))
+    if study.overrides:  # the study as run: the file plus its overrides, resolved
+        client.log_dict(parent, study.config.model_dump(mode="json"), "study_resolved.json")
+    return parent, tags
 
 
 def report_progress(outcomes, total: int, name: str, opts: RunOptions) -> int:

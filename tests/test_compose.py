@@ -171,3 +171,37 @@ def test_cli_version_and_help_name_the_environment(capsys):
         assert p.description, name
         for action in p._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_a_plugin_component_runs_in_spawned_workers_and_overrides_are_recorded(tmp_path):
+    """The CLI with 2 worker processes: each spawned worker imports the study's plugins, and the
+    parent run records the overrides and the resolved study."""
+    import os
+    import subprocess
+    import sys
+
+    from kdablate import tracking
+
+    name = "test_compose_worker_mine"
+    (tmp_path / "wlab_plugin.py").write_text(PLUGIN.format(name=name))
+    (tmp_path / "w.yaml").write_text(f"""
+plugins: [wlab_plugin]
+base:
+  data: {{name: mnist1d, num_samples: 500}}
+  student: {{name: mlp, hidden: 16, depth: 1}}
+  optim: {{epochs: 3, batch_size: 64}}
+seeds: [0, 1]
+arms: [{{name: mine, mass: {{name: constant, eps: 0.1}}, structure: {name}, alpha: 1.0}}]
+""")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    out = subprocess.run([sys.executable, "-m", "kdablate.cli", "run", "w.yaml", "optim.epochs=1", "--workers", "2",
+                          "--no-progress", "--cache-dir", str(tmp_path / "cache")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name("w").experiment_id
+    cells = tracking.search_cells(client, exp, "FINISHED")
+    assert len(cells) == 2 and {r.data.params["optim.epochs"] for r in cells} == {"1"}
+    parent = client.search_runs([exp], "tags.kind = 'study'")[0]
+    assert parent.data.tags["overrides"] == "optim.epochs=1" and parent.data.tags["plugins"] == "wlab_plugin"

@@ -50,7 +50,8 @@ def runs_by_status(study_name: str) -> dict[str, list]:
 def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store, tmp_path):
     path = write_study(tmp_path, epochs=25)
     study = load_study(path)
-    proc = subprocess.Popen([sys.executable, "-m", "kdablate.cli", "run", str(path), "--no-progress"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "kdablate.cli", "run", str(path), "--no-progress",
+                             "--checkpoint-every", "1"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client, deadline = tracking.client(), time.time() + 120
     while time.time() < deadline:  # kill once two cells finished and a third is mid-way
@@ -67,7 +68,7 @@ def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store
     proc.wait()
     before = runs_by_status("engine")
     assert before.get("RUNNING"), "the kill should have caught a cell mid-way"
-    rerun = cli("run", str(path), "--no-progress", cwd=tmp_path)
+    rerun = cli("run", str(path), "--no-progress", "--checkpoint-every", "1", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert "interrupted run(s) marked KILLED" in rerun.stdout and "(resumed after epoch" in rerun.stdout
     after = runs_by_status("engine")

@@ -204,4 +204,8 @@ def test_teacher_metrics_and_provenance_are_logged_and_precision_cannot_mix(mlfl
         run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False, amp="bf16"))
     out = cli("run", str(path), "--amp", "bf16", "--no-progress", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "keep the precisions apart" in out.stderr
+    from kdablate.hardware import cpu_flags
+
+    # Before anything else, bf16 on a CPU without AMX is announced as likely slower.
+    assert ("warning: --amp bf16 on this CPU" in out.stdout) == ("amx_bf16" not in cpu_flags())
     assert run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 0

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start(workdir: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kdablate.cli", "run", "smoke", "--no-progress"], cwd=workdir,
+    return subprocess.Popen([sys.executable, "-m", "kdablate.cli", "run", "smoke", "--no-progress",
+                             "--checkpoint-every", "1"], cwd=workdir,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -71,7 +72,8 @@ def trial(workdir: Path, during_creation: bool, delay: float) -> tuple[str, list
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns.db'}",
            "KDABLATE_CACHE": str(workdir / "cache"), "PYTHONPATH": str(ROOT)}
     when = kill_when(start(workdir, env), workdir, during_creation, delay)
-    rerun = subprocess.run([sys.executable, "-m", "kdablate.cli", "run", "smoke", "--no-progress"], cwd=workdir,
+    rerun = subprocess.run([sys.executable, "-m", "kdablate.cli", "run", "smoke", "--no-progress",
+                             "--checkpoint-every", "1"], cwd=workdir,
                            env=env, capture_output=True, text=True)
     problems = [] if rerun.returncode == 0 else [f"rerun exit {rerun.returncode}: {rerun.stderr.strip()[-300:]}"]
     return when, problems + check_store(workdir, env)
