@@ -7,3 +7,10 @@ study grid runs through one trainer, logged to MLflow.
 """
 
 __version__ = "0.1.0"
+
+
+def load_student(run_id: str, uri: str | None = None, device: str = "cpu"):  # noqa: ANN201 - nn.Module
+    """The student a run saved with ``save_model: true``, in eval mode (see ``kdablate.saved``)."""
+    from kdablate.saved import load_student as load  # imported on use: ``import kdablate`` stays free
+
+    return load(run_id, uri, device)

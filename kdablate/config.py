@@ -163,6 +163,8 @@ class CellConfig(Frozen):
     teacher: TeacherConfig | None = TeacherConfig()
     knowledge: KnowledgeConfig = KnowledgeConfig()
     report: Literal["last", "best_val"] = "best_val"
+    # Log the reported student's weights (kdablate.saved); what is kept, not what is trained.
+    save_model: bool = False
 
     def config_hash(self) -> str:
         """Hash of what differs from the defaults (see ``canonical``), so upgrading kdablate with a
@@ -171,6 +173,7 @@ class CellConfig(Frozen):
         # The gate decides whether a cell may run, not what it computes: changing it must not
         # retrain finished cells.
         fields.get("teacher", {}).pop("min_accuracy", None)
+        fields.pop("save_model", None)  # likewise: keeping the weights changes no number
         return stable_hash({"schema": HASH_SCHEMA, **fields})
 
     def teacher_seed(self) -> int:

@@ -31,6 +31,7 @@ from kdablate.components import Need
 from kdablate.config import CellConfig, flatten
 from kdablate.data import DataBundle, load_dataset
 from kdablate.registry import ConfigError
+from kdablate.saved import save_student
 from kdablate.storage import Checkpoint
 from kdablate.study import Study
 from kdablate.teacher import Teacher, get_teacher
@@ -142,6 +143,8 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     for split, bins in result.calibration.items():
         client.log_text(run_id, json.dumps(bins), f"calibration/{split}.json")
+    if cell.save_model:
+        save_student(client, run_id, cell, result.model, data.input_shape, data.num_classes)
     final = dict(result.metrics)
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})
