@@ -55,6 +55,7 @@ class RunOptions:
     checkpoint_every_s: float = 0.0  # > 0: checkpoint by time instead (the CLI's default, 60 s)
     plugins: tuple[str, ...] = ()  # the study's plugin modules, imported in every worker too
     plugin_dir: str = ""  # the study file's folder, where plugin modules may lie
+    roles: tuple[tuple[str, str], ...] = ()  # arm -> 'baseline' / 'reference' (the rest: 'arm'), a run tag
     # teacher key -> why it cannot be used (it diverged or failed to train), found by
     # ensure_teachers before the cells fan out, so no worker trains it again.
     teacher_failures: tuple[tuple[str, str], ...] = ()
@@ -132,6 +133,7 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     data = load_dataset(cell.data.name, cell.data.params)
     if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
         data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
+    tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
     teacher = load_teacher(cell, data, opts, runtime)
     # The teacher, resolved once into what the trainer reads: cached logits, cached views or online.
     signal = None if teacher is None else teacher.signal(cell, data, runtime)
@@ -157,6 +159,31 @@ def checkpoint_path(cell: CellConfig, opts: RunOptions) -> Path:
     return Path(opts.cache_dir) / "checkpoints" / f"{cell.config_hash()}.pt"
 
 
+def factor_tags(cell: CellConfig) -> dict[str, str]:
+    """Short tags of the factors an ablation crosses, 'n/a' where the arm does not use one (CE reads
+    no mass, structure or T; DKD no mass or structure), so one search selects arms to compare."""
+    k = cell.knowledge
+    target = k.objective.name == "soft_target" and k.alpha > 0
+    uses_t = k.alpha > 0
+    params = {**k.structure.params, **k.structure.params.get("base_params", {})}
+    source = params.get("source", "saliency") if "explanation" in (k.structure.name, params.get("base")) else "n/a"
+    return {"objective": k.objective.name, "mass": k.mass.name if target else "n/a",
+            "structure": k.structure.name if target else "n/a", "T": f"{k.temperature:g}" if uses_t else "n/a",
+            "alpha": f"{k.alpha:g}", "source": source if target else "n/a"}
+
+
+def describe(cell: CellConfig) -> str:
+    """The arm's definition in a line, for the run's description in the MLflow UI."""
+    k = cell.knowledge
+    def label(spec: Any) -> str:
+        return spec.name + (f"({', '.join(f'{a}={b}' for a, b in spec.params.items())})" if spec.params else "")
+
+    parts = [f"objective {label(k.objective)}", f"mass {label(k.mass)}", f"structure {label(k.structure)}",
+             f"T {k.temperature:g}", f"alpha {k.alpha:g}"]
+    return (f"Arm `{cell.arm}`, seed {cell.seed}: " + ", ".join(parts) + f"; student {cell.student.name}, "
+            f"data {cell.data.name}; config hash {cell.config_hash()} (full config: config.json).")
+
+
 def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: CellConfig, opts: RunOptions,
              tags: dict[str, str]) -> tuple[str | None, int, str]:
     """Claim the cell (see ``tracking.claim_cell``): the run its checkpoint names, reopened, else a
@@ -168,8 +195,9 @@ def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: Cell
 
     def create() -> str:
         cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
-                     "config_hash": cell.config_hash()}
-        return tracking.start_run(client, exp_id, f"{cell.arm}/s{cell.seed}", cell_tags, parent)
+                     "config_hash": cell.config_hash(), **factor_tags(cell),
+                     "role": dict(opts.roles).get(cell.arm, "arm"), "mlflow.note.content": describe(cell)}
+        return tracking.start_run(client, exp_id, f"{cell.arm}/seed{cell.seed}", cell_tags, parent)
 
     run_id, resumed, why = tracking.claim_cell(client, exp_id, opts.uri or tracking.tracking_uri(),
                                                cell.config_hash(), saved["meta"].get("run_id") if saved else None,
@@ -353,7 +381,8 @@ def check_folder(path: Path, what: str) -> None:
 
 def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     """Run every pending cell; returns the number of cells that FAILED."""
-    opts = dataclasses.replace(resolve(opts), plugins=study.plugins, plugin_dir=str(study.path.parent.resolve()))
+    opts = dataclasses.replace(resolve(opts), plugins=study.plugins, plugin_dir=str(study.path.parent.resolve()),
+                               roles=roles(study))
     warning = hardware.amp_warning(opts.runtime().device, opts.amp)
     if warning:
         print(warning, flush=True)
@@ -363,7 +392,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
         check_folder(db.parent, "the MLflow store's folder (MLFLOW_TRACKING_URI)")
     _init_worker(opts.threads)
     client = tracking.client(opts.uri)
-    exp_id = tracking.experiment_id(client, study.name)
+    exp_id = tracking.experiment_id(client, study.name, study.config.description)
     check_precision(client, exp_id, study, opts.runtime())
     reaped = tracking.reap_stale(client, exp_id)
     done = tracking.finished_hashes(client, exp_id)
@@ -381,7 +410,17 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
         raise
     tracking.log_metrics(client, parent, {"study/cells": len(study.cells), "study/failed": failed}, 0)
     tracking.terminate(client, parent, "FAILED" if failed else "FINISHED")
+    print(f"runs: {tracking.runs_link(exp_id)} (after 'kdablate ui {study.name}')", flush=True)
     return failed
+
+
+def roles(study: Study) -> tuple[tuple[str, str], ...]:
+    """arm -> 'baseline' or 'reference', from the study's analysis section."""
+    a = study.config.analysis
+    out = {arm: "reference" for arm in a.reference}
+    if a.baseline:
+        out[a.baseline] = "baseline"
+    return tuple(out.items())
 
 
 def start_parent(client: tracking.MlflowClient, exp_id: str, study: Study, opts: RunOptions) -> tuple[str, dict[str, str]]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
+import json
 import os
 import platform
 import sqlite3
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kdablate.registry import ConfigError
@@ -127,16 +129,45 @@ def _create_store(db: Path) -> None:
     os.replace(tmp, db)  # atomic: readers see no store or a whole one
 
 
-def experiment_id(c: MlflowClient, name: str) -> str:
-    """The experiment ``name``, created if missing (artifacts beside a local SQLite store)."""
+def experiment_id(c: MlflowClient, name: str, description: str = "") -> str:
+    """The experiment ``name``, created if missing (artifacts beside a local SQLite store), with
+    ``description`` as its note (what the MLflow UI shows on the experiment's page)."""
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    uri = c._tracking_client.tracking_uri
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    if exp is None:
+        uri = c._tracking_client.tracking_uri
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
+        exp_id = c.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    if description and (exp is None or exp.tags.get("mlflow.note.content") != description):
+        c.set_experiment_tag(exp_id, "mlflow.note.content", description)
+    return exp_id
+
+
+def runs_link(exp_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI's runs table of an experiment (the experiment's own page opens elsewhere)."""
+    return f"http://{host}:{port}/#/experiments/{exp_id}/runs"
+
+
+def standard_tags(tags: dict[str, str]) -> dict[str, str]:
+    """MLflow's own tags that fill the UI's User and Source columns."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    out = {"mlflow.user": user, "mlflow.source.name": "kdablate", "mlflow.source.type": "LOCAL"}
+    if tags.get("git_commit", "unknown") != "unknown":
+        out["mlflow.source.git.commit"] = tags["git_commit"]
+    return out
+
+
+@retry_locked
+def log_dataset(c: MlflowClient, run_id: str, name: str, digest: str, source: dict[str, Any]) -> None:
+    """The run's training data as an MLflow dataset input (the UI's Dataset column)."""
+    dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps(source, default=str))
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
@@ -171,6 +202,7 @@ def finished_hashes(c: MlflowClient, exp_id: str) -> dict[str, str]:
 
 @retry_locked
 def start_run(c: MlflowClient, exp_id: str, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+    tags = {**standard_tags(tags), **tags}
     if parent is not None:
         tags = {**tags, "mlflow.parentRunId": parent}
     return c.create_run(exp_id, run_name=name, tags=tags).info.run_id

@@ -1,0 +1,34 @@
+"""What a study leaves in MLflow for the UI: the experiment's description, run names and
+descriptions, factor and role tags, MLflow's standard tags and the dataset input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdablate import tracking
+from kdablate.runner import RunOptions, run_study
+from kdablate.study import load_study
+
+SMOKE = Path(__file__).resolve().parents[1] / "studies" / "smoke.yaml"
+
+
+def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
+    study = load_study(SMOKE, ["optim.epochs=1", "teacher.optim.epochs=1", "teacher.min_accuracy=0.0"],
+                       arms=["ce", "teacher+teacher"], seeds=[0])
+    assert run_study(study, RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 0
+    client = tracking.client()
+    exp = client.get_experiment_by_name("smoke")
+    assert exp.tags["mlflow.note.content"] == study.config.description
+    assert f"#/experiments/{exp.experiment_id}/runs" in capsys.readouterr().out
+    runs = {r.info.run_name: r for r in tracking.search_cells(client, exp.experiment_id, "FINISHED")}
+    assert set(runs) == {"ce/seed0", "teacher+teacher/seed0"}
+    ce, kd = runs["ce/seed0"].data.tags, runs["teacher+teacher/seed0"].data.tags
+    assert ce["role"] == "baseline" and kd["role"] == "reference"
+    assert (ce["mass"], ce["structure"], ce["T"], ce["alpha"]) == ("n/a", "n/a", "n/a", "0")
+    assert (kd["mass"], kd["structure"], kd["T"], kd["alpha"]) == ("teacher", "teacher", "4", "0.9")
+    assert ce["mlflow.note.content"].startswith("Arm `ce`, seed 0:")
+    assert ce["mlflow.source.name"] == "kdablate" and ce["mlflow.user"]
+    inputs = client.get_run(runs["ce/seed0"].info.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["mnist1d"] and len(inputs[0].dataset.digest) > 8
+    # Tagged arms are one search away in the UI (tags.role / tags.mass are plain equality filters).
+    found = client.search_runs([exp.experiment_id], "tags.role = 'baseline'")
+    assert [r.info.run_name for r in found] == ["ce/seed0"]
