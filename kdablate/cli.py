@@ -95,6 +95,8 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local processes, or Ray tasks on a cluster (--address; pip install -e '.[ray]')")
     run.add_argument("--address", help="Ray cluster address for --executor ray (e.g. auto, host:6379)")
+    run.add_argument("--gpus-per-cell", type=float, default=0.25, metavar="F",
+                     help="with --executor ray on CUDA: the fraction of a GPU each cell requests (default 0.25)")
     run.add_argument("--checkpoint-every", type=checkpoint_every, default="60s", metavar="N|Ns",
                      help="save each cell's state to resume after a crash: every N epochs, or (default 60s) at "
                           "the end of the first epoch N seconds after the last save; 0: never")
@@ -186,7 +188,7 @@ def run(study: Study, args: argparse.Namespace) -> int:
         return 2
     opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
                       checkpoint_every=args.checkpoint_every[0], checkpoint_every_s=args.checkpoint_every[1],
-                      executor=args.executor, address=args.address,
+                      executor=args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,
                       progress=not args.no_progress, device=args.device, amp=args.amp)
     failed = run_study(study, opts)  # ConfigError (e.g. resuming under another precision): main says it
     if failed:

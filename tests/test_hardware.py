@@ -19,3 +19,22 @@ def test_bf16_with_amx_on_a_gpu_or_in_fp32_does_not_warn():
 def test_this_machine_is_described():
     assert hardware.cpu_model() and hardware.cpu_capability()
     assert isinstance(hardware.cpu_flags(), frozenset)
+
+
+def test_cells_are_placed_round_robin_on_several_gpus():
+    from kdablate.runner import placements
+
+    assert placements(5, "cuda", 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert placements(3, "cuda", 1) == ["cuda"] * 3  # one GPU: N workers share it
+    assert placements(2, "cuda:1", 4) == ["cuda:1"] * 2  # an explicit index is kept
+    assert placements(2, "cpu", 4) == ["cpu"] * 2
+
+
+def test_ray_tasks_request_a_fraction_of_a_gpu_only_on_cuda(monkeypatch):
+    import torch
+
+    from kdablate.runner import RunOptions, ray_resources
+
+    assert ray_resources(RunOptions(device="cpu", threads=2)) == {"num_cpus": 2, "num_gpus": 0.0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ray_resources(RunOptions(device="auto", gpus_per_cell=0.5)) == {"num_cpus": 1, "num_gpus": 0.5}
