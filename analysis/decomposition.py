@@ -1,5 +1,6 @@
 """The numbers behind the figures: per-arm summaries, comparisons against reference arms, and
-the mass x structure factorial decomposition (main effects and interaction), all paired by seed.
+the factorial decomposition of any two factors (mass x structure by default; main effects and
+interaction), all paired by seed.
 
 Pure functions of the frames of ``analysis.runs``; nothing here reads MLflow or draws.
 The factorial follows the paper's question (Gu, Wu & Tresp, ACCV 2020): how much
@@ -49,56 +50,86 @@ def against(cells: pd.DataFrame, order: list[str], reference: str, metric: str) 
     return compare(cells, [(a, reference) for a in order if a != reference], metric)
 
 
-def factorial_cells(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The largest complete mass x structure crossing (>= 2 x 2) among soft-target arms that
-    share (T, alpha), one arm per (mass, structure) cell; and the arms of that (T, alpha)
-    left out of it (a second arm on a cell already taken, e.g. an explanation schedule
-    variant, or a level not crossed with every mass). Empty when the study has none.
+# The factors a study may cross (analysis.factorial), as columns of the cells frame. The
+# explanation source is part of the structure's label, so crossing it frees the structure.
+FACTORS = ("mass", "structure", "temperature", "alpha", "source", "objective")
+DEFAULT_FACTORS = ("mass", "structure")
+
+
+def held_constant(factors: tuple[str, str]) -> list[str]:
+    """The factors a crossing of ``factors`` keeps fixed (the arms compared share them)."""
+    free = set(factors) | ({"structure"} if "source" in factors else set())
+    return [f for f in ("temperature", "alpha", "mass", "structure") if f not in free]
+
+
+def largest_crossing(group: pd.DataFrame, f1: str, f2: str) -> pd.DataFrame:
+    """The largest complete f1 x f2 crossing (>= 2 x 2) within ``group``, levels in study order."""
+    firsts = group.drop_duplicates([f1, f2])  # the first arm on each cell
+    group = group[group.arm.isin(firsts.arm)]
+    levels = list(dict.fromkeys(group[f1]))
+    has = {lv: set(group[f2][group[f1] == lv]) for lv in levels}
+    best, size = group.iloc[:0], 0
+    for r in range(2, len(levels) + 1):
+        for subset in itertools.combinations(levels, r):
+            seconds = set.intersection(*(has[lv] for lv in subset))
+            if len(seconds) >= 2 and r * len(seconds) > size:
+                best, size = group[group[f1].isin(subset) & group[f2].isin(seconds)], r * len(seconds)
+    return best
+
+
+def factorial_cells(cells: pd.DataFrame, factors: tuple[str, str] = DEFAULT_FACTORS) -> tuple[pd.DataFrame, list[str]]:
+    """The largest complete ``factors[0]`` x ``factors[1]`` crossing (>= 2 x 2) among soft-target
+    arms that share every other factor (``held_constant``), one arm per cell; and the arms of that
+    setting left out of it (a second arm on a cell already taken, e.g. an explanation schedule
+    variant, or a level not crossed with every other). Empty when the study has none.
 
     ``cells`` must be in study order: the first arm on a cell keeps it, and the levels
     keep the order in which the study's arms introduce them.
     """
+    f1, f2 = factors
     kd = cells[(cells.alpha > 0) & ~cells.mass.isin(["none", "—"])]
-    best, size, left_out = kd.iloc[:0], 0, []
-    for _, group in kd.groupby(["temperature", "alpha"], sort=False):
-        firsts = group.drop_duplicates(["mass", "structure"])  # the first arm on each cell
-        group = group[group.arm.isin(firsts.arm)]
-        masses = list(dict.fromkeys(group.mass))
-        has = {m: set(group.structure[group.mass == m]) for m in masses}
-        for r in range(2, len(masses) + 1):
-            for subset in itertools.combinations(masses, r):
-                structs = set.intersection(*(has[m] for m in subset))
-                if len(structs) >= 2 and r * len(structs) > size:
-                    best = group[group.mass.isin(subset) & group.structure.isin(structs)]
-                    size = r * len(structs)
-                    everyone = kd[(kd.temperature == best.temperature.iat[0]) & (kd.alpha == best.alpha.iat[0])]
-                    left_out = [a for a in dict.fromkeys(everyone.arm) if a not in set(best.arm)]
+    best, left_out = kd.iloc[:0], []
+    held = held_constant(factors)
+    for _, group in kd.groupby(held, sort=False) if held else [(None, kd)]:
+        found = largest_crossing(group, f1, f2)
+        if len(found.drop_duplicates([f1, f2])) > len(best.drop_duplicates([f1, f2])):
+            best = found
+            same = (kd[held] == best[held].iloc[0]).all(axis=1) if held else kd.alpha > 0
+            left_out = [a for a in dict.fromkeys(kd[same].arm) if a not in set(best.arm)]
     return best, left_out
 
 
-def factorial(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Main effects and interactions of the mass x structure grid, paired by seed.
+def factorial(cells: pd.DataFrame, metric: str, factors: tuple[str, str] = DEFAULT_FACTORS) -> pd.DataFrame:
+    """Main effects and interactions of a two-factor crossing (mass x structure by default;
+    any two of ``FACTORS``, e.g. temperature x structure), paired by seed.
 
     Levels keep the study's order (e.g. structure uniform, permuted, teacher), and each
     contrast is a level minus the previous one. A main effect averages the contrast
     over the other factor's levels; an interaction is the difference of differences
-    (mass contrast under one structure contrast), i.e. how much what one factor adds
-    depends on the other. Rows: kind, effect, statistics of ``one_sample``, Holm p over
-    all rows.
+    (a contrast of one factor under a contrast of the other), i.e. how much what one
+    factor adds depends on the other. Rows: kind, effect, statistics of ``one_sample``,
+    Holm p over all rows.
     """
-    grid, _ = factorial_cells(cells)
+    grid, _ = factorial_cells(cells, factors)
     if grid.empty:
         return pd.DataFrame()
-    table = grid.pivot_table(index="seed", columns=["mass", "structure"], values=metric)
-    masses, structs = list(dict.fromkeys(grid.mass)), list(dict.fromkeys(grid.structure))
+    f1, f2 = factors
+    table = grid.pivot_table(index="seed", columns=[f1, f2], values=metric)
+    first, second = list(dict.fromkeys(grid[f1])), list(dict.fromkeys(grid[f2]))
     rows = []
-    for factor, levels, others in (("mass", masses, structs), ("structure", structs, masses)):
+    for factor, levels, others in ((f1, first, second), (f2, second, first)):
         for lo, hi in zip(levels, levels[1:]):
-            cell = (lambda lvl, o: (lvl, o)) if factor == "mass" else (lambda lvl, o: (o, lvl))
+            cell = (lambda lvl, o: (lvl, o)) if factor == f1 else (lambda lvl, o: (o, lvl))
             diff = sum(table[cell(hi, o)] - table[cell(lo, o)] for o in others) / len(others)
-            rows.append({"kind": "main", "effect": f"{factor}: {hi} − {lo}", **one_sample(diff.dropna().to_dict())})
-    for (m0, m1), (s0, s1) in itertools.product(zip(masses, masses[1:]), zip(structs, structs[1:])):
-        dd = (table[(m1, s1)] - table[(m1, s0)]) - (table[(m0, s1)] - table[(m0, s0)])
-        rows.append({"kind": "interaction", "effect": f"({m1} − {m0}) × ({s1} − {s0})",
+            rows.append({"kind": "main", "effect": f"{factor}: {label(hi)} − {label(lo)}",
+                         **one_sample(diff.dropna().to_dict())})
+    for (a0, a1), (b0, b1) in itertools.product(zip(first, first[1:]), zip(second, second[1:])):
+        dd = (table[(a1, b1)] - table[(a1, b0)]) - (table[(a0, b1)] - table[(a0, b0)])
+        rows.append({"kind": "interaction", "effect": f"({label(a1)} − {label(a0)}) × ({label(b1)} − {label(b0)})",
                      **one_sample(dd.dropna().to_dict())})
     return holm_family(pd.DataFrame(rows))
+
+
+def label(level: object) -> str:
+    """A level as effects read: 4.0 -> '4', 'teacher' -> 'teacher'."""
+    return f"{level:g}" if isinstance(level, float) else str(level)

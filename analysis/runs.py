@@ -112,6 +112,8 @@ def cell_row(run: Any) -> dict[str, Any]:
     return {"arm": run.data.tags["arm"], "seed": int(run.data.tags["seed"]), "run_id": run.info.run_id,
             "family": family(run.data.tags["arm"]), "mass": mass, "structure": structure,
             "temperature": params.get("knowledge.temperature"), "alpha": params.get("knowledge.alpha"),
+            "source": params.get("knowledge.structure.source") or "n/a",
+            "objective": params.get("knowledge.objective.name", "soft_target"),
             "report": params.get("report", "unknown"), **run.data.metrics,
             **{f"param:{k}": v for k, v in params.items()},
             **{f"tag:{k}": run.data.tags.get(k, UNKNOWN) for k in PROVENANCE}}

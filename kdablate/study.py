@@ -191,10 +191,24 @@ class AnalysisConfig(Frozen):
 
     baseline: str | None = None
     reference: list[str] = Field(default_factory=list)
-    factorial: bool = False
+    # true: mass x structure; or the two factors to cross, from FACTORS
+    factorial: bool | list[Literal["mass", "structure", "temperature", "alpha", "source", "objective"]] = False
     extra_metrics: list[str] = Field(default_factory=list)
     heatmaps: list[str] = Field(default_factory=list)
     pairs: list[tuple[str, str]] = Field(default_factory=list)
+
+    @field_validator("factorial")
+    @classmethod
+    def _two_factors(cls, v: bool | list[str]) -> bool | list[str]:
+        if isinstance(v, list) and (len(v) != 2 or v[0] == v[1]):
+            raise ValueError(f"factorial crosses two different factors, e.g. [temperature, structure]; got {v}")
+        return v
+
+    def factors(self) -> tuple[str, str] | None:
+        """The two factors the report crosses, or None."""
+        if self.factorial is True:
+            return ("mass", "structure")
+        return tuple(self.factorial) if self.factorial else None
 
 
 class StudyConfig(Frozen):
