@@ -2,13 +2,18 @@
 
 similarity/: K x K matrices, row y averaging the structure over training samples of
 class y (``kdablate.trainer.epoch_summary``): the model's own explanations, the
-teacher's soft targets and, where the data has a class hierarchy, the oracle.
+teacher's soft targets and, where the data has a class hierarchy, the oracle. Every arm
+also has the reported student's own matrix (``similarity_student``: its non-ground-truth
+probabilities at T = 1 on validation, ``kdablate.trainer.student_similarities``) and, with a
+teacher, the teacher's read the same way (``similarity_teacher_t1``).
 calibration/: per-split reliability bins of the reported model
 (``kdablate.metrics.reliability``), pooled over seeds by adding them.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +22,7 @@ import torch
 from analysis import plots
 from analysis.document import Report
 from analysis.runs import StudyRuns, json_artifacts
+from analysis.stats import pm
 from kdablate.metrics import ece_from_bins, offdiagonal, spearman
 
 
@@ -25,7 +31,8 @@ def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd
     Spearman correlations of their off-diagonal entries, pairwise."""
     mats: dict[str, np.ndarray] = {}
     for arm in runs.study.config.analysis.heatmaps:
-        found = [files for _, files in json_artifacts(runs, arm, "similarity")]
+        # Every arm now logs similarity/ (its student's own matrix): keep the runs that explain.
+        found = [files for _, files in json_artifacts(runs, arm, "similarity") if "similarity_explanation" in files]
         if not found:
             continue
         mats[arm] = np.mean([f["similarity_explanation"] for f in found], 0)
@@ -43,6 +50,14 @@ def similarity_panels(runs: StudyRuns) -> tuple[list[tuple[str, np.ndarray]], pd
 
 
 def similarity_figure(rep: Report, runs: StudyRuns) -> None:
+    """The class-similarity figures: the explanation arms' (``explanation_similarity_figure``),
+    then every arm's student's own (``student_similarity_figure``, ``student_similarity_table``)."""
+    explanation_similarity_figure(rep, runs)
+    student_similarity_figure(rep, runs)
+    student_similarity_table(rep, runs)
+
+
+def explanation_similarity_figure(rep: Report, runs: StudyRuns) -> None:
     """Heatmaps of the seed-mean similarity matrices, or a note saying what is missing."""
     panels, rho = similarity_panels(runs)
     if not panels:
@@ -61,6 +76,98 @@ def similarity_figure(rep: Report, runs: StudyRuns) -> None:
                "teacher soft targets, the oracle hierarchy where the data has one, and each arm's own explanations. "
                "Titles: Spearman correlation of the off-diagonal entries with the teacher's; all pairs in "
                "[similarity.csv](similarity.csv).")
+
+
+STUDENT, STUDENT_TEACHER = "similarity_student", "similarity_teacher_t1"
+# The trainer's 'report/student_similarity_*' metrics: column stem and table header.
+STUDENT_METRICS = {"report/student_similarity_spearman": ("teacher", "ρ vs teacher"),
+                   "report/student_similarity_oracle_spearman": ("oracle", "ρ vs oracle")}
+
+
+def first_seed_similarity(runs: StudyRuns, arm: str) -> tuple[int, dict[str, Any]] | None:
+    """(seed, {file stem: (K, K) nested lists}) of the lowest seed of ``arm`` whose run logged the
+    student's own matrix (runs are read one at a time, so usually one is downloaded); else None."""
+    g = runs.cells[runs.cells.arm == arm].sort_values("seed")
+    for i in range(len(g)):
+        for seed, files in json_artifacts(dataclasses.replace(runs, cells=g.iloc[i:i + 1]), arm, "similarity"):
+            if STUDENT in files:
+                return int(seed), files
+    return None
+
+
+def student_similarity_panels(runs: StudyRuns) -> list[tuple[str, np.ndarray]]:
+    """(title, (K, K) matrix): the teacher's at T = 1 (from the first arm's first run that has it), then
+    per arm in study order the first seed's student matrix, titled with its ρ vs that run's teacher."""
+    found = {arm: got for arm in runs.order if (got := first_seed_similarity(runs, arm)) is not None}
+    teacher: list[tuple[str, np.ndarray]] = []
+    panels = []
+    for arm, (seed, files) in found.items():
+        m = np.asarray(files[STUDENT], dtype=float)
+        title = f"{plots.facet_title(arm)} (seed {seed})"
+        if STUDENT_TEACHER in files:
+            ref = np.asarray(files[STUDENT_TEACHER], dtype=float)
+            # The trainer's own function on the run's own matrices: the value logged for this seed.
+            rho = spearman(offdiagonal(torch.as_tensor(m)), offdiagonal(torch.as_tensor(ref)))
+            title += f"\nρ vs teacher = {rho:.2f}"
+            teacher = teacher or [(f"teacher (T = 1)\nfrom {plots.facet_title(arm)}", ref)]
+        panels.append((title, m))
+    return teacher + panels
+
+
+def student_similarity_figure(rep: Report, runs: StudyRuns) -> None:
+    """Heatmaps of each arm's reported student's own class similarity beside the teacher's, or a note."""
+    panels = student_similarity_panels(runs)
+    if not panels:
+        rep.note("Student similarity: no run has 'similarity/similarity_student.json' (runs made before kdablate "
+                 "logged the student's own class similarity).")
+        return
+    rep.figure(plots.heatmaps(panels, per_row=4), "student_similarity",
+               "Class similarity of each arm's reported student (row y: its mean softmax probabilities at T = 1 "
+               "over the non-ground-truth classes, renormalised per sample, over the validation samples of class "
+               "y), beside the teacher's read the same way (T = 1, same samples). One run per arm: the first seed "
+               "whose run has the matrix, named in each title, not a seed mean. Titles: Spearman correlation of "
+               "the off-diagonal entries with that run's teacher matrix; mean ± std over seeds in "
+               f"[student_similarity_spearman.csv](student_similarity_spearman.csv). Reporting rule: "
+               f"{runs.report_rule()}.")
+
+
+def student_similarity_frame(runs: StudyRuns) -> pd.DataFrame:
+    """Per arm (study order) with any 'report/student_similarity_*' value: per reference, the seeds
+    n_<ref>, and the mean and sample std over seeds of the Spearman correlation."""
+    metrics = {m: ref for m, (ref, _) in STUDENT_METRICS.items() if m in runs.cells}
+    rows = []
+    for arm in runs.order:
+        g = runs.cells.loc[runs.cells.arm == arm]
+        row: dict[str, Any] = {"arm": arm}
+        for metric, ref in metrics.items():
+            v = g[metric].dropna()
+            row.update({f"n_{ref}": len(v), f"rho_{ref}_mean": v.mean() if len(v) else np.nan,
+                        f"rho_{ref}_std": v.std(ddof=1) if len(v) > 1 else np.nan})
+        if any(row.get(f"n_{ref}", 0) for ref in metrics.values()):
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rho_cell(row: dict[str, Any], ref: str) -> str:
+    """'0.83 ± 0.04 (n = 5)' for one reference of one row of ``student_similarity_frame``; '—' without seeds."""
+    n = int(row[f"n_{ref}"])
+    return "—" if not n else f"{pm(row[f'rho_{ref}_mean'], row[f'rho_{ref}_std'], scale=1.0)} (n = {n})"
+
+
+def student_similarity_table(rep: Report, runs: StudyRuns) -> None:
+    """The table of ``student_similarity_frame``, or a note that no run logged the metric."""
+    frame = student_similarity_frame(runs)
+    if frame.empty:
+        rep.note("Student similarity: no run logged 'report/student_similarity_spearman' (cells without a "
+                 "teacher and without class groups have no reference to correlate with).")
+        return
+    refs = [(ref, head) for ref, head in STUDENT_METRICS.values() if f"n_{ref}" in frame]
+    rows = [[r["arm"]] + [rho_cell(r, ref) for ref, _ in refs] for r in frame.to_dict("records")]
+    rep.table(frame, ["arm"] + [head for _, head in refs], rows, "student_similarity_spearman",
+              "Spearman correlation of the off-diagonal entries of the reported student's own class similarity "
+              "(mean non-ground-truth probabilities per true class on validation, T = 1) with the teacher's (same "
+              "samples, T = 1) and, where the data has class groups, the oracle's: mean ± std over seeds (n). "
+              f"Reporting rule: {runs.report_rule()}.")
 
 
 def pooled_bins(runs: StudyRuns, split: str = "test") -> tuple[dict[str, dict[str, np.ndarray]],

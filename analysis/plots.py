@@ -195,14 +195,15 @@ def metric_points(cells: pd.DataFrame, order: list[str], metric: str, title: str
     return fig
 
 
-def heatmaps(panels: list[tuple[str, np.ndarray]]) -> Any:
-    """Class-similarity matrices side by side, each on its own colour scale."""
+def heatmaps(panels: list[tuple[str, np.ndarray]], per_row: int = 3) -> Any:
+    """Class-similarity (K, K) matrices side by side, ``per_row`` to a row of the page width,
+    each on its own colour scale."""
     import seaborn as sns
 
     plt = pyplot()
-    cols = min(len(panels), 3)
+    cols = min(len(panels), per_row)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, 2.2 * rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_IN, 6.6 / max(per_row, 3) * rows + 0.3), squeeze=False)
     # Each panel on its own scale: a teacher at T=4 is far flatter than a sharp explanation softmax,
     # and the question is which classes are similar, not how peaked the rows are.
     for ax, (title, m) in zip(axes.flat, panels):

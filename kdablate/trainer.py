@@ -76,8 +76,9 @@ class NoTrainingSteps(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """The reported model, its metrics ('report/<split>_<metric>', 'report/epoch'),
-    tensors worth keeping as artifacts (e.g. class-similarity matrices) and, per
+    """The reported model, its metrics ('report/<split>_<metric>', 'report/epoch',
+    'report/student_similarity_*'), tensors worth keeping as artifacts (class-similarity
+    matrices: 'similarity_student' for every arm, the explanation ones for IL) and, per
     split, the reported model's reliability bins (``kdablate.metrics.reliability``)."""
 
     model: nn.Module
@@ -404,6 +405,22 @@ def epoch_means(logged: list[dict[str, list[torch.Tensor]]], preds: list[torch.T
     return out
 
 
+def output_similarity(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, K) logits, (N,) labels -> (K, K) class similarity of a model's outputs: row y is the mean,
+    over the samples of class y, of softmax(logits) with the true class zeroed and the rest
+    renormalised (rows sum to 1 off the diagonal; a class without samples gets a uniform row).
+    Divide the logits by a temperature first to read the outputs at that temperature."""
+    p = torch.softmax(logits, 1)
+    return class_mean_structure(nongt_distribution(p, y), y, num_classes)
+
+
+def oracle_similarity(data: DataBundle) -> torch.Tensor | None:
+    """(K, K) the oracle hierarchy's class similarity where the data has class groups, else None."""
+    if data.class_groups is None:
+        return None
+    return oracle_structure(torch.arange(data.num_classes), data.class_groups, 1.0)
+
+
 def reference_similarities(data: DataBundle, teacher_train: torch.Tensor | None,
                            temperature: float) -> dict[str, torch.Tensor]:
     """(K, K) class-similarity matrices to hold explanations against, fixed for a cell: the
@@ -411,10 +428,10 @@ def reference_similarities(data: DataBundle, teacher_train: torch.Tensor | None,
     oracle where the data has a hierarchy."""
     refs = {}
     if teacher_train is not None:
-        p = torch.softmax(teacher_train / temperature, 1)
-        refs["teacher"] = class_mean_structure(nongt_distribution(p, data.y_train), data.y_train, data.num_classes)
-    if data.class_groups is not None:
-        refs["oracle"] = oracle_structure(torch.arange(data.num_classes), data.class_groups, 1.0)
+        refs["teacher"] = output_similarity(teacher_train / temperature, data.y_train, data.num_classes)
+    oracle = oracle_similarity(data)
+    if oracle is not None:
+        refs["oracle"] = oracle
     return refs
 
 
@@ -436,6 +453,42 @@ def epoch_summary(objective: Objective,
         for name, matrix in references.items():
             artifacts[f"similarity_{name}"] = matrix
             metrics[SPEARMAN_METRICS[name]] = spearman(offdiagonal(summary["similarity"]), offdiagonal(matrix))
+    return metrics, artifacts
+
+
+# Where each reference's correlation with the reported student's own class similarity is logged.
+STUDENT_SPEARMAN_METRICS = {"teacher": "report/student_similarity_spearman",
+                            "oracle": "report/student_similarity_oracle_spearman"}
+
+
+def student_similarities(data: DataBundle, val_logits: torch.Tensor,
+                         teacher: TeacherSignal) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The reported student's own class similarity, for every arm, and its Spearman correlation
+    (off-diagonal entries) with the teacher's and, where the data has class groups, the oracle's.
+
+    val_logits: (N_val, K) the reported student's logits on the validation split (never test).
+    Returns metrics ``STUDENT_SPEARMAN_METRICS`` (only for the references the cell has) and the
+    (K, K) artifacts 'similarity_student' and, with a teacher, 'similarity_teacher_t1'.
+
+    The teacher's matrix is read like the student's: at T = 1 (the temperature the student is
+    evaluated at), whatever the arm's T, and on the same validation samples. Softening only one
+    side would change its class means (a softer softmax weighs the samples of a class
+    differently), so the two would differ for a reason other than class similarity. The
+    explanation arms' 'similarity_teacher' (train split, at the arm's T) is another reference
+    and stays as it is.
+    """
+    y = data.split("val")[1]
+    student = output_similarity(val_logits, y, data.num_classes)
+    refs, artifacts = {}, {"similarity_student": student}
+    teacher_val = teacher.split_logits("val")
+    if teacher_val is not None:
+        # T = 1 on purpose (see the docstring): the student's temperature, not the arm's.
+        refs["teacher"] = artifacts["similarity_teacher_t1"] = output_similarity(teacher_val, y, data.num_classes)
+    oracle = oracle_similarity(data)
+    if oracle is not None:
+        refs["oracle"] = oracle
+    metrics = {STUDENT_SPEARMAN_METRICS[name]: spearman(offdiagonal(student), offdiagonal(matrix))
+               for name, matrix in refs.items()}
     return metrics, artifacts
 
 
@@ -533,16 +586,21 @@ def epoch_metrics(members: list[Member], parts: list[dict[str, float]], data: Da
 def report_result(model: nn.Module, data: DataBundle, teacher: TeacherSignal, report: str,
                   best: dict, epochs: int, runtime: Runtime = CPU) -> FitResult:
     """Load the reported weights and evaluate them: 'report/<split>_<metric>', 'report/epoch',
-    and the reliability bins of val and test."""
+    the reliability bins of val and test, and the student's own class similarity on val with its
+    correlations ('report/student_similarity_*', ``student_similarities``)."""
     if report == "best_val" and best["state"] is not None:
         model.load_state_dict(best["state"])
         epoch = best["epoch"]
     else:
         epoch = epochs
-    reported, calibration = {"report/epoch": float(epoch)}, {}
+    reported, calibration, artifacts = {"report/epoch": float(epoch)}, {}, dict(best["artifacts"])
     for split in ("val", "test"):
         logits, y = split_logits(model, data, split, runtime), data.split(split)[1]
         metrics = evaluate(logits, y, split, teacher.split_logits(split))
         reported.update({"report/" + k.replace("/", "_"): v for k, v in metrics.items()})
         calibration[split] = reliability(logits, y)
-    return FitResult(model, reported, best["artifacts"], calibration)
+        if split == "val":  # the validation split only: nothing more is read off test
+            similarity, matrices = student_similarities(data, logits, teacher)
+            reported.update(similarity)
+            artifacts.update(matrices)
+    return FitResult(model, reported, artifacts, calibration)

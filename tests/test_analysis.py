@@ -63,6 +63,29 @@ def value(arm: str, seed: int) -> float:
     return MEANS[arm] + 0.01 * (seed - 2) + float(rng.normal(0, 0.006))
 
 
+# The student's own class similarity (KD, LS and IL arms; not ce): the teacher's at T = 1 plus
+# noise, so each run's Spearman correlation differs. kd[temperature=2.0] seed 0 is an older run
+# without it, so that arm's panel comes from seed 1.
+STUDENT_ARMS = ("constant+uniform", "kd[temperature=2.0]", "kd[temperature=8.0]", "il")
+OLD_RUN = ("kd[temperature=2.0]", 0)
+TEACHER_T1 = np.random.default_rng(7).dirichlet(np.ones(9), 10)
+TEACHER_T1 = np.stack([np.insert(r, i, 0.0) for i, r in enumerate(TEACHER_T1)])
+
+
+def student_similarity(arm: str, seed: int) -> tuple[np.ndarray, float] | None:
+    """The (K, K) matrix and logged Spearman correlation of a run, or None if it logged none."""
+    if arm not in STUDENT_ARMS or (arm, seed) == OLD_RUN:
+        return None
+    import torch
+
+    from kdablate.metrics import offdiagonal, spearman
+
+    noise = np.random.default_rng(seed * 10 + STUDENT_ARMS.index(arm)).uniform(0, 0.2, (10, 10))
+    m = (TEACHER_T1 + noise) * (1 - np.eye(10))
+    m /= m.sum(1, keepdims=True)
+    return m, spearman(offdiagonal(torch.as_tensor(m)), offdiagonal(torch.as_tensor(TEACHER_T1)))
+
+
 def provenance(arm: str, seed: int) -> dict[str, str]:
     return {} if (arm, seed) == UNTAGGED else GPU_RUN if arm == "il" else CPU_RUN
 
@@ -83,6 +106,11 @@ def log_cell(client, exp_id: str, parent: str, cell, status: str = "FINISHED") -
         client.log_text(run_id, json.dumps((k / k.sum(1, keepdims=True)).tolist()), "similarity/similarity_explanation.json")
         client.log_text(run_id, json.dumps((k.T / k.T.sum(1, keepdims=True)).tolist()), "similarity/similarity_teacher.json")
         client.log_text(run_id, json.dumps(np.eye(10)[::-1].tolist()), "similarity/similarity_oracle.json")
+    if student_similarity(cell.arm, cell.seed) is not None:
+        student, rho = student_similarity(cell.arm, cell.seed)
+        client.log_text(run_id, json.dumps(student.tolist()), "similarity/similarity_student.json")
+        client.log_text(run_id, json.dumps(TEACHER_T1.tolist()), "similarity/similarity_teacher_t1.json")
+        tracking.log_metrics(client, run_id, {"report/student_similarity_spearman": rho}, 3)
     if status != "FINISHED":
         tracking.terminate(client, run_id, status, "RuntimeError: synthetic failure")
     else:
@@ -215,7 +243,8 @@ def test_comparisons_and_factorial_against_hand_computation(store):
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(stats.t.interval(0.95, 4, np.mean(inter), stats.sem(inter)))
 
 
-FIGURES = ("decomposition", "interaction", "temperature", "learning_curves", "similarity", "calibration", "agreement")
+FIGURES = ("decomposition", "interaction", "temperature", "learning_curves", "similarity", "student_similarity",
+           "calibration", "agreement")
 
 
 def test_every_figure_is_written_linked_and_logged(store):
@@ -235,6 +264,45 @@ def test_every_figure_is_written_linked_and_logged(store):
     assert "teacher+teacher beats ce by +" in text and "n = 5)" in text
     logged = {f.path for f in store[4]}
     assert {"figures/report.md", "figures/decomposition.pdf", "figures/table.tex"} <= logged
+
+
+def test_student_similarity_figure_and_table_match_the_runs(store):
+    """Every arm with the student's own matrix gets a panel (its first seed that has one) after the
+    teacher's; the table is the mean ± std over seeds of the logged Spearman correlation."""
+    from analysis import artifacts
+
+    out, runs = store[1] / "figs" / "synth", store[3]
+    panels = artifacts.student_similarity_panels(runs)
+    assert panels[0][0].startswith("teacher (T = 1)")
+    assert [t.split("\nρ")[0] for t, _ in panels[1:]] == ["constant+uniform (seed 0)", "kd\n[T=2.0] (seed 1)",
+                                                          "kd\n[T=8.0] (seed 0)", "il (seed 0)"]
+    assert np.allclose(panels[0][1], TEACHER_T1) and np.allclose(panels[2][1], student_similarity(OLD_RUN[0], 1)[0])
+    assert f"ρ vs teacher = {student_similarity('il', 0)[1]:.2f}" in panels[-1][0]
+    table = pd.read_csv(out / "student_similarity_spearman.csv")
+    assert list(table.arm) == [a for a in runs.order if a in STUDENT_ARMS]
+    for row in table.itertuples():
+        rho = [student_similarity(row.arm, s)[1] for s in known(row.arm) if student_similarity(row.arm, s)]
+        assert row.n_teacher == len(rho) and row.rho_teacher_mean == pytest.approx(np.mean(rho))
+        assert row.rho_teacher_std == pytest.approx(np.std(rho, ddof=1))
+    text = (out / "report.md").read_text()
+    assert "first seed" in text and "(student_similarity_spearman.csv)" in text
+    assert r"\toprule" in (out / "student_similarity_spearman.tex").read_text()
+
+
+def test_student_similarity_is_skipped_with_a_note_when_no_run_has_it(store, tmp_path, monkeypatch):
+    from analysis import artifacts
+    from analysis.document import Report
+
+    runs = store[3]
+    monkeypatch.setattr(artifacts, "STUDENT", "similarity_nobody_logged")
+    bare = dataclasses.replace(runs, cells=runs.cells.drop(columns="report/student_similarity_spearman"))
+    rep = Report(tmp_path, "synth", "report/test_acc", "rule")
+    artifacts.student_similarity_figure(rep, bare)
+    artifacts.student_similarity_table(rep, bare)
+    path = rep.finish()
+    assert rep.files == (path,)  # no figure, no table: two notes
+    notes = [line for line in path.read_text().splitlines() if line]
+    assert [n[:30] for n in notes] == ["> Student similarity: no run h", "> Student similarity: no run l"]
 
 
 def test_drawn_data_matches_the_runs(store):
@@ -337,7 +405,8 @@ def test_report_without_baseline_and_on_last_epoch(store, tmp_path):
 
 
 TEXT_OUTPUTS = ("report.md", "table.csv", "table.md", "table.tex", "effects.csv", "effects.md", "effects.tex",
-                "pairs.csv", "pairs.md", "pairs.tex", "similarity.csv", "vs_ce.csv", "vs_teacher+teacher.csv")
+                "pairs.csv", "pairs.md", "pairs.tex", "similarity.csv", "vs_ce.csv", "vs_teacher+teacher.csv",
+                "student_similarity_spearman.csv", "student_similarity_spearman.md", "student_similarity_spearman.tex")
 
 
 def test_kdablate_report_from_another_folder_writes_what_analysis_report_writes(store, tmp_path, monkeypatch,
@@ -348,7 +417,7 @@ def test_kdablate_report_from_another_folder_writes_what_analysis_report_writes(
     study, store_path = store[0], store[1]
     monkeypatch.chdir(tmp_path)
     assert cli.main(["report", str(study.path), "--out", "out", "--no-log"]) == 0
-    assert "wrote 27 files to out/synth/" in capsys.readouterr().out
+    assert "wrote 32 files to out/synth/" in capsys.readouterr().out
     ours, theirs = tmp_path / "out" / "synth", store_path / "figs" / "synth"
     for name in TEXT_OUTPUTS:
         assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name

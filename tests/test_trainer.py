@@ -1,13 +1,16 @@
 """The shared trainer: determinism, reporting rule, metrics, failure on divergence."""
 from __future__ import annotations
 
+import dataclasses
+import math
 
 import pytest
 import torch
 
+from kdablate.components.structure import class_mean_structure, nongt_distribution
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
-from kdablate.metrics import agreement, ece
+from kdablate.metrics import agreement, ece, offdiagonal, spearman
 from kdablate.trainer import NonFiniteLoss, TeacherSignal, fit, predict
 
 CE = KnowledgeConfig()
@@ -252,3 +255,39 @@ def test_image_models_and_batches_share_one_layout():
     assert all(p.is_contiguous() for p in signals.parameters())
     x = torch.randn(2, 1, 40)
     assert batch_layout(x) is x
+
+
+def test_every_arm_logs_the_reported_students_class_similarity_on_val(tiny):
+    """A CE arm with a teacher: the reported student's own (K, K) similarity from its val outputs
+    at T = 1, the teacher's at T = 1 on the same samples, and their Spearman correlation."""
+    g = torch.Generator().manual_seed(1)
+    teacher = TeacherSignal({s: 3 * torch.randn(len(tiny.split(s)[1]), 10, generator=g)
+                             for s in ("train", "val", "test")})
+    result = fit(ModelSpec(name="mlp", params={"hidden": 16}), tiny, OPT, CE, 0, teacher=teacher)
+    student, ref = result.artifacts["similarity_student"], result.artifacts["similarity_teacher_t1"]
+    off = ~torch.eye(10, dtype=torch.bool)
+    assert student.shape == ref.shape == (10, 10) and (student[~off] == 0).all()
+    for m in (student, ref):  # rows sum to 1 off the diagonal
+        assert torch.allclose((m * off).sum(1), torch.ones(10))
+    x, y = tiny.split("val")  # the reported (best-on-val) weights' val outputs, at T = 1
+    assert torch.allclose(student, class_mean_structure(
+        nongt_distribution(torch.softmax(predict(result.model, x, prepare=tiny.prepare), 1), y), y, 10))
+    t1 = torch.softmax(teacher.logits["val"], 1)  # the teacher at T = 1 too, on the same samples
+    assert torch.allclose(ref, class_mean_structure(nongt_distribution(t1, y), y, 10))
+    rho = result.metrics["report/student_similarity_spearman"]
+    assert math.isfinite(rho) and rho == spearman(offdiagonal(student), offdiagonal(ref))
+    new = {k for k in result.metrics if "similarity" in k}
+    assert new == {"report/student_similarity_spearman"}  # mnist1d has no class groups, and nothing on test
+    assert set(result.artifacts) == {"similarity_student", "similarity_teacher_t1"}
+
+
+def test_student_similarity_without_a_teacher_logs_the_oracle_one_or_none(tiny):
+    bare = fit(ModelSpec(name="mlp", params={"hidden": 16}), tiny, OPT, CE, 0)
+    assert not any("similarity" in k for k in bare.metrics)
+    assert set(bare.artifacts) == {"similarity_student"}  # the student's own matrix needs no reference
+    grouped = dataclasses.replace(tiny, class_groups=torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3]))
+    result = fit(ModelSpec(name="mlp", params={"hidden": 16}), grouped, OPT, CE, 0)
+    assert {k for k in result.metrics if "similarity" in k} == {"report/student_similarity_oracle_spearman"}
+    assert math.isfinite(result.metrics["report/student_similarity_oracle_spearman"])
+    # The other reported numbers do not change with the similarity diagnostics.
+    assert {k: v for k, v in result.metrics.items() if "similarity" not in k} == bare.metrics
