@@ -172,7 +172,7 @@ class CellConfig(Frozen):
         fields = canonical(self)
         # The gate decides whether a cell may run, not what it computes: changing it must not
         # retrain finished cells.
-        fields.get("teacher", {}).pop("min_accuracy", None)
+        (fields.get("teacher") or {}).pop("min_accuracy", None)  # teacher: null has no gate
         fields.pop("save_model", None)  # likewise: keeping the weights changes no number
         return stable_hash({"schema": HASH_SCHEMA, **fields})
 

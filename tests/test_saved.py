@@ -42,3 +42,13 @@ def test_a_run_without_a_saved_model_says_how_to_save_one(mlflow_store, tmp_path
     run = tracking.search_cells(client, client.get_experiment_by_name("smoke").experiment_id, "FINISHED")[0]
     with pytest.raises(ConfigError, match="has no saved model.*save_model: true"):
         kdablate.load_student(run.info.run_id)
+
+
+def test_a_study_without_a_teacher_runs(mlflow_store, tmp_path):
+    """teacher: null (no teacher at all) once crashed computing the cell hash."""
+    path = tmp_path / "noteacher.yaml"
+    path.write_text("base: {data: {name: mnist1d, num_samples: 500}, student: {name: mlp, hidden: 8, depth: 1},\n"
+                    "       optim: {epochs: 1}, teacher: null}\nseeds: [0]\narms: [{name: ce, mass: none, alpha: 0.0}]\n")
+    study = load_study(path)
+    assert study.cells[0].teacher is None and len(study.cells[0].config_hash()) == 16
+    assert run_study(study, RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 0

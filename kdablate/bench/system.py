@@ -93,14 +93,38 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return wall, dict(zip(("rss", "pss", "anon"), (k / 1024 for k in peak)))
 
 
-def run_study(study: Path, workers: int, folder: Path) -> tuple[float, dict[str, float]]:
-    """The study through the CLI with ``workers`` workers into a fresh store; (wall s, peak MiB)."""
-    store = folder.resolve() / f"w{workers}-{time.time_ns()}"
+def run_study(study: Path, workers: int, folder: Path, checkpoint: str = "0") -> tuple[float, dict[str, float]]:
+    """The study through the CLI with ``workers`` workers into a fresh store ``folder/last``;
+    (wall s, peak MiB)."""
+    store = folder.resolve() / "last"
+    if store.exists():
+        store.rename(folder.resolve() / f"w{workers}-{time.time_ns()}")
     store.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlruns.db"}
     cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), "--workers", str(workers), "--no-progress",
-           "--checkpoint-every", "0", "--device", "cpu", "--cache-dir", str(store / "cache")]
+           "--checkpoint-every", checkpoint, "--device", "cpu", "--cache-dir", str(store / "cache")]
     return run_measured(cmd, env)
+
+
+def overhead_row(scale: Scale) -> Row:
+    """The share of a default cell's time spent in training steps: one CE cell of the default data
+    (MNIST-1D, MLP, ``study_epochs`` epochs, batch 128) through the CLI, as a study runs it
+    (default checkpointing). The rest is start-up, data, evaluation and MLflow writes."""
+    from kdablate import tracking
+
+    with tempfile.TemporaryDirectory(prefix="kdablate-bench-") as tmp:
+        folder = Path(tmp)
+        wall, _ = run_study(write_study(folder, 1, scale.study_epochs), 1, folder, checkpoint="60s")
+        client = tracking.client(f"sqlite:///{folder.resolve() / 'last'}/mlruns.db")
+        run = tracking.search_cells(client, tracking.experiment_id(client, "bench1"), "FINISHED")[0]
+        history = client.get_metric_history(run.info.run_id, "time/step_ms")
+        steps = 3600 // 128  # the default data's training split in batches of 128
+        train_s = sum(m.value for m in history) * steps / 1000
+        cell_s = run.data.metrics["time/wall_s"]
+    share = 100 * train_s / wall
+    return Row("study", "training steps' share of a default cell's wall time", share, "%", ">= 50 %", share >= 50,
+               f"{train_s:.1f} s of steps in a {cell_s:.1f} s cell and a {wall:.1f} s process "
+               f"({100 * train_s / cell_s:.0f}% of the cell; the rest: start-up, data, evaluation, MLflow)")
 
 
 def study_rows(scale: Scale) -> list[Row]:
