@@ -185,6 +185,25 @@ def test_every_source_makes_a_structure(source, batch):
     check_source_in_structure(source, EXPLANATIONS.get(source).quick_params, cnn_context(batch))
 
 
+SKETCHABLE = [n for n in EXPLANATIONS.names() if EXPLANATIONS.get(n).sketchable]
+
+
+@pytest.mark.parametrize("model_name", ["cnn1d", "mlp"])
+@pytest.mark.parametrize("source", SKETCHABLE)
+def test_a_sketchable_source_projects_and_explains_one_class_as_its_maps_do(source, model_name):
+    """``project`` gives <E_c, v> for every class and direction, ``attribute_labels`` E_y: both
+    against the source's own ``attribute`` (the sketched structure relies on nothing else)."""
+    model, x = model_and_inputs(model_name)
+    src = EXPLANATIONS.build(source)
+    maps = src.attribute(model, x)  # (B, K, 1, 40)
+    v = torch.randn(3, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(2))
+    expected = torch.einsum("bkd,mbd->bkm", maps.flatten(2), v.flatten(2))
+    torch.testing.assert_close(src.project(model, x, v), expected, rtol=1e-10, atol=1e-12)
+    y = torch.arange(len(x)) % K
+    torch.testing.assert_close(src.attribute_labels(model, x, y), maps[torch.arange(len(x)), y], rtol=1e-10,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("model_name", ["resnet8", "cnn1d"])
 def test_cam_is_positions_times_gradcam_without_relu(model_name):
     """For GAP + linear, dz_c/dA_k(l) = w_ck / L at every position l, so Grad-CAM's channel

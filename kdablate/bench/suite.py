@@ -13,7 +13,8 @@ for the default data (MNIST-1D-shaped signals, MLP student, K = 10) and for
   the ResNet-20 step's GFLOP/s against a large convolution's (``kdablate.bench.levers``);
 * ``levers`` (``kdablate.bench.levers``): channels_last, bf16 autocast, and with
   ``--compile`` torch.compile;
-* ``il`` (``kdablate.bench.explain``): an IL step per explanation source against a CE step;
+* ``il`` (``kdablate.bench.explain``): an IL step per explanation source against a CE step, and
+  saliency exact and sketched (``sketch`` = m) at K = 10 and 100 on the MLP and the 1-D CNN;
 * ``system`` (``kdablate.bench.system``): a study of 8 cells with 2 workers against 1, and
   peak RSS of a cell, of the study, and of a ResNet-20 cell.
 

@@ -1,0 +1,233 @@
+"""Sketched explanation similarity (the explanation structure's ``sketch``): Rademacher directions
+and forward-mode products estimate the Gram matrix of gradient maps (Johnson–Lindenstrauss;
+Achlioptas 2003; Woodruff 2014), Pearson by centred directions, the true class's row exactly.
+
+Checked: the sketched Gram converges to the exact one as m grows; with a full (scaled identity)
+basis the sketch is exact, for cosine and Pearson alike, so the centring identity holds; the same
+generator state reproduces a result; sketch = 0 is today's path bit for bit; bad combinations are
+refused at load with one line; a sketched IL cell trains with ``fit``; gradients flow when asked.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdablate.attribution import AttributionContext, EXPLANATIONS
+from kdablate.components import STRUCTURES, TargetContext
+from kdablate.components import explanation as explanation_mod
+from kdablate.components.context import Probe
+from kdablate.components.explanation import (explain, explanation_similarity, gram, sketch, sketched_similarity,
+                                             structure_from_similarity)
+from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+from kdablate.data import load_dataset
+from kdablate.models import build_model
+from kdablate.registry import ConfigError
+from kdablate.trainer import fit
+
+K = 10
+SKETCHABLE = [n for n in EXPLANATIONS.names() if EXPLANATIONS.get(n).sketchable]
+
+
+def model_and_inputs(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 model (BN in train mode: the sketch must switch it to eval), (6, 1, 40) inputs, labels."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    params = {"hidden": 32} if name == "mlp" else {"channels": 8, "depth": 2}
+    model = build_model(name, params, (1, 40), K).double()
+    return model, torch.randn(6, 1, 40, dtype=torch.float64, generator=g), torch.randint(0, K, (6,), generator=g)
+
+
+def ctx(seed: int = 0) -> AttributionContext:
+    return AttributionContext(generator=torch.Generator().manual_seed(seed))
+
+
+def full_basis(inputs: torch.Tensor, m: int, generator: torch.Generator | None = None,
+               centre: bool = False) -> torch.Tensor:
+    """Stands in for ``rademacher_directions``: sqrt(D) e_1 .. sqrt(D) e_D (centred if asked), so that
+    (1/D) P P^T is the Gram matrix exactly; ignores m."""
+    d = math.prod(inputs.shape[1:])
+    v = math.sqrt(d) * torch.eye(d, dtype=inputs.dtype).reshape(d, 1, *inputs.shape[1:])
+    v = v.expand(d, *inputs.shape).clone()
+    return v - v.mean(dim=tuple(range(2, v.dim())), keepdim=True) if centre else v
+
+
+def test_sketch_is_only_for_sketchable_sources():
+    assert SKETCHABLE == ["grad_input", "saliency"]
+    model, x, _ = model_and_inputs("mlp")
+    with pytest.raises(NotImplementedError, match="not sketchable"):
+        EXPLANATIONS.build("cam").project(model, x, torch.ones(2, *x.shape, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("centre", [False, True], ids=["cosine", "pearson"])
+@pytest.mark.parametrize("source", SKETCHABLE)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn1d"])
+def test_sketched_gram_converges_to_the_exact_one(model_name, source, centre):
+    model, x, _ = model_and_inputs(model_name)
+    src = EXPLANATIONS.build(source)
+    exact = gram(explain(model, src, x, eval_mode=True, ctx=ctx()), centre)
+
+    def error(m: int) -> float:
+        est = gram(sketch(model, src, x, m, centre=centre, eval_mode=True, ctx=ctx(3))) / m
+        return ((est - exact).norm() / exact.norm()).item()
+
+    small, large = error(8), error(512)
+    assert large < small and large < 0.25, (small, large)
+    assert model.training  # the sketch ran in eval mode and restored the mode
+
+
+@pytest.mark.parametrize("source", SKETCHABLE)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn1d"])
+def test_a_full_basis_gives_the_exact_gram_and_similarity(model_name, source, monkeypatch):
+    """With sqrt(D) times the standard basis, centred or not, the sketch is exact: Pearson's centring
+    by centred directions is an identity (<C E, C v> = <E, C v>), and the row G_y. is exact."""
+    model, x, y = model_and_inputs(model_name)
+    src = EXPLANATIONS.build(source)
+    maps = explain(model, src, x, eval_mode=True, ctx=ctx())
+    monkeypatch.setattr(explanation_mod, "rademacher_directions", full_basis)
+    for kind in ("cosine", "pearson"):
+        centre = kind == "pearson"
+        p = sketch(model, src, x, 0, centre=centre, eval_mode=True, ctx=ctx())
+        torch.testing.assert_close(gram(p) / p.shape[2], gram(maps, centre), rtol=1e-10, atol=1e-14)
+        s = sketched_similarity(model, src, x, y, 0, centre=centre, eval_mode=True, ctx=ctx())
+        torch.testing.assert_close(s, explanation_similarity(maps, y, kind), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "pearson"])
+def test_sketched_similarity_converges_and_keeps_the_ranking(kind):
+    model, x, y = model_and_inputs("cnn1d")
+    src = EXPLANATIONS.build("saliency")
+    exact = explanation_similarity(explain(model, src, x, eval_mode=True, ctx=ctx()), y, kind)
+
+    def error(m: int) -> float:
+        return (sketched_similarity(model, src, x, y, m, centre=kind == "pearson", eval_mode=True, ctx=ctx(2))
+                - exact).abs().max().item()
+
+    assert error(4096) < 0.05 and error(4096) < error(8)
+
+
+def test_the_same_generator_state_reproduces_the_sketch(batch):
+    model = batch["models"]["teacher"]
+    x, y, src = batch["inputs"], batch["labels"], EXPLANATIONS.build("saliency")
+    runs = [sketched_similarity(model, src, x, y, 8, centre=True, eval_mode=True, ctx=ctx(seed))
+            for seed in (5, 5, 6)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    g = torch.Generator().manual_seed(5)
+    first = sketch(model, src, x, 8, centre=False, eval_mode=True, ctx=AttributionContext(generator=g))
+    second = sketch(model, src, x, 8, centre=False, eval_mode=True, ctx=AttributionContext(generator=g))
+    assert not torch.equal(first, second)  # the generator advanced: a new step draws new directions
+
+
+def step_context(batch: dict, seed: int = 0) -> TargetContext:
+    model = batch["models"]["teacher"]  # the cnn1d, with BatchNorm
+    return TargetContext(labels=batch["labels"], num_classes=K, student_logits=batch["student"],
+                         generator=torch.Generator().manual_seed(seed), inputs=batch["inputs"],
+                         models={"self": model}, step=0)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "pearson", "neg_l2"])
+def test_sketch_zero_is_todays_path_bit_for_bit(batch, similarity):
+    model = batch["models"]["teacher"]
+    x, y = batch["inputs"], batch["labels"]
+    maps = explain(model, EXPLANATIONS.build("saliency"), x, eval_mode=True, ctx=AttributionContext())
+    today = structure_from_similarity(explanation_similarity(maps.detach(), y, similarity), y, 0.3)
+    for params in ({"similarity": similarity}, {"similarity": similarity, "sketch": 0}):
+        r = STRUCTURES.build("explanation", params)(step_context(batch))
+        assert torch.equal(r, today)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "pearson"])
+def test_a_sketched_structure_is_a_distribution_off_the_true_class(batch, similarity):
+    structure = STRUCTURES.build("explanation", {"sketch": 8, "similarity": similarity})
+    model = batch["models"]["teacher"]
+    structure.check(Probe(batch["inputs"][:4], K, {"self": model}, {"self": "cnn1d"}))
+    r = structure(step_context(batch))
+    y = batch["labels"]
+    assert r.shape == (len(y), K) and torch.isfinite(r).all() and (r.gather(1, y[:, None]) == 0).all()
+    torch.testing.assert_close(r.sum(1), torch.ones(len(y)))
+    assert torch.equal(r, STRUCTURES.build("explanation", {"sketch": 8, "similarity": similarity})(
+        step_context(batch)))  # same seed, same target
+    assert model.training
+
+
+@pytest.mark.parametrize("params,what", [
+    ({"source": "cam", "sketch": 8}, "source 'cam'"),
+    ({"source": "integrated_gradients", "sketch": 8}, "source 'integrated_gradients'"),
+    ({"similarity": "neg_l2", "sketch": 8}, "similarity 'neg_l2'"),
+    ({"mode": "reuse", "sketch": 8}, "mode 'reuse'"),
+])
+def test_bad_combinations_are_refused_in_one_line(params, what):
+    with pytest.raises(ConfigError) as e:
+        STRUCTURES.params("explanation", params)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("structure 'explanation': sketch=8 needs source grad_input or saliency")
+    assert "similarity cosine or pearson" in msg and what in msg
+
+
+def test_a_negative_sketch_is_refused():
+    with pytest.raises(ConfigError, match="sketch must be >= 0"):
+        STRUCTURES.params("explanation", {"sketch": -1})
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 2
+
+
+class _Opaque(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(40, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(_NoForwardAD.apply(x.flatten(1)))
+
+
+def test_check_refuses_a_model_without_forward_mode_products():
+    structure = STRUCTURES.build("explanation", {"sketch": 8})
+    probe = Probe(torch.randn(4, 1, 40), K, {"self": _Opaque()}, {"self": "opaque"})
+    STRUCTURES.build("explanation", {}).check(probe)  # the exact path works on it
+    with pytest.raises(ConfigError, match="cannot be sketched \\(sketch=8\\)") as e:
+        structure.check(probe)
+    assert "\n" not in str(e.value)
+
+
+def test_a_differentiable_sketch_carries_gradients():
+    model, x, y = model_and_inputs("mlp")
+    src = EXPLANATIONS.build("saliency")
+    s = sketched_similarity(model, src, x, y, 4, centre=False, eval_mode=True,
+                            ctx=AttributionContext(generator=torch.Generator().manual_seed(0), create_graph=True))
+    s.pow(2).sum().backward()
+    assert model.features[1].weight.grad is not None and model.features[1].weight.grad.abs().sum() > 0
+    assert not sketched_similarity(model, src, x, y, 4, centre=False, eval_mode=True, ctx=ctx()).requires_grad
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn1d"])
+def test_a_sketched_il_cell_trains_with_fit(model_name):
+    data = load_dataset("mnist1d", {"num_samples": 500})
+    spec = ModelSpec(name=model_name, params={"channels": 16, "depth": 2} if model_name == "cnn1d" else {})
+    il = KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure={"name": "explanation", "sketch": 8},
+                         temperature=4.0, alpha=0.9)
+    result = fit(spec, data, OptimConfig(epochs=1, batch_size=32), il, seed=0)
+    assert math.isfinite(result.metrics["report/val_acc"]) and 0 <= result.metrics["report/val_acc"] <= 1
+    sim = result.artifacts["similarity_explanation"]  # the epoch's class-mean structure
+    assert sim.shape == (K, K) and torch.isfinite(sim).all() and (sim.diagonal() == 0).all()
+
+
+def test_the_agreement_measurement_runs():
+    from kdablate.bench.explain import agreement_table, sketch_agreement
+
+    rows = sketch_agreement("mlp", 10, ms=(8,), per_class=3)
+    assert [(a.m, a.exact_row) for a in rows] == [(8, True), (8, False)]
+    assert all(-1 <= a.classes <= 1 and -1 <= a.rows <= 1 for a in rows)
+    assert "| mlp | 10 | structure (row exact) |" in agreement_table(rows)
