@@ -60,7 +60,7 @@ def trainer_section(scale: Scale, _compile: bool) -> list[Row]:
 
 
 def system_section(scale: Scale, _compile: bool) -> list[Row]:
-    return bench_system.study_rows(scale) + [bench_system.resnet_memory_row(scale)]
+    return bench_system.study_rows(scale) + bench_system.overhead_rows(scale) + [bench_system.resnet_memory_row(scale)]
 
 
 RUNNERS: dict[str, Callable[[Scale, bool], list[Row]]] = {
