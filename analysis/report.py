@@ -7,6 +7,8 @@ Writes to ``figures/<study>/``:
   report.md                  every figure linked, one sentence per comparison, the reporting
                              rule, the cells that are missing, and where the runs were made
                              (machine, build, device, precision), with a warning when they differ;
+  report.html                the same, as one self-contained page (figures embedded), which
+                             MLflow's artifact viewer shows with its figures;
   table.{md,tex,csv}         per arm: mean ± std, n, 95% CI, paired Δ to the baseline with
                              Holm-corrected paired-t and Wilcoxon p, d_z, marks;
   vs_<ref>.csv               every arm against each reference arm (one Holm family each);
@@ -15,14 +17,18 @@ Writes to ``figures/<study>/``:
   similarity.csv             Spearman ρ between the heatmaps' similarity matrices;
   decomposition, interaction, temperature, learning_curves, similarity, calibration,
   agreement (.png and .pdf)  whichever the study's runs support.
-Then logs the folder as artifacts of the study's newest parent run, so the MLflow UI shows it.
+CSVs hold the digits the tables print (``analysis.tables.rounded``). Then logs the folder under
+'figures/' of the study's newest parent run, so the MLflow UI shows it; the logged report.md and
+report.html link their files through the MLflow server (``Report.mlflow_copies``).
 The figures themselves are drawn by ``analysis.plots``; the statistics by ``analysis.decomposition``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -249,19 +255,20 @@ def temperature_figure(rep: Report, runs: StudyRuns) -> None:
 
 
 OUTPUTS = ("report", "table", "effects", "pairs", "similarity", "decomposition", "interaction", "temperature",
-           "learning_curves", "calibration", "agreement")
+           "learning_curves", "calibration", "agreement", "student_similarity", "student_similarity_spearman")
+ARTIFACT_DIR = "figures"  # where the report's folder goes in the parent run's artifacts
 
 
 def clean(out: Path) -> None:
     """Remove this script's earlier outputs, so a figure the runs no longer support cannot linger."""
     for p in out.glob("*"):
-        if p.is_file() and (p.stem in OUTPUTS or p.stem.startswith("vs_")) and p.suffix in (".md", ".tex", ".csv",
-                                                                                          ".png", ".pdf"):
+        if p.is_file() and (p.stem in OUTPUTS or p.stem.startswith("vs_")) and p.suffix in (".md", ".html", ".tex",
+                                                                                          ".csv", ".png", ".pdf"):
             p.unlink()
 
 
 def build(runs: StudyRuns, out: Path, metric: str) -> Report:
-    """Write every table, figure and report.md of ``runs`` into ``out``."""
+    """Write every table, figure, report.md and report.html of ``runs`` into ``out``."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         clean(out)
@@ -275,14 +282,23 @@ def build(runs: StudyRuns, out: Path, metric: str) -> Report:
     pairs_section(rep, runs)
     figures_section(rep, runs, stats)
     rep.finish()
+    rep.write_html()
     return rep
 
 
-def log_to_parent(runs: StudyRuns, out: Path) -> str | None:
-    """Log the folder under 'figures/' of the newest parent run; returns its id (None if none)."""
+def log_to_parent(runs: StudyRuns, rep: Report) -> str | None:
+    """Log the report's files under 'figures/' of the newest parent run, with report.md and
+    report.html linking the others where MLflow serves them; returns its id (None if none)."""
     run_id = parent_run(runs)
-    if run_id is not None:
-        tracking.client().log_artifacts(run_id, str(out), "figures")
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / ARTIFACT_DIR
+        shutil.copytree(rep.out, staged, ignore=lambda _, names: [n for n in names if n not in
+                                                                   {p.name for p in rep.files}])
+        for name, text in rep.mlflow_copies(run_id, ARTIFACT_DIR).items():
+            (staged / name).write_text(text)
+        tracking.client().log_artifacts(run_id, str(staged), ARTIFACT_DIR)
     return run_id
 
 
@@ -301,7 +317,7 @@ def write(study: Study, metric: str = DEFAULT_METRIC, out: Path = DEFAULT_OUT, l
         print(f"warning: partial study, {len(runs.missing)} of {len(study.cells)} cells missing (listed in the report)")
     if mixed := mixed_provenance(runs.cells):
         print(f"warning: the runs differ in {', '.join(mixed)}: not one machine and build (see the report)")
-    parent = log_to_parent(runs, rep.out) if log else None
+    parent = log_to_parent(runs, rep) if log else None
     print(f"wrote {len(rep.files)} files to {rep.out}/" + (f"; logged to parent run {parent}" if parent else ""))
     if parent is None and log:
         print(f"warning: no parent run of study '{study.name}' in {runs.uri}; the figures were not logged to MLflow")

@@ -10,6 +10,7 @@ test is not significant (the sentence then says so).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -92,6 +93,43 @@ def effect_rows(effects: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     rows = [[d.get("effect") or f"{d['a']} − {d['b']}", delta(d), str(d["n_pairs"]), *_tests(d)]
             for d in effects.to_dict("records")]
     return head, rows
+
+
+# How the tables print each CSV column, so a CSV holds the digits a reader sees (not float noise
+# like 0.6174000000000001): each value is the number its printed form reads as, made by the
+# same format (fractions in percent with 2 decimals, p-values as ``fmt_p``, d_z and Spearman
+# correlations with 2 decimals, T and α as ':g'; other numbers 3 significant digits, as
+# ``_extra`` prints a metric that is not a fraction).
+PERCENT_COLUMNS = {"mean", "std", "ci_low", "ci_high", "diff_mean", "diff_std"}
+P_COLUMNS = {"p_value", "p_wilcoxon", "p_holm", "p_wilcoxon_holm"}
+
+
+def as_printed(x: float, fmt: str, percent: bool = False) -> float:
+    """The number ``x`` reads as when printed with ``fmt`` (in percent: x * 100, then back to a
+    fraction by the decimal exponent, so no new float noise); NaN stays NaN, -0 becomes 0."""
+    if not math.isfinite(x):
+        return x
+    return (float(f"{x * 100:{fmt}}e-2") if percent else float(f"{x:{fmt}}")) + 0.0
+
+
+def column_rounding(name: str) -> Callable[[float], float]:
+    """How one value of column ``name`` is rounded: to the digits the report prints it with."""
+    if name in PERCENT_COLUMNS or DISPLAY.get(name, ("", False))[1]:
+        return lambda x: as_printed(x, ".2f", percent=True)
+    if name in P_COLUMNS:
+        return lambda p: as_printed(p, ".2g" if p < 0.001 else ".3f")
+    if name == "d_z" or name.startswith("rho_"):
+        return lambda x: as_printed(x, ".2f")
+    return lambda x: as_printed(x, "g" if name in ("T", "alpha", "temperature") else ".3g")
+
+
+def rounded(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with every float column rounded as ``column_rounding`` says."""
+    out = frame.copy()
+    for name in out.columns:
+        if pd.api.types.is_float_dtype(out[name]):
+            out[name] = out[name].map(column_rounding(str(name)))
+    return out
 
 
 def md_escape(s: str) -> str:

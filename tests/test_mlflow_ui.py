@@ -1,0 +1,247 @@
+"""The MLflow UI in a real browser: headless Chromium, driven by Playwright, against `mlflow ui` on a
+free port of 127.0.0.1, over a store made by running the smoke study (one epoch) and `kdablate
+report` on it. What a reader of a study sees there: the experiment with its description, the
+cells as child runs of one parent run, grouped by arm or by role, and the parent's report.html
+drawn with its figures (report.md links its files through the server).
+
+Needs the `playwright` package and a Chromium (Debian: `apt-get install chromium`, at
+/usr/bin/chromium; elsewhere set KDABLATE_CHROMIUM); `playwright install` and its browser
+download are not needed. Without them every test here skips, saying which is missing.
+Screenshots go to the tests' temporary folder, or to KDABLATE_SCREENSHOTS when it is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from kdablate import cli, tracking
+from kdablate.runner import RunOptions, roles, run_study
+from kdablate.study import Study, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("KDABLATE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+TIMEOUT_MS = 60_000  # two slow cores: the UI's first load of a page can take seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoke:
+    """The store the UI shows: the smoke study's runs and its report, logged to the parent run."""
+
+    folder: Path
+    uri: str
+    study: Study
+    experiment: str
+    parent: str
+    children: dict[str, str]  # run id -> arm
+    report: Path  # the report's folder on disk (what was logged under figures/)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float = TIMEOUT_MS / 1000, what: str = "") -> Any:
+    """``check()``'s first truthy value, polled; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline, value = time.time() + timeout, None
+    while time.time() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}: last saw {value!r}")
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200, url
+        return r.read()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Chromium, or a skip that says what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; no `playwright install` needed)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set KDABLATE_CHROMIUM)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def smoke(chromium, tmp_path_factory) -> Smoke:
+    """The smoke study at one epoch into a fresh SQLite store, then `kdablate report` on it."""
+    folder = tmp_path_factory.mktemp("mlflow_ui")
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(folder)
+        study = load_study(ROOT / "studies" / "smoke.yaml", ["optim.epochs=1"])
+        assert run_study(study, RunOptions(cache_dir=folder / "cache", progress=False)) == 0
+        # `kdablate report` takes no overrides: this file names the same cells as smoke.yaml at one epoch.
+        path = folder / "smoke.yaml"
+        path.write_text(f"extends: {ROOT / 'studies' / 'smoke.yaml'}\nbase: {{optim: {{epochs: 1}}}}\n")
+        assert [c.config_hash() for c in load_study(path).cells] == [c.config_hash() for c in study.cells]
+        assert cli.main(["report", str(path), "--out", str(folder / "figures")]) == 0
+        client = tracking.client()
+        exp = client.get_experiment_by_name(study.name).experiment_id
+        runs = client.search_runs([exp], max_results=1000)
+    parents = [r.info.run_id for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(parents) == 1
+    children = {r.info.run_id: r.data.tags["arm"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0]}
+    assert len(children) == len(study.cells) == len(runs) - 1
+    return Smoke(folder, uri, study, exp, parents[0], children, folder / "figures" / study.name)
+
+
+@pytest.fixture(scope="module")
+def server(smoke):
+    """`mlflow ui` (what `kdablate ui` runs) on the store, on a free port of 127.0.0.1."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    with open(smoke.folder / "mlflow_ui.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", smoke.uri, "--host",
+                                 "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=smoke.folder, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or healthy(url), 120, "the MLflow UI to answer")
+        assert proc.poll() is None, (smoke.folder / "mlflow_ui.log").read_text()[-3000:]
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return fetch(f"{url}/health") is not None
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def page(chromium, server):
+    """A fresh page (its own context: the UI keeps view state per browser profile), en-US."""
+    context = chromium.new_context(locale="en-US", viewport={"width": 1600, "height": 1200}, base_url=server)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("KDABLATE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def row_ids(page) -> set[str]:
+    """The run ids of the runs table's rows (AG Grid repeats a row once per pinned part)."""
+    return set(page.locator(".ag-row").evaluate_all("rows => rows.map(r => r.getAttribute('row-id'))"))
+
+
+def name_x(page, run_id: str) -> float:
+    """Where the run's name starts in the runs table (children are drawn indented under their parent)."""
+    return page.locator(f'.ag-row[row-id="{run_id}"] a[href$="/runs/{run_id}"]').first.bounding_box()["x"]
+
+
+def test_the_experiment_lists_its_cells_under_one_parent_run(page, smoke, shots):
+    """The runs table of `smoke`: one top-level run, the parent; its expander shows every cell
+    run, indented under it."""
+    page.goto(f"/#/experiments/{smoke.experiment}/runs")
+    parent = page.locator(f'.ag-row[row-id="{smoke.parent}"]').first
+    parent.wait_for()
+    assert page.get_by_text(f"{len(smoke.children) + 1} matching runs").is_visible()
+    assert row_ids(page) == {smoke.parent}  # the cells are folded into it
+    parent.locator('button[data-component-id*="runnamecellrenderer"]').click()  # the parent's expander
+    wait_until(lambda: row_ids(page) == {smoke.parent, *smoke.children}, what="the child runs")
+    names = {page.locator(f'.ag-row[row-id="{r}"] a[href$="/runs/{r}"]').first.inner_text() for r in smoke.children}
+    assert names == {f"{c.arm}/seed{c.seed}" for c in smoke.study.cells}
+    assert min(name_x(page, r) for r in smoke.children) > name_x(page, smoke.parent) + 5
+    page.screenshot(path=shots / "runs_under_parent.png")
+
+
+def test_the_parents_report_html_shows_its_figures(page, smoke, server, shots):
+    """figures/report.html in the parent's artifacts: MLflow draws it in a frame, every figure an
+    embedded PNG that decodes, the tables as tables, and its links pointing at files the server has."""
+    page.goto(f"/#/experiments/{smoke.experiment}/runs/{smoke.parent}/artifacts/figures/report.html")
+    frame = page.frame_locator("iframe.mlflow-html-iframe")
+    frame.locator("h1").wait_for()
+    assert frame.locator("h1").inner_text() == f"Study {smoke.study.name}"
+    figures = re.findall(r"^!\[", (smoke.report / "report.md").read_text(), flags=re.M)
+    images = frame.locator("img")
+    drawn = wait_until(lambda: (found := images.evaluate_all(
+        "is => is.map(i => [i.getAttribute('src').slice(0, 22), i.complete && i.naturalWidth > 100])"))
+        and all(ok for _, ok in found) and found, what="the figures to decode")
+    assert len(drawn) == len(figures) >= 5 and {src for src, _ in drawn} == {"data:image/png;base64,"}
+    arms = set(frame.locator("table").first.locator("tbody tr td:first-child").all_inner_texts())
+    assert arms == {c.arm for c in smoke.study.cells}
+    links = frame.locator("a.artifact").evaluate_all("as => as.map(a => a.href)")
+    assert links and all(h.startswith(f"{server}/get-artifact?path=figures%2F") for h in links)
+    csv = next(h for h in links if "table.csv" in h)
+    assert fetch(csv) == (smoke.report / "table.csv").read_bytes()
+    page.screenshot(path=shots / "report_html.png")
+    frame.locator("figure").first.screenshot(path=shots / "report_html_figure.png")  # as drawn in the frame
+
+
+def test_the_parents_report_md_links_its_files_through_the_server(page, smoke, shots):
+    """figures/report.md in MLflow's Markdown view: links to the files beside it open them (not a
+    404 at the server's root), no figure is left as literal '[x](x.png)' text, and it names
+    report.html for the figures."""
+    page.goto(f"/#/experiments/{smoke.experiment}/runs/{smoke.parent}/artifacts/figures/report.md")
+    csv = page.get_by_role("link", name="CSV", exact=True).first
+    csv.wait_for()
+    assert csv.get_attribute("href") == f"get-artifact?path=figures%2Ftable.csv&run_uuid={smoke.parent}"
+    assert fetch(csv.evaluate("a => a.href")) == (smoke.report / "table.csv").read_bytes()
+    assert page.get_by_text(re.compile(r"\]\([a-z_]+\.png\)")).count() == 0
+    assert page.get_by_text("report.html", exact=True).first.is_visible()
+    page.screenshot(path=shots / "report_md.png")
+
+
+def group_by(page, key: str) -> set[str]:
+    """Group the runs table by the tag ``key``; the groups' names once they are drawn."""
+    page.get_by_role("button", name="Group by").click()
+    page.get_by_placeholder("Search").fill(key)
+    # The menu lists Tags, then Params (cells also log 'arm' as a param): the first item after 'Tags'.
+    page.locator("xpath=//div[text()='Tags']/following-sibling::div[@role='menuitemcheckbox'][1]").click()
+    page.keyboard.press("Escape")
+    groups = page.get_by_text(re.compile(r"^Group: "))
+    groups.first.wait_for()
+    time.sleep(1)  # the groups are drawn together, but give the grid a moment to settle
+    return {t.removeprefix("Group: ") for t in groups.all_inner_texts()}
+
+
+def test_the_runs_group_by_arm(page, smoke, shots):
+    page.goto(f"/#/experiments/{smoke.experiment}/runs")
+    assert group_by(page, "arm") == {c.arm for c in smoke.study.cells}
+    page.screenshot(path=shots / "group_by_arm.png")
+
+
+def test_the_runs_group_by_role(page, smoke):
+    """Each cell run's 'role' tag: the baseline, the reference arms, the rest 'arm'."""
+    page.goto(f"/#/experiments/{smoke.experiment}/runs")
+    declared = dict(roles(smoke.study))
+    assert group_by(page, "role") == {declared.get(c.arm, "arm") for c in smoke.study.cells}
+
+
+def test_the_experiment_shows_the_study_description(page, smoke):
+    page.goto(f"/#/experiments/{smoke.experiment}/runs")
+    page.get_by_text(smoke.study.config.description, exact=True).first.wait_for()
