@@ -77,18 +77,24 @@ def _delta_bars(ax: Any, summary: pd.DataFrame, vs: pd.DataFrame) -> None:
     ax.margins(y=0.15)
 
 
-def interaction(grid: pd.DataFrame, metric: str) -> Any:
-    """Interaction plot: structure levels on x, one line per mass, mean ± 95% CI."""
+AXIS = {"structure": "class-similarity structure", "mass": "non-GT mass", "temperature": "temperature T",
+        "alpha": "α", "source": "explanation source", "objective": "objective"}
+
+
+def interaction(grid: pd.DataFrame, metric: str, factors: tuple[str, str] = ("mass", "structure")) -> Any:
+    """Interaction plot: the second factor's levels on x, one line per level of the first, mean ± 95% CI."""
     plt = pyplot()
+    lines, x = factors
     fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.6))
-    structs = list(dict.fromkeys(grid.structure))
-    for j, (mass, g) in enumerate(grid.groupby("mass", sort=False)):
-        m, lo, hi = _mean_ci([g.loc[g.structure == s, metric] for s in structs])
-        ax.errorbar(np.arange(len(structs)) + (j - 0.5) * 0.08, m, yerr=[m - lo, hi - m],
-                    marker="o", ms=3.5, capsize=2.5, lw=1.2, label=mass, color=f"C{j}")
-    ax.set_xticks(range(len(structs)), structs)
-    ax.set(xlabel="class-similarity structure", ylabel=f"{metric} (%)", title="mass × structure")
-    ax.legend(title="non-GT mass", frameon=True)
+    xs = list(dict.fromkeys(grid[x]))
+    for j, (level, g) in enumerate(grid.groupby(lines, sort=False)):
+        m, lo, hi = _mean_ci([g.loc[g[x] == v, metric] for v in xs])
+        ax.errorbar(np.arange(len(xs)) + (j - 0.5) * 0.08, m, yerr=[m - lo, hi - m],
+                    marker="o", ms=3.5, capsize=2.5, lw=1.2, label=f"{level:g}" if isinstance(level, float) else level,
+                    color=f"C{j}")
+    ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else v for v in xs])
+    ax.set(xlabel=AXIS.get(x, x), ylabel=f"{metric} (%)", title=f"{lines} × {x}")
+    ax.legend(title=AXIS.get(lines, lines), frameon=True)
     return fig
 
 

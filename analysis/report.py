@@ -180,27 +180,41 @@ def safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "+-_.=" else "_" for c in name)
 
 
+SYMBOL = {"temperature": "T", "alpha": "α"}
+
+
+def crossing_text(grid: pd.DataFrame, factors: tuple[str, str], left_out: list[str]) -> str:
+    """'Crossing: mass [...] × structure [...] at T = 4, α = 0.9; left out of it: ...'."""
+    held = dec.held_constant(factors)
+    fixed = ", ".join(f"{SYMBOL.get(f, f)} = {dec.label(grid[f].iat[0])}" for f in held)
+    f1, f2 = factors
+    return (f"Crossing: {f1} {[dec.label(v) for v in dict.fromkeys(grid[f1])]} × {f2} "
+            f"{[dec.label(v) for v in dict.fromkeys(grid[f2])]}" + (f" at {fixed}" if fixed else "")
+            + (f"; left out of it: {', '.join(left_out)}" if left_out else ""))
+
+
 def factorial_section(rep: Report, runs: StudyRuns) -> None:
-    """Main effects and interactions of the mass x structure crossing, its table and its plot."""
-    effects = dec.factorial(runs.cells, rep.metric) if runs.study.config.analysis.factorial else pd.DataFrame()
+    """Main effects and interactions of the study's two-factor crossing (mass x structure unless
+    ``analysis.factorial`` names others), its table and its plot."""
+    factors = runs.study.config.analysis.factors()
+    effects = dec.factorial(runs.cells, rep.metric, factors) if factors else pd.DataFrame()
     if effects.empty:
-        if runs.study.config.analysis.factorial:
-            rep.note("Factorial: no complete mass × structure crossing (≥ 2 × 2) among the finished arms.")
+        if factors:
+            rep.note(f"Factorial: no complete {factors[0]} × {factors[1]} crossing (≥ 2 × 2) among the finished arms.")
         return
-    grid, left_out = dec.factorial_cells(runs.cells)
-    rep.heading("Factorial decomposition: mass × structure")
-    rep.paragraph(f"Crossing: mass {list(dict.fromkeys(grid.mass))} × structure "
-                  f"{list(dict.fromkeys(grid.structure))} at T = {grid.temperature.iat[0]:g}, "
-                  f"α = {grid.alpha.iat[0]:g}" + (f"; left out of it: {', '.join(left_out)}" if left_out else "")
+    grid, left_out = dec.factorial_cells(runs.cells, factors)
+    rep.heading(f"Factorial decomposition: {factors[0]} × {factors[1]}")
+    rep.paragraph(crossing_text(grid, factors, left_out)
                   + ". A main effect is a level minus the previous one, averaged over the other factor's levels; "
-                  "an interaction is the difference of those differences (does what the structure adds depend on "
-                  "the mass?). Main effects and interactions form one Holm family.")
+                  f"an interaction is the difference of those differences (does what the {factors[1]} adds depend on "
+                  f"the {factors[0]}?). Main effects and interactions form one Holm family.")
     rep.bullets([tables.sentence(d, d["effect"]) for d in effects.to_dict("records")])
     head, rows = tables.effect_rows(effects)
     rep.table(effects, head, rows, "effects", tables.effects_caption(rep.metric, rep.rule, "Factorial effects",
                                                                      len(effects)))
-    rep.figure(plots.interaction(grid, rep.metric), "interaction",
-               "Interaction plot: mean and 95% CI per mass × structure cell; parallel lines mean no interaction.")
+    rep.figure(plots.interaction(grid, rep.metric, factors), "interaction",
+               f"Interaction plot: mean and 95% CI per {factors[0]} × {factors[1]} cell; parallel lines mean no "
+               "interaction.")
 
 
 def pairs_section(rep: Report, runs: StudyRuns) -> None:
