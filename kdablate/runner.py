@@ -151,7 +151,7 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     final = dict(result.metrics)
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})
-        tracking.set_tags(client, run_id, {"teacher_key": teacher.key})
+        tracking.set_tags(client, run_id, {"kdablate.teacher_key": teacher.key})
     ckpt.clear()
     return final
 
@@ -238,7 +238,9 @@ def run_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], o
     try:
         final = train_cell(client, run_id, cell, opts, on_epoch)
         final["time/wall_s"] = carried + time.time() - t0
-        tracking.log_metrics(client, run_id, final, cell.optim.epochs)
+        # Summaries at step 0: the UI draws a metric whose steps are all 0 as one bar per run,
+        # not as a one-point line (its rule: a line once any run logs it at step >= 1).
+        tracking.log_metrics(client, run_id, final, 0)
     except KeyboardInterrupt:
         tracking.terminate(client, run_id, "KILLED", "interrupted")
         raise

@@ -220,7 +220,7 @@ def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, float], step: i
     """One batch: the metrics at ``step`` and a heartbeat tag, so stale runs can be told apart."""
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                tags=[RunTag("heartbeat", str(now))])
+                tags=[RunTag(HEARTBEAT, str(now))])
 
 
 @retry_locked
@@ -236,9 +236,24 @@ def terminate(c: MlflowClient, run_id: str, status: str, reason: str | None = No
     c.set_terminated(run_id, status)
 
 
+# Bookkeeping tags live under 'kdablate.' so the UI's tag list shows the factors, not the plumbing
+# (the MLflow UI hides only 'mlflow.*'). Stores written before the prefix carry the bare names.
+HEARTBEAT, WORKER_HOST, WORKER_PID = "kdablate.heartbeat", "kdablate.worker_host", "kdablate.worker_pid"
+
+
+def tag(tags: dict[str, str], name: str, default: str = "") -> str:
+    """An internal tag by its 'kdablate.' name, else by its bare name in an older store."""
+    return tags.get(name, tags.get(name.removeprefix("kdablate."), default))
+
+
 def owner_tags() -> dict[str, str]:
     """Which process runs this: stale RUNNING runs are found by host + pid or heartbeat."""
-    return {"worker_host": platform.node(), "worker_pid": str(os.getpid())}
+    return {WORKER_HOST: platform.node(), WORKER_PID: str(os.getpid())}
+
+
+def owner_of(tags: dict[str, str]) -> tuple[str, str]:
+    """(host, pid) of the process that last claimed a run."""
+    return tag(tags, WORKER_HOST), tag(tags, WORKER_PID)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -258,16 +273,16 @@ DEAD = "the process running it died (killed or crashed); rerun resumes it"
 def owner_alive(run: Any, stale_after_s: float = STALE_AFTER_S) -> bool:
     """Whether the process that owns a RUNNING run still runs: by pid on this host, else by the
     age of its heartbeat (a tag refreshed with every epoch's metrics)."""
-    tags = run.data.tags
-    if tags.get("worker_host") == platform.node() and tags.get("worker_pid", "").isdigit():
-        return _pid_alive(int(tags["worker_pid"]))
-    last = float(tags.get("heartbeat", run.info.start_time or 0))
+    host, pid = owner_of(run.data.tags)
+    if host == platform.node() and pid.isdigit():
+        return _pid_alive(int(pid))
+    last = float(tag(run.data.tags, HEARTBEAT) or run.info.start_time or 0)
     return time.time() * 1000 - last <= stale_after_s * 1000
 
 
 def owner(run: Any) -> str:
-    tags = run.data.tags
-    return f"{tags.get('worker_host', '?')} pid {tags.get('worker_pid', '?')}"
+    host, pid = owner_of(run.data.tags)
+    return f"{host or '?'} pid {pid or '?'}"
 
 
 def reap_stale(c: MlflowClient, exp_id: str, stale_after_s: float = STALE_AFTER_S) -> list[str]:
@@ -325,7 +340,7 @@ def claim_cell(c: MlflowClient, exp_id: str, uri: str, config_hash: str, resume:
             return None, False, "finished meanwhile by another process"
         for r in runs:
             if r.info.status == "RUNNING":
-                mine = (r.data.tags.get("worker_host"), r.data.tags.get("worker_pid")) == tuple(owner_tags().values())
+                mine = owner_of(r.data.tags) == owner_of(owner_tags())
                 if owner_alive(r) and not mine:
                     return None, False, f"being trained by {owner(r)}"
                 terminate(c, r.info.run_id, "KILLED", DEAD)
@@ -345,11 +360,10 @@ def _settle(c: MlflowClient, exp_id: str, config_hash: str, run_id: str,
     that started first (then the smaller id) keeps it, and for a reopened run the last owner tag
     written does. The others back off, so exactly one trains."""
     time.sleep(SETTLE_S)
-    me = owner_tags()
     if resumed:
-        tags = c.get_run(run_id).data.tags
-        if (tags.get("worker_host"), tags.get("worker_pid")) != (me["worker_host"], me["worker_pid"]):
-            return None, False, f"being trained by {tags.get('worker_host')} pid {tags.get('worker_pid')}"
+        run = c.get_run(run_id)
+        if owner_of(run.data.tags) != owner_of(owner_tags()):
+            return None, False, f"being trained by {owner(run)}"
         return run_id, True, ""
     rivals = [r for r in cell_runs(c, exp_id, config_hash) if r.info.status == "RUNNING"]
     first = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id))

@@ -62,26 +62,51 @@ def ray_head(tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
 
 
+PLUGIN = '''
+from kdablate.components import STRUCTURES
+from kdablate.components.context import Component
+from kdablate.components.structure import uniform_structure
+
+
+@STRUCTURES.register("raylab_uniform")
+class RayUniform(Component):
+    """A user's structure, known only to Ray workers that import the study's plugins."""
+    static = True
+
+    def __call__(self, ctx):
+        return uniform_structure(ctx.labels, ctx.num_classes)
+'''
+
+
 def test_smoke_study_on_ray_into_a_tracking_server(mlflow_server, ray_head, tmp_path, monkeypatch):
+    """The smoke grid plus a plugin arm: Ray workers import the study's plugin module from the
+    study's folder before they build the cell."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    (tmp_path / "raylab_plugin.py").write_text(PLUGIN)
+    (tmp_path / "raysmoke.yaml").write_text(f"""
+extends: {ROOT / "studies" / "smoke.yaml"}
+plugins: [raylab_plugin]
+arms: [{{name: mine, mass: {{name: constant, eps: 0.1}}, structure: raylab_uniform, alpha: 1.0}}]
+""")
     out = subprocess.run(
-        [sys.executable, "-m", "kdablate.cli", "run", str(ROOT / "studies" / "smoke.yaml"), "--executor", "ray",
+        [sys.executable, "-m", "kdablate.cli", "run", "raysmoke.yaml", "--executor", "ray",
          "--address", ray_head, "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    study = load_study(ROOT / "studies" / "smoke.yaml")
+    study = load_study(tmp_path / "raysmoke.yaml")
     client = tracking.client(mlflow_server)
-    runs = tracking.search_cells(client, client.get_experiment_by_name("smoke").experiment_id)
+    exp_id = client.get_experiment_by_name("raysmoke").experiment_id
+    runs = tracking.search_cells(client, exp_id)
     assert sorted(r.data.tags["config_hash"] for r in runs) == sorted(c.config_hash() for c in study.cells)
     assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.run_name for r in runs} >= {"mine/seed0", "mine/seed1"}
     # Ray ran the cells in its own worker processes, not in the driver that opened the study run.
-    exp_id = client.get_experiment_by_name("smoke").experiment_id
-    driver = client.search_runs([exp_id], "tags.kind = 'study'")[0].data.tags["worker_pid"]
-    assert driver not in {r.data.tags["worker_pid"] for r in runs}
+    driver = client.search_runs([exp_id], "tags.kind = 'study'")[0].data.tags["kdablate.worker_pid"]
+    assert driver not in {r.data.tags["kdablate.worker_pid"] for r in runs}
     assert "config.json" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
     # The report reads the same runs back through the server (artifacts proxied over HTTP).
     from analysis import report
 
-    assert report.main([str(ROOT / "studies" / "smoke.yaml"), "--out", str(tmp_path / "figures")]) == 0
-    assert (tmp_path / "figures" / "smoke" / "calibration.png").stat().st_size > 0
-    assert f"read from `{mlflow_server}`" in (tmp_path / "figures" / "smoke" / "report.md").read_text()
+    assert report.main([str(tmp_path / "raysmoke.yaml"), "--out", str(tmp_path / "figures")]) == 0
+    assert (tmp_path / "figures" / "raysmoke" / "calibration.png").stat().st_size > 0
+    assert f"read from `{mlflow_server}`" in (tmp_path / "figures" / "raysmoke" / "report.md").read_text()

@@ -106,7 +106,7 @@ def test_two_workers_share_one_sqlite_store_without_loss_or_duplicates(mlflow_st
     assert set(by) == {"FINISHED"}
     hashes = [r.data.tags["config_hash"] for r in by["FINISHED"]]
     assert sorted(hashes) == sorted(c.config_hash() for c in study.cells)
-    assert len({r.data.tags["worker_pid"] for r in by["FINISHED"]}) == 2  # both workers did work
+    assert len({r.data.tags["kdablate.worker_pid"] for r in by["FINISHED"]}) == 2  # both workers did work
     assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1  # one teacher, trained once
 
 
@@ -117,7 +117,7 @@ def test_every_run_records_its_provenance(mlflow_store, tmp_path):
     t = run.data.tags
     assert t["torch_version"].startswith("2.") and t["device"] == "cpu" and t["threads"] == "1"
     assert t["deterministic"] == "true" and t["seed"] in {"0", "1", "2"}
-    assert {"git_commit", "git_dirty", "host", "worker_pid"} <= set(t)
+    assert {"git_commit", "git_dirty", "host", "kdablate.worker_pid", "kdablate.heartbeat"} <= set(t)
     assert run.data.metrics["time/wall_s"] > 0
 
 

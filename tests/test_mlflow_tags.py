@@ -32,3 +32,30 @@ def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
     # Tagged arms are one search away in the UI (tags.role / tags.mass are plain equality filters).
     found = client.search_runs([exp.experiment_id], "tags.role = 'baseline'")
     assert [r.info.run_name for r in found] == ["ce/seed0"]
+    # Summaries at step 0 (the UI draws them as bars); per-epoch curves from step 1.
+    history = client.get_metric_history(runs["ce/seed0"].info.run_id, "report/test_acc")
+    assert [h.step for h in history] == [0]
+    assert [h.step for h in client.get_metric_history(runs["ce/seed0"].info.run_id, "val/acc")] == [1]
+    # The plumbing lives under 'kdablate.', out of the factor tags' way.
+    assert {"kdablate.heartbeat", "kdablate.worker_pid", "kdablate.worker_host"} <= set(ce)
+    assert not {"heartbeat", "worker_pid", "worker_host"} & set(ce)
+    assert "kdablate.teacher_key" in kd
+
+
+class _Run:
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.data = type("D", (), {"tags": tags})()
+        self.info = type("I", (), {"start_time": 0})()
+
+
+def test_owner_tags_of_an_older_store_are_still_read():
+    """A store written before the 'kdablate.' prefix: its running cells are judged by the bare tags."""
+    import os
+    import platform
+
+    live = _Run({"worker_host": platform.node(), "worker_pid": str(os.getpid())})
+    assert tracking.owner_alive(live) and tracking.owner(live) == f"{platform.node()} pid {os.getpid()}"
+    stale = _Run({"worker_host": "elsewhere", "worker_pid": "1", "heartbeat": "0"})
+    assert not tracking.owner_alive(stale)
+    new = _Run({tracking.WORKER_HOST: "elsewhere", tracking.WORKER_PID: "1", tracking.HEARTBEAT: "0"})
+    assert not tracking.owner_alive(new) and tracking.owner(new) == "elsewhere pid 1"
