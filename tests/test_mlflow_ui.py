@@ -245,3 +245,34 @@ def test_the_runs_group_by_role(page, smoke):
 def test_the_experiment_shows_the_study_description(page, smoke):
     page.goto(f"/#/experiments/{smoke.experiment}/runs")
     page.get_by_text(smoke.study.config.description, exact=True).first.wait_for()
+
+
+PLOT_TRACES = """card => ({
+    bars: card.querySelectorAll('.main-svg g.barlayer .trace.bars .point path').length,
+    lines: card.querySelectorAll('.main-svg g.scatterlayer .trace.scatter .lines path.js-line').length,
+    x: (card.querySelector('.main-svg .g-xtitle text') || {}).textContent || '',
+})"""
+
+
+def test_the_chart_view_draws_summaries_as_bars_and_epochs_as_lines(page, smoke, shots):
+    """The runs page's chart view, with the parent unfolded so its cells are charted: a cell's
+    summary metric (logged at step 0) is drawn as a bar chart, a per-epoch metric (logged at steps
+    1..epochs; one epoch here) as a line chart over steps. The UI picks a line chart when some run's
+    latest step of the metric is >= 1, a bar chart otherwise: plotly's bar traces in the first card,
+    its scatter traces (with their line paths) and a 'Step' x axis in the second."""
+    page.goto(f"/#/experiments/{smoke.experiment}/runs?compareRunsMode=CHART")
+    parent = page.locator(f'.ag-row[row-id="{smoke.parent}"]').first
+    parent.wait_for()
+    parent.locator('button[data-component-id*="runnamecellrenderer"]').click()  # chart the cells, not the parent
+    wait_until(lambda: row_ids(page) == {smoke.parent, *smoke.children}, what="the child runs")
+    # The charts are drawn only when scrolled into view: the search (a regex) leaves just these two.
+    page.get_by_placeholder("Search metric charts").fill("^(report/test_acc|val/acc)$")
+    cards = page.get_by_test_id("experiment-view-compare-runs-card")
+    card = {name: cards.filter(has=page.locator(f'h4[title="{name}"]')) for name in ("report/test_acc", "val/acc")}
+    drawn = wait_until(lambda: (found := {name: c.evaluate(PLOT_TRACES) for name, c in card.items() if c.count()})
+                       and len(found) == 2 and all(t["bars"] or t["lines"] for t in found.values()) and found,
+                       what="both charts to be drawn")
+    assert drawn["report/test_acc"]["bars"] > 0 and drawn["report/test_acc"]["lines"] == 0, drawn
+    assert drawn["val/acc"]["lines"] > 0 and drawn["val/acc"]["bars"] == 0, drawn
+    assert drawn["val/acc"]["x"] == "Step", drawn
+    page.screenshot(path=shots / "chart_view.png")
