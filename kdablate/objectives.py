@@ -143,6 +143,13 @@ class Objective(abc.ABC):
             parts["entropy"] = h.detach()
         return parts
 
+    @property
+    def stackable(self) -> bool:
+        """Whether the loss reads only its seed's own logits, labels, targets, teacher logits and
+        generator: never a model, features or inputs. Only then may the seeds of an arm train as
+        one stacked model (``kdablate.stacked``). Off unless an objective says so."""
+        return False
+
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
         """(N, K) q of every sample in ``ctx`` when it depends on nothing that changes in
         training (see ``Component.static``), so the trainer may build it once; else None."""
@@ -184,6 +191,11 @@ class SoftTargetObjective(Objective):
     def static(self) -> bool:
         """q is a fixed function of each sample's label and cached teacher logits."""
         return self.alpha != 0 and self.mass.static and self.structure.static and not self.structure.differentiable
+
+    @property
+    def stackable(self) -> bool:  # type: ignore[override]
+        """CE alone, or a target whose components read no model (``Component.reads_model``)."""
+        return self.alpha == 0 or not (self.mass.reads_model or self.structure.reads_model)
 
     def target(self, ctx: TargetContext) -> torch.Tensor:
         """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
@@ -237,6 +249,7 @@ class DKDObjective(Objective):
         beta: float = 8.0
 
     needs = Need.TEACHER
+    stackable = True  # reads the batch's logits, labels and teacher logits only
 
     def loss(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(logits, ctx.labels)

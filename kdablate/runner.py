@@ -25,17 +25,18 @@ from typing import Any, Callable
 
 import torch
 
-from kdablate import hardware, tracking
+from kdablate import hardware, stacked, tracking
 from kdablate.compose import import_plugins
 from kdablate.components import Need
 from kdablate.config import CellConfig, flatten
 from kdablate.data import DataBundle, load_dataset
+from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
 from kdablate.saved import save_student
 from kdablate.storage import Checkpoint
 from kdablate.study import Study
 from kdablate.teacher import Teacher, get_teacher
-from kdablate.trainer import Runtime, fit
+from kdablate.trainer import FitResult, Runtime, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,8 @@ class RunOptions:
     plugin_dir: str = ""  # the study file's folder, where plugin modules may lie
     gpus_per_cell: float = 0.25  # the fraction of a GPU a Ray task of one cell requests
     roles: tuple[tuple[str, str], ...] = ()  # arm -> 'baseline' / 'reference' (the rest: 'arm'), a run tag
+    stack: str = "auto"  # train an arm's seeds as one stacked model: 'auto' (where faster), 'on', 'off'
+    stack_max: int = 16  # at most this many seeds in one stack
     # teacher key -> why it cannot be used (it diverged or failed to train), found by
     # ensure_teachers before the cells fan out, so no worker trains it again.
     teacher_failures: tuple[tuple[str, str], ...] = ()
@@ -128,20 +131,41 @@ def load_teacher(cell: CellConfig, data: DataBundle, opts: RunOptions, runtime: 
 
 
 def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opts: RunOptions,
-               on_epoch: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
-    """Train one cell, logging per-epoch metrics into ``run_id``; returns the reported metrics."""
+               on_epoch: Callable[[int, dict[str, float]], None],
+               before_save: Callable[[], None] | None = None) -> dict[str, float]:
+    """Train one cell, handing each epoch's metrics to ``on_epoch``; returns the reported metrics.
+    ``before_save`` runs before each checkpoint is written."""
     runtime = opts.runtime()
-    data = load_dataset(cell.data.name, cell.data.params)
-    if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
-        data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
+    data = cell_data(cell, runtime)
     tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
     teacher = load_teacher(cell, data, opts, runtime)
     # The teacher, resolved once into what the trainer reads: cached logits, cached views or online.
     signal = None if teacher is None else teacher.signal(cell, data, runtime)
-    ckpt = Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id}, key=cell.config_hash(),
-                      every_s=opts.checkpoint_every_s)
+    ckpt = cell_checkpoint(cell, opts, run_id, before_save)
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed, teacher=signal, report=cell.report,
                  on_epoch=on_epoch, checkpoint=ckpt, runtime=runtime)
+    final = record_result(client, run_id, cell, result, teacher, data)
+    ckpt.clear()
+    return final
+
+
+def cell_data(cell: CellConfig, runtime: Runtime) -> DataBundle:
+    data = load_dataset(cell.data.name, cell.data.params)
+    if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
+        data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
+    return data
+
+
+def cell_checkpoint(cell: CellConfig, opts: RunOptions, run_id: str,
+                    before_save: Callable[[], None] | None = None) -> Checkpoint:
+    return Checkpoint(checkpoint_path(cell, opts), opts.checkpoint_every, {"run_id": run_id}, key=cell.config_hash(),
+                      every_s=opts.checkpoint_every_s, before_save=before_save)
+
+
+def record_result(client: tracking.MlflowClient, run_id: str, cell: CellConfig, result: FitResult,
+                  teacher: Teacher | None, data: DataBundle) -> dict[str, float]:
+    """Log a trained cell's artifacts (similarities, calibration, the student if asked); its
+    reported metrics with the teacher's."""
     for name, matrix in result.artifacts.items():
         client.log_text(run_id, json.dumps(matrix.tolist()), f"similarity/{name}.json")
     for split, bins in result.calibration.items():
@@ -152,7 +176,6 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})
         tracking.set_tags(client, run_id, {"kdablate.teacher_key": teacher.key})
-    ckpt.clear()
     return final
 
 
@@ -224,36 +247,158 @@ def run_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], o
     run_id, resumed, why = open_run(client, exp_id, parent, cell, opts, tags)
     if run_id is None:
         return CellOutcome(cell.arm, cell.seed, "SKIPPED", why)
-    carried, logged = tracking.resume_point(client, run_id, resumed) if resumed else (0.0, 0)
+    return train_claimed(client, cell, run_id, resumed, opts)
+
+
+def train_claimed(client: tracking.MlflowClient, cell: CellConfig, run_id: str, resumed: int,
+                  opts: RunOptions) -> CellOutcome:
+    """Train a cell this process has claimed (``open_run``), resuming after epoch ``resumed``."""
+    carried, logged = tracking.resume_point(client, run_id, resumed)
     t0 = time.time()
     bar = cell_bar(cell, opts)
+    buffer = tracking.MetricBuffer(client, run_id)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch > logged:  # an epoch retrained after a resume is logged once
-            tracking.log_metrics(client, run_id, {**metrics, "time/elapsed_s": carried + time.time() - t0}, epoch)
+            buffer.add({**metrics, "time/elapsed_s": carried + time.time() - t0}, epoch)
         if bar is not None:
             bar.update(epoch - bar.n)
             bar.set_postfix({"val/acc": f"{metrics['val/acc']:.3f}"})
 
     try:
-        final = train_cell(client, run_id, cell, opts, on_epoch)
+        final = train_cell(client, run_id, cell, opts, on_epoch, buffer.flush)
         final["time/wall_s"] = carried + time.time() - t0
-        # Summaries at step 0: the UI draws a metric whose steps are all 0 as one bar per run,
-        # not as a one-point line (its rule: a line once any run logs it at step >= 1).
-        tracking.log_metrics(client, run_id, final, 0)
+        buffer.flush()
+        finish(client, run_id, final)
     except KeyboardInterrupt:
-        tracking.terminate(client, run_id, "KILLED", "interrupted")
+        end(client, run_id, buffer, "KILLED", "interrupted")
         raise
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the study
-        tracking.terminate(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        end(client, run_id, buffer, "FAILED", f"{type(e).__name__}: {e}")
         return CellOutcome(cell.arm, cell.seed, "FAILED", f"{type(e).__name__}: {e}")
     finally:
         if bar is not None:
             bar.close()
+    return finished(cell, final, resumed)
+
+
+def end(client: tracking.MlflowClient, run_id: str, buffer: tracking.MetricBuffer, status: str, why: str) -> None:
+    """End a run that did not finish, its curves written up to where it stopped."""
+    try:
+        buffer.flush()
+    finally:
+        tracking.terminate(client, run_id, status, why)
+
+
+def finish(client: tracking.MlflowClient, run_id: str, final: dict[str, float]) -> None:
+    # Summaries at step 0: the UI draws a metric whose steps are all 0 as one bar per run,
+    # not as a one-point line (its rule: a line once any run logs it at step >= 1).
+    tracking.log_metrics(client, run_id, final, 0)
     tracking.terminate(client, run_id, "FINISHED")
+
+
+def finished(cell: CellConfig, final: dict[str, float], resumed: int, how: str = "") -> CellOutcome:
     note = f" (resumed after epoch {resumed})" if resumed else ""
     return CellOutcome(cell.arm, cell.seed, "FINISHED", f"test/acc {final['report/test_acc']:.4f} "
-                       f"(val {final['report/val_acc']:.4f}, {final['time/wall_s']:.1f}s){note}")
+                       f"(val {final['report/val_acc']:.4f}, {final['time/wall_s']:.1f}s{how}){note}")
+
+
+# Models whose stacked step is faster on a CPU (``make bench``, the 'stacked seeds' rows): the MLP
+# and the 1-D CNN. A CIFAR ResNet's grouped convolutions are slower there, so it stacks only on CUDA.
+STACK_ON_CPU = ("mlp", "cnn1d")
+
+
+def stacks(cell: CellConfig, opts: RunOptions) -> bool:
+    """Whether ``opts.stack`` asks this cell's seeds to train stacked."""
+    if opts.stack == "auto":
+        return opts.runtime().device.startswith("cuda") or cell.student.name in STACK_ON_CPU
+    return opts.stack == "on"
+
+
+def work_units(cells: list[CellConfig], opts: RunOptions) -> list[list[CellConfig]]:
+    """The cells as units of work, in order: the seeds of one cell config together (at most
+    ``stack_max``) where they stack, else one cell each."""
+    groups: dict[str, list[CellConfig]] = {}
+    for cell in cells:
+        key = stable_hash({**cell.model_dump(mode="json"), "seed": None}) if stacks(cell, opts) else cell.config_hash()
+        groups.setdefault(key, []).append(cell)
+    return [g[i : i + opts.stack_max] for g in groups.values() for i in range(0, len(g), opts.stack_max)]
+
+
+def run_unit(cells: list[CellConfig], exp_id: str, parent: str, tags: dict[str, str],
+             opts: RunOptions) -> list[CellOutcome]:
+    """A unit of work: one cell, or the seeds of one cell trained as one stack (``kdablate.stacked``).
+    A stack that cannot train (its objective reads the model, its seeds' checkpoints disagree, or
+    it fails) trains its seeds one by one, with a message, so every seed keeps its own outcome."""
+    if len(cells) == 1:
+        return [run_cell(cells[0], exp_id, parent, tags, opts)]
+    client = tracking.client(opts.uri)
+    outcomes, claimed = [], []
+    for cell in cells:
+        run_id, resumed, why = open_run(client, exp_id, parent, cell, opts, tags)
+        if run_id is None:
+            outcomes.append(CellOutcome(cell.arm, cell.seed, "SKIPPED", why))
+        else:
+            claimed.append((cell, run_id, resumed))
+    try:
+        return outcomes + train_stack(client, claimed, opts)
+    except KeyboardInterrupt:
+        for _, run_id, _ in claimed:
+            tracking.terminate(client, run_id, "KILLED", "interrupted")
+        raise
+    except Exception as e:  # noqa: BLE001 - the seeds then train alone, each with its own outcome
+        if claimed:
+            print(f"note: {claimed[0][0].arm}: {len(claimed)} seed(s) train one by one, not stacked: "
+                  f"{type(e).__name__}: {e}", flush=True)
+    for cell, run_id, _ in claimed:
+        saved = Checkpoint(checkpoint_path(cell, opts), key=cell.config_hash()).load()
+        outcomes.append(train_claimed(client, cell, run_id, saved["epoch"] if saved else 0, opts))
+    return outcomes
+
+
+class StackRefused(RuntimeError):
+    """These seeds do not stack (``kdablate.stacked.refusal`` says why)."""
+
+
+def train_stack(client: tracking.MlflowClient, claimed: list[tuple[CellConfig, str, int]],
+                opts: RunOptions) -> list[CellOutcome]:
+    """Train claimed seeds of one cell config as one stack; each seed logs to its own run."""
+    if len(claimed) < 2:
+        raise StackRefused("fewer than two seeds to train")
+    cells, runs = [c for c, _, _ in claimed], [r for _, r, _ in claimed]
+    runtime = opts.runtime()
+    data = cell_data(cells[0], runtime)
+    teachers = [load_teacher(cell, data, opts, runtime) for cell in cells]
+    signals = [None if t is None else t.signal(c, data, runtime) for t, c in zip(teachers, cells)]
+    why = stacked.refusal(cells[0].student, cells[0].knowledge, signals, runtime)
+    if why:
+        raise StackRefused(why)
+    points = [tracking.resume_point(client, r, e) for _, r, e in claimed]
+    t0, size = time.time(), len(cells)
+    buffers = [tracking.MetricBuffer(client, r) for r in runs]
+
+    def on_epoch(s: int, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch > points[s][1]:  # each seed's time is its share of the stack's
+            buffers[s].add({**metrics, "time/elapsed_s": points[s][0] + (time.time() - t0) / size}, epoch)
+
+    ckpts = [cell_checkpoint(c, opts, r, b.flush) for c, r, b in zip(cells, runs, buffers)]
+    for cell, run_id in zip(cells, runs):
+        tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
+        tracking.set_tags(client, run_id, {"kdablate.stacked": str(size)})
+    try:
+        results = stacked.fit_stacked(cells[0].student, data, cells[0].optim, cells[0].knowledge,
+                                      [c.seed for c in cells], signals, cells[0].report, on_epoch, ckpts, runtime)
+    finally:  # the curves so far, also when the stack fails and its seeds go on alone
+        for b in buffers:
+            b.flush()
+    outcomes = []
+    for (cell, run_id, resumed), result, teacher, ckpt, point in zip(claimed, results, teachers, ckpts, points):
+        final = record_result(client, run_id, cell, result, teacher, data)
+        final["time/wall_s"] = point[0] + (time.time() - t0) / size
+        finish(client, run_id, final)
+        ckpt.clear()
+        outcomes.append(finished(cell, final, resumed, f", 1/{size} of a stack"))
+    return outcomes
 
 
 def cell_bar(cell: CellConfig, opts: RunOptions) -> Any:
@@ -272,24 +417,24 @@ def _init_worker(threads: int, plugins: tuple[str, ...] = (), plugin_dir: str = 
         import_plugins(list(plugins), Path(plugin_dir or "."))
 
 
-def _run_sequential(cells: list[CellConfig], args: tuple, opts: RunOptions):
-    for cell in cells:
-        yield run_cell(cell, *args, opts)
+def _run_sequential(units: list[list[CellConfig]], args: tuple, opts: RunOptions):
+    for unit in units:
+        yield from run_unit(unit, *args, opts)
 
 
-def _run_processes(cells: list[CellConfig], args: tuple, opts: RunOptions):
+def _run_processes(units: list[list[CellConfig]], args: tuple, opts: RunOptions):
     import concurrent.futures as cf
     import multiprocessing as mp
 
     # spawn, not fork: forking a process that already runs torch / OpenMP threads is unsafe.
     with cf.ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                 initargs=(opts.threads, opts.plugins, opts.plugin_dir)) as pool:
-        devices = placements(len(cells), opts.runtime().device, torch.cuda.device_count())
-        futures = [pool.submit(run_cell, cell, *args, dataclasses.replace(opts, device=d))
-                   for cell, d in zip(cells, devices)]
+        devices = placements(len(units), opts.runtime().device, torch.cuda.device_count())
+        futures = [pool.submit(run_unit, unit, *args, dataclasses.replace(opts, device=d))
+                   for unit, d in zip(units, devices)]
         try:
             for future in cf.as_completed(futures):
-                yield future.result()
+                yield from future.result()
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -311,23 +456,24 @@ def ray_resources(opts: RunOptions) -> dict[str, float]:
     return {"num_cpus": opts.threads, "num_gpus": gpus}
 
 
-def _run_ray(cells: list[CellConfig], args: tuple, opts: RunOptions):
+def _run_ray(units: list[list[CellConfig]], args: tuple, opts: RunOptions):
     import ray
 
     ray.init(address=opts.address, log_to_driver=False, ignore_reinit_error=True)
-    task = ray.remote(**ray_resources(opts))(_ray_cell)
-    pending = [task.remote(cell, *args, opts) for cell in cells]
+    task = ray.remote(**ray_resources(opts))(_ray_unit)
+    pending = [task.remote(unit, *args, opts) for unit in units]
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
+            yield from ray.get(ready[0])
     finally:
         ray.shutdown()
 
 
-def _ray_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], opts: RunOptions) -> CellOutcome:
+def _ray_unit(cells: list[CellConfig], exp_id: str, parent: str, tags: dict[str, str],
+              opts: RunOptions) -> list[CellOutcome]:
     _init_worker(opts.threads, opts.plugins, opts.plugin_dir)
-    return run_cell(cell, exp_id, parent, tags, opts)
+    return run_unit(cells, exp_id, parent, tags, opts)
 
 
 def resolve(opts: RunOptions) -> RunOptions:
@@ -425,7 +571,8 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     try:
         opts = ensure_teachers(pending, opts)
         execute = {"local": _run_processes if opts.workers > 1 else _run_sequential, "ray": _run_ray}[opts.executor]
-        failed = report_progress(execute(pending, (exp_id, parent, tags), opts), len(pending), study.name, opts)
+        units = work_units(pending, opts)
+        failed = report_progress(execute(units, (exp_id, parent, tags), opts), len(pending), study.name, opts)
     except KeyboardInterrupt:
         tracking.terminate(client, parent, "KILLED", "interrupted")
         raise
@@ -448,7 +595,7 @@ def start_parent(client: tracking.MlflowClient, exp_id: str, study: Study, opts:
     """The invocation's parent run, with the study file, its command-line overrides and subset
     recorded; returns (its id, the tags every cell run shares)."""
     tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads, opts.runtime())}
-    extra = {"kind": "study", "workers": str(opts.workers), "cells_selected": str(len(study.cells)),
+    extra = {"kind": "study", "workers": str(opts.workers), "stack": opts.stack, "cells_selected": str(len(study.cells)),
              "overrides": " ".join(study.overrides) or "none", "plugins": ",".join(study.plugins) or "none"}
     parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 {**tags, **tracking.owner_tags(), **extra})

@@ -199,6 +199,8 @@ class Checkpoint:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     key: str = ""
     every_s: float = 0.0
+    # Called before each save: the runner writes the metrics of the epochs the state covers first.
+    before_save: Callable[[], None] | None = dataclasses.field(default=None, compare=False, repr=False)
     # When the clock started or the last save was: mutable state of a frozen record.
     _since: list[float] = dataclasses.field(default_factory=lambda: [time.monotonic()], compare=False, repr=False)
 
@@ -234,6 +236,8 @@ class Checkpoint:
 
     def save(self, state: dict[str, Any]) -> None:
         """Atomically write ``state`` (tensors, numbers, strings) with ``meta``; StorageError on failure."""
+        if self.before_save is not None:
+            self.before_save()
 
         def write(fh: IO[bytes]) -> None:
             header, payload = pack_checkpoint({**state, "meta": self.meta}, self.identity)

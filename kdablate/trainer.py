@@ -192,12 +192,13 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stream)
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, steps: int,
+def make_optimizer(model: nn.Module | Sequence[torch.Tensor], cfg: OptimConfig, steps: int,
                    steps_per_epoch: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD over ``model``'s parameters (or a list of leaf tensors) and its per-step LR schedule."""
     # foreach: one multi-tensor kernel per update op instead of one op per parameter (the
     # single-tensor default on CPU). The same arithmetic in the same order: bit-identical.
     opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        model.parameters() if isinstance(model, nn.Module) else list(model), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay, foreach=True,
     )
     if cfg.schedule == "cosine":

@@ -47,20 +47,23 @@ def runs_by_status(study_name: str) -> dict[str, list]:
     return out
 
 
-def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store, tmp_path):
+@pytest.mark.parametrize("stack, done_first, mid_way", [("off", 2, 1), ("on", 3, 3)])
+def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store, tmp_path, stack, done_first, mid_way):
+    """Killed mid-cell (unstacked: one cell; stacked: the 3 seeds of an arm at once), the rerun
+    resumes each interrupted cell in its own run from its own checkpoint."""
     path = write_study(tmp_path, epochs=25)
     study = load_study(path)
     proc = subprocess.Popen([sys.executable, "-m", "kdablate.cli", "run", str(path), "--no-progress",
-                             "--checkpoint-every", "1"], cwd=tmp_path,
+                             "--checkpoint-every", "1", "--stack", stack], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client, deadline = tracking.client(), time.time() + 120
-    while time.time() < deadline:  # kill once two cells finished and a third is mid-way
+    while time.time() < deadline:  # kill once some cells (a whole stack) finished and another is mid-way
         exp = client.get_experiment_by_name("engine")
         runs = tracking.search_cells(client, exp.experiment_id) if exp else []
         statuses = [r.info.status for r in runs]
         running = [r for r in runs if r.info.status == "RUNNING"]
         # Two logged epochs: the epoch-1 checkpoint is saved before epoch 2 is logged.
-        if statuses.count("FINISHED") >= 2 and running and \
+        if statuses.count("FINISHED") >= done_first and running and \
                 len(client.get_metric_history(running[0].info.run_id, "val/acc")) >= 2:
             break
         time.sleep(0.05)
@@ -68,7 +71,7 @@ def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store
     proc.wait()
     before = runs_by_status("engine")
     assert before.get("RUNNING"), "the kill should have caught a cell mid-way"
-    rerun = cli("run", str(path), "--no-progress", "--checkpoint-every", "1", cwd=tmp_path)
+    rerun = cli("run", str(path), "--no-progress", "--checkpoint-every", "1", "--stack", stack, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert "interrupted run(s) marked KILLED" in rerun.stdout and "(resumed after epoch" in rerun.stdout
     after = runs_by_status("engine")
@@ -76,10 +79,10 @@ def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store
     finished = [r.data.tags["config_hash"] for r in after["FINISHED"]]
     assert sorted(finished) == sorted(c.config_hash() for c in study.cells)  # exactly one per cell
     resumed = [r for r in after["FINISHED"] if "resumed_from_epoch" in r.data.tags]
-    assert len(resumed) == 1
+    assert len(resumed) == mid_way
+    for run in resumed:  # a complete curve across the crash, no epoch twice
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == list(range(1, 26))
     run_id = resumed[0].info.run_id
-    steps = [m.step for m in client.get_metric_history(run_id, "val/acc")]
-    assert sorted(steps) == list(range(1, 26))  # a complete curve across the crash, no epoch twice
     # Wall time accumulates: it includes what the first attempt spent reaching the checkpoint.
     epoch = int(resumed[0].data.tags["resumed_from_epoch"])
     before_kill = next(m.value for m in client.get_metric_history(run_id, "time/elapsed_s") if m.step == epoch)

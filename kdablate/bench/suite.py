@@ -15,8 +15,9 @@ for the default data (MNIST-1D-shaped signals, MLP student, K = 10) and for
   ``--compile`` torch.compile;
 * ``il`` (``kdablate.bench.explain``): an IL step per explanation source against a CE step, and
   saliency exact and sketched (``sketch`` = m) at K = 10 and 100 on the MLP and the 1-D CNN;
-* ``system`` (``kdablate.bench.system``): a study of 8 cells with 2 workers against 1, and
-  peak RSS of a cell, of the study, and of a ResNet-20 cell.
+* ``system`` (``kdablate.bench.system``, ``kdablate.bench.stacking``): a study of 8 cells with
+  2 workers against 1, peak RSS of a cell, of the study, and of a ResNet-20 cell; seeds
+  trained stacked against one by one (an epoch per model, and the 8-cell study).
 
 Timings run on ``--threads`` torch threads (default 1, as each cell of a study does).
 """
@@ -33,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from kdablate.bench import explain as bench_explain, levers as bench_levers, system as bench_system, trainer as bench_trainer
+from kdablate.bench import explain as bench_explain, levers as bench_levers, stacking as bench_stacking
+from kdablate.bench import system as bench_system, trainer as bench_trainer
 from kdablate.bench.core import FULL, QUICK, Row, Scale, table
 
 SECTIONS = ("trainer", "levers", "il", "system")
@@ -60,7 +62,8 @@ def trainer_section(scale: Scale, _compile: bool) -> list[Row]:
 
 
 def system_section(scale: Scale, _compile: bool) -> list[Row]:
-    return bench_system.study_rows(scale) + bench_system.overhead_rows(scale) + [bench_system.resnet_memory_row(scale)]
+    return (bench_system.study_rows(scale) + bench_system.overhead_rows(scale) + [bench_system.resnet_memory_row(scale)]
+            + bench_stacking.all_rows(scale))
 
 
 RUNNERS: dict[str, Callable[[Scale, bool], list[Row]]] = {

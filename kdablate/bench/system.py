@@ -93,16 +93,17 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return wall, dict(zip(("rss", "pss", "anon"), (k / 1024 for k in peak)))
 
 
-def run_study(study: Path, workers: int, folder: Path, checkpoint: str = "0") -> tuple[float, dict[str, float]]:
-    """The study through the CLI with ``workers`` workers into a fresh store ``folder/last``;
-    (wall s, peak MiB)."""
+def run_study(study: Path, workers: int, folder: Path, checkpoint: str = "0",
+              extra: tuple[str, ...] = ()) -> tuple[float, dict[str, float]]:
+    """The study through the CLI with ``workers`` workers (and ``extra`` options) into a fresh
+    store ``folder/last``; (wall s, peak MiB)."""
     store = folder.resolve() / "last"
     if store.exists():
         store.rename(folder.resolve() / f"w{workers}-{time.time_ns()}")
     store.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlruns.db"}
     cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), "--workers", str(workers), "--no-progress",
-           "--checkpoint-every", checkpoint, "--device", "cpu", "--cache-dir", str(store / "cache")]
+           "--checkpoint-every", checkpoint, "--device", "cpu", "--cache-dir", str(store / "cache"), *extra]
     return run_measured(cmd, env)
 
 

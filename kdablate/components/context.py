@@ -109,11 +109,15 @@ class Component(abc.ABC):
     so the study checks it at load and the trainer loads only what a cell uses. ``differentiable`` components let gradients flow through the target.
     ``static`` components are a fixed function of (labels, cached teacher logits, T,
     class_groups) per sample, so the trainer may build their target once per epoch.
+    ``reads_model`` components read a model (explanations): their arms train unstacked.
     """
 
     needs: Need = Need.NONE
     differentiable: bool = False
     static: bool = False
+    # Reads a model, the inputs or the features (explanations). A stacked step hands its
+    # components none of these, so one that reads them without saying so fails loudly there.
+    reads_model: bool = False
 
     def __init__(self, params: object) -> None:
         self.params = params

@@ -131,6 +131,8 @@ def gram(maps: torch.Tensor, centre: bool = False) -> torch.Tensor:
 class ExplanationStructure(Component):
     """r from the similarity of per-class explanations; see the module docstring."""
 
+    reads_model = True
+
     @dataclasses.dataclass(frozen=True)
     class Params:
         source: str = "saliency"

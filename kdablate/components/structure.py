@@ -134,6 +134,7 @@ class PermutedStructure(Component):
         self.base = STRUCTURES.build(params.base, params.base_params)
         self.needs = self.base.needs
         self.differentiable = self.base.differentiable
+        self.reads_model = self.base.reads_model
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return permute_nongt(self.base(ctx), ctx.labels, ctx.generator)

@@ -1,0 +1,78 @@
+"""Seed-stacked training rows: S seeds as one stacked model against S models one after another.
+
+* step rows: one epoch of S seeds through ``kdablate.stacked.stacked_epoch`` against S calls of
+  ``kdablate.trainer.train_epoch``, on the same data, for the MLP and the 1-D CNN of the
+  default data and a CIFAR ResNet: these decide where ``--stack auto`` stacks on a CPU;
+* the study row: the same 8-cell grid through the CLI with ``--stack on`` against ``--stack
+  off`` (wall time of the whole process), the issue's target (>= x3).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdablate.bench.core import Row, Scale, interleave, ratio, synthetic
+from kdablate.bench.system import run_study, write_study
+from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+from kdablate.data import DataBundle
+from kdablate.stacked import build_stack, stacked_epoch
+from kdablate.trainer import CPU, NO_TEACHER, make_member, seeded_generator, train_epoch
+
+SEEDS = 10  # the default study's seeds per arm
+
+
+def epoch_variants(spec: ModelSpec, data: DataBundle, seeds: int, batch: int) -> dict:
+    """'stacked' and 'one by one': an epoch of ``seeds`` seeds each way (CE, the same inits)."""
+    optim, knowledge = OptimConfig(epochs=1, batch_size=batch), KnowledgeConfig()
+    steps = len(data.y_train) // batch
+    alone = [make_member(spec, data, optim, knowledge, s, steps) for s in range(seeds)]
+    stack = build_stack([make_member(spec, data, optim, knowledge, s, steps) for s in range(seeds)], optim, steps)
+    gens = [tuple(seeded_generator(s, i) for i in range(3)) for s in range(seeds)]
+
+    def stacked() -> None:
+        stacked_epoch(stack, data, batch, gens, 1, 0, [NO_TEACHER] * seeds, CPU)
+
+    def one_by_one() -> None:
+        for m, g in zip(alone, gens):
+            train_epoch([m], data, batch, g, 1, 0)
+
+    return {"stacked": stacked, "one by one": one_by_one}
+
+
+def step_rows(scale: Scale) -> list[Row]:
+    """Per model: an epoch of ``SEEDS`` seeds stacked vs one by one (x faster)."""
+    settings = [
+        ("MLP (default data)", ModelSpec(name="mlp"), synthetic(10, (1, 40), scale.mlp_samples), scale.batch),
+        ("1-D CNN 32ch (default data)", ModelSpec(name="cnn1d", params={"channels": 32}),
+         synthetic(10, (1, 40), scale.mlp_samples // 4), scale.batch),
+        ("ResNet-8 (32x32x3)", ModelSpec(name="resnet8"),
+         synthetic(10, (3, scale.image_size, scale.image_size), scale.image_samples // 2), scale.batch // 2),
+    ]
+    rows = []
+    for label, spec, data, batch in settings:
+        seeds = SEEDS if spec.name != "resnet8" else 4
+        times = interleave(epoch_variants(spec, data, seeds, batch), max(scale.rounds // 2, 2))
+        speedup = ratio(times, "one by one", "stacked")
+        rows.append(Row("stacked seeds", f"{label}: {seeds} seeds stacked vs one by one, CPU", speedup, "x",
+                        "reported", None, f"an epoch of CE steps, {seeds} seeds; > 1: stacking is faster"))
+    return rows
+
+
+def study_row(scale: Scale) -> Row:
+    """The 8-cell grid (2 arms x 4 seeds, default data, MLP) with --stack on against off."""
+    with tempfile.TemporaryDirectory(prefix="kdablate-bench-") as tmp:
+        folder = Path(tmp)
+        study = write_study(folder, scale.study_cells, scale.study_epochs)
+        off_s, _ = run_study(study, 1, folder, extra=("--stack", "off"))
+        on_s, _ = run_study(study, 1, folder, extra=("--stack", "on"))
+    speedup = off_s / on_s
+    return Row("stacked seeds", f"study of {scale.study_cells} cells (2 arms x {scale.study_cells // 2} seeds), "
+               "stacked vs unstacked", speedup, "x", ">= x3", speedup >= 3,
+               f"{off_s:.1f} s unstacked vs {on_s:.1f} s stacked, whole `kdablate run` process, 1 worker")
+
+
+def all_rows(scale: Scale) -> list[Row]:
+    torch.manual_seed(0)
+    return step_rows(scale) + [study_row(scale)]

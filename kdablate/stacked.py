@@ -1,0 +1,246 @@
+"""Seed-stacked training: the cells of one arm that differ only in seed, trained as one model.
+
+The S students' weights are stacked along a leading seed dimension
+(``torch.func.stack_module_state``) and one ``vmap``'d ``functional_call`` runs them all:
+batched matmuls for linear layers, grouped convolutions, BatchNorm statistics per seed. A
+small model's step is mostly fixed per-op cost, paid here once for S seeds instead of S
+times (the idea of model ensembling with ``torch.func``, PyTorch's "Model ensembling" tutorial).
+
+Each seed keeps everything it has alone: its init (built under its own seed, then stacked),
+its data order, augmentation and component generators, its objective, its best-on-val
+epoch and its checkpoint, which is written in the unstacked format, so a seed resumes
+stacked or alone. The loss is the sum of the per-seed losses, so seed s's weights receive
+exactly seed s's gradient, and SGD updates elementwise: each seed follows its unstacked
+trajectory up to float rounding (``tests/test_stacked.py`` checks weights and accuracy).
+
+Only what is per seed by construction is stacked (``refusal``): one student per cell (no
+DML cohort), an objective that never reads a model (``Objective.stackable``: CE, targets
+from labels, logits and the seed's generator, DKD; explanation arms run unstacked), no
+online teacher, no fp16 loss scaling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+from kdablate.data import DataBundle
+from kdablate.metrics import evaluate
+from kdablate.storage import Checkpoint
+from kdablate.trainer import (
+    CPU, FitResult, Member, NoTrainingSteps, NonFiniteLoss, Runtime, TeacherSignal, EpochEnv, cohort_size,
+    epoch_means, epoch_steps, epoch_summary, make_member, make_optimizer, reference_similarities, report_result,
+    restore, seeded_generator, step_context,
+)
+
+SeedEpochCallback = Callable[[int, int, dict[str, float]], None]  # (seed index, epoch, metrics)
+
+
+class StackMismatch(RuntimeError):
+    """The seeds cannot continue as one stack (their checkpoints are at different epochs)."""
+
+
+def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequence[TeacherSignal | None],
+            runtime: Runtime) -> str:
+    """Why these seeds cannot train stacked ('' when they can)."""
+    from kdablate.objectives import build_objective
+
+    if cohort_size(knowledge) > 1:
+        return "a DML cohort trains two students per cell"
+    if not build_objective(knowledge).stackable:
+        return "its target reads the model (explanations)"
+    if any(t is not None and t.online for t in teachers):
+        return "its teacher runs online"
+    if runtime.amp == "fp16":
+        return "fp16 keeps a loss scale per model"
+    return ""
+
+
+@dataclasses.dataclass
+class Stack:
+    """S students as one: ``base`` gives the structure, ``params``/``buffers`` the (S, ...)
+    weights, one optimiser and schedule over them, and each seed's own ``members`` (their
+    objectives, static-target caches and, for resume and report, their unstacked modules)."""
+
+    base: nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    members: list[Member]
+
+    def _one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, B, *shape) each seed's own batch -> (S, B, K) logits."""
+        return vmap(self._one)(self.params, self.buffers, x)
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, prepare: Callable, runtime: Runtime, chunk: int = 1024) -> torch.Tensor:
+        """(N, *shape) raw inputs, shared by every seed -> (S, N, K) float32 logits on the CPU, in eval mode."""
+        self.base.eval()
+        outs = []
+        for i in range(0, len(x), chunk):
+            with runtime.autocast():
+                xb = runtime.to(prepare(x[i : i + chunk]))
+                outs.append(vmap(self._one, in_dims=(0, 0, None))(self.params, self.buffers, xb).float().cpu())
+        self.base.train()
+        return torch.cat(outs, 1)
+
+    def seed_state(self, s: int) -> dict[str, torch.Tensor]:
+        """Seed s's weights as its unstacked module's ``state_dict`` (copies)."""
+        own = {**self.params, **self.buffers}
+        return {k: own[k][s].detach().clone() for k in self.members[s].model.state_dict()}
+
+    def seed_optimizer_state(self, s: int) -> dict:
+        """Seed s's slice of the optimiser state, as its unstacked optimiser's ``state_dict``."""
+        full = self.opt.state_dict()
+        state = {i: {k: v[s].clone() if isinstance(v, torch.Tensor) and v.dim() else v for k, v in st.items()}
+                 for i, st in full["state"].items()}
+        return {"state": state, "param_groups": full["param_groups"]}
+
+
+def build_stack(members: list[Member], optim: OptimConfig, steps_per_epoch: int) -> Stack:
+    """Stack the members' current weights and optimiser state into one ``Stack``."""
+    params, buffers = stack_module_state([m.model for m in members])
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    opt, sched = make_optimizer(list(params.values()), optim, max(optim.epochs * steps_per_epoch, 1), steps_per_epoch)
+    sched.load_state_dict(members[0].sched.state_dict())
+    # A schedule's state holds its step, not the LR it set: a resumed stack must also take the
+    # LR (and any other group setting) the seeds' optimisers were at, or its first step is off.
+    for group, saved in zip(opt.param_groups, members[0].opt.param_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    for i, p in enumerate(params.values()):  # restored momentum, stacked like the weights
+        states = [m.opt.state.get(list(m.model.parameters())[i], {}) for m in members]
+        if all("momentum_buffer" in st and st["momentum_buffer"] is not None for st in states):
+            opt.state[p]["momentum_buffer"] = torch.stack([st["momentum_buffer"] for st in states])
+    # The functional calls supply every weight; the base keeps only the structure.
+    return Stack(members[0].model, params, buffers, opt, sched, members)
+
+
+def seed_snapshot(st: Stack, s: int, gens: tuple, epoch: int, step: int, best: dict) -> dict:
+    """Seed s's checkpoint, in ``trainer.snapshot``'s format: it resumes stacked or alone."""
+    m = st.members[s]
+    member = {"model": st.seed_state(s), "opt": st.seed_optimizer_state(s), "sched": st.sched.state_dict(),
+              "method": m.objective.state_dict()}
+    return {"epoch": epoch, "step": step, "best": best, "gens": [g.get_state() for g in gens], "members": [member]}
+
+
+def resume(members: list[Member], gens: list[tuple], checkpoints: Sequence[Checkpoint | None],
+           bests: list[dict]) -> tuple[int, int]:
+    """Load each seed's checkpoint into its member; (epoch, step) to continue after, (0, 0) for
+    none. StackMismatch when some seeds have one and others not, or at different epochs."""
+    saved = [c.load() if c is not None else None for c in checkpoints]
+    if all(s is None for s in saved):
+        return 0, 0
+    if any(s is None for s in saved) or len({(s["epoch"], s["step"]) for s in saved}) > 1:
+        raise StackMismatch("the seeds' checkpoints are at different epochs")
+    for i, state in enumerate(saved):
+        epoch, step, bests[i] = restore(state, [members[i]], gens[i])
+    return epoch, step
+
+
+def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> list[dict[str, torch.Tensor]]:
+    """One optimisation step of every seed on its own batch; per seed, its loss parts."""
+    runtime = envs[0].runtime
+    with runtime.autocast():
+        out = st.forward(torch.stack([b.x for b in batches])).float()
+    total, results = 0.0, []
+    for s, (m, b, env) in enumerate(zip(st.members, batches, envs)):
+        # No model in the context: a stackable objective never reads one (and the member's own
+        # module does not hold the stacked weights).
+        ctx = dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=None)
+        parts = m.objective(out[s], ctx)
+        total = total + parts["loss"]
+        torch.argmax(out[s].detach(), 1, out=b.preds[0])
+        results.append(parts)
+    st.opt.zero_grad(set_to_none=True)
+    total.backward()
+    st.opt.step()
+    st.sched.step()
+    return results
+
+
+def stacked_epoch(st: Stack, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
+                  teachers: list[TeacherSignal], runtime: Runtime) -> tuple[list[dict[str, float]], int]:
+    """One pass over the train split for every seed, each in its own order; per seed
+    'train/<part>' means (``trainer.train_epoch``'s, seed by seed), and the step after it."""
+    st.base.train()
+    envs, streams, labels, preds = [], [], [], []
+    for s, (order_gen, component_gen, augment_gen) in enumerate(gens):
+        perm = torch.randperm(len(data.y_train), generator=order_gen)
+        order = perm[: len(perm) - len(perm) % batch_size]
+        env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,
+                       runtime.to(data.class_groups), teachers[s], runtime)
+        batches, p, y = epoch_steps([st.members[s]], data, order, batch_size, env, augment_gen)
+        envs.append(env), streams.append(batches), preds.append(p), labels.append(y)
+    logged: list[dict[str, list[torch.Tensor]]] = [{} for _ in gens]
+    t0 = time.perf_counter()
+    for batches in zip(*streams):
+        for log, parts in zip(logged, stacked_step(st, list(batches), step, envs)):
+            for k, v in parts.items():
+                log.setdefault(k, []).append(v.detach() if v.requires_grad else v)
+        step += 1
+    seconds = (time.perf_counter() - t0) / len(gens)  # each seed's share of the stacked steps
+    return [epoch_means([log], p, y, batch_size, step, seconds)[0] for log, p, y in zip(logged, preds, labels)], step
+
+
+def stacked_metrics(st: Stack, data: DataBundle, teachers: list[TeacherSignal],
+                    runtime: Runtime) -> list[dict[str, float]]:
+    """Per seed, 'val/*' and 'test/*' (``trainer.evaluate_model``'s), from one stacked pass per split."""
+    out: list[dict[str, float]] = [{} for _ in st.members]
+    for split in ("val", "test"):
+        x, y = data.split(split)
+        logits = st.predict(x, data.prepare, runtime)
+        for s, teacher in enumerate(teachers):
+            if not torch.isfinite(logits[s]).all():
+                raise NonFiniteLoss(f"non-finite outputs on the {split} split (seed index {s})")
+            out[s].update(evaluate(logits[s], y, split, teacher.split_logits(split)))
+    return out
+
+
+def fit_stacked(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
+                seeds: Sequence[int], teachers: Sequence[TeacherSignal | None], report: str = "best_val",
+                on_epoch: SeedEpochCallback | None = None, checkpoints: Sequence[Checkpoint | None] = (),
+                runtime: Runtime = CPU) -> list[FitResult]:
+    """``trainer.fit`` for several seeds of one cell at once; one ``FitResult`` per seed, in order.
+
+    teachers: each seed's ``TeacherSignal`` (or None). checkpoints: each seed's, or empty.
+    StackMismatch when the seeds' checkpoints cannot resume together (train them alone).
+    """
+    signals = [TeacherSignal() if t is None else t for t in teachers]
+    steps_per_epoch = len(data.y_train) // optim.batch_size
+    if steps_per_epoch < 1:
+        raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
+    members = [make_member(model_spec, data, optim, knowledge, seed, steps_per_epoch, runtime) for seed in seeds]
+    gens = [tuple(seeded_generator(seed, i) for i in range(3)) for seed in seeds]
+    bests = [{"state": None, "epoch": 0, "val": -1.0, "artifacts": {}} for _ in seeds]
+    checkpoints = list(checkpoints) or [None] * len(seeds)
+    epoch, step = resume(members, gens, checkpoints, bests)
+    st = build_stack(members, optim, steps_per_epoch)
+    refs = [reference_similarities(data, t.split_logits("train"), m.objective.temperature)
+            for t, m in zip(signals, members)]
+    for epoch in range(epoch + 1, optim.epochs + 1):
+        parts, step = stacked_epoch(st, data, optim.batch_size, gens, epoch, step, signals, runtime)
+        for s, metrics in enumerate(stacked_metrics(st, data, signals, runtime)):
+            metrics = {**parts[s], **metrics}
+            summary, bests[s]["artifacts"] = epoch_summary(members[s].objective, refs[s])
+            metrics.update(summary)
+            if on_epoch is not None:
+                on_epoch(s, epoch, metrics)
+            if report == "best_val" and metrics["val/acc"] > bests[s]["val"]:
+                bests[s].update(state=st.seed_state(s), epoch=epoch, val=metrics["val/acc"])
+        if checkpoints[0] is not None and checkpoints[0].due(epoch, optim.epochs):
+            for s, ckpt in enumerate(checkpoints):
+                ckpt.save(seed_snapshot(st, s, gens[s], epoch, step, bests[s]))
+    results = []
+    for s, m in enumerate(members):
+        m.model.load_state_dict(st.seed_state(s))  # the last epoch's weights, for report 'last'
+        results.append(report_result(m.model, data, signals[s], report, bests[s], optim.epochs, runtime))
+    return results

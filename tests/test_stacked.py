@@ -1,0 +1,222 @@
+"""Seed-stacked training (kdablate.stacked): S seeds as one stacked model give each seed what
+it would get alone (weights, accuracy, logged epochs), resume per seed, and refuse what is not
+per seed. The per-sample checks run over every registered component and explanation source."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdablate.attribution import EXPLANATIONS
+from kdablate.bench.core import synthetic
+from kdablate.components import MASSES, STRUCTURES, TargetContext
+from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+from kdablate.data import load_dataset
+from kdablate.models import build_model
+from kdablate.stacked import StackMismatch, fit_stacked, refusal
+from kdablate.storage import Checkpoint
+from kdablate.trainer import CPU, TeacherSignal, fit
+
+SEEDS = (0, 1, 2)
+KNOWLEDGE = {
+    "ce": KnowledgeConfig(),
+    "ls": KnowledgeConfig(mass={"name": "constant", "eps": 0.1}, structure="uniform", alpha=1.0, temperature=1.0),
+    "kd": KnowledgeConfig(mass="teacher", structure="teacher", alpha=0.9, temperature=4.0),
+    "permuted": KnowledgeConfig(mass="teacher", structure="permuted", alpha=0.9, temperature=4.0),
+    "self": KnowledgeConfig(mass="self", structure="self", alpha=0.5, temperature=2.0),
+    "dkd": KnowledgeConfig(objective={"name": "dkd", "beta": 8.0}, alpha=1.0, temperature=4.0, warmup_epochs=1),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_dataset("mnist1d", {"num_samples": 400})
+
+
+def teacher_of(data, seed: int = 5) -> TeacherSignal:
+    """Cached logits of a random teacher on every split."""
+    g = torch.Generator().manual_seed(seed)
+    return TeacherSignal({s: torch.randn(len(data.split(s)[1]), data.num_classes, generator=g) * 3
+                          for s in ("train", "val", "test")})
+
+
+def assert_same(alone, stacked, n_test: int, atol: float = 1e-4) -> None:
+    """The stacked seed's weights equal the separate run's up to float rounding; its accuracy
+    differs by at most one test sample whose argmax the rounding might flip."""
+    a, b = alone.model.state_dict(), stacked.model.state_dict()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=1e-3), k
+    assert abs(alone.metrics["report/test_acc"] - stacked.metrics["report/test_acc"]) <= 1 / n_test + 1e-9
+    assert alone.metrics["report/epoch"] == stacked.metrics["report/epoch"]
+
+
+@pytest.mark.parametrize("arm", sorted(KNOWLEDGE))
+def test_stacked_mlp_seeds_match_separate_runs(tiny, arm):
+    spec, optim, k = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=3, batch_size=32), KNOWLEDGE[arm]
+    teacher = teacher_of(tiny) if k.needs() else None
+    logs_alone, logs_stacked = {}, {}
+    alone = [fit(spec, tiny, optim, k, s, teacher=teacher, on_epoch=lambda e, m, s=s: logs_alone.setdefault(s, []).append(m))
+             for s in SEEDS]
+    stacked = fit_stacked(spec, tiny, optim, k, SEEDS, [teacher] * len(SEEDS),
+                          on_epoch=lambda i, e, m: logs_stacked.setdefault(SEEDS[i], []).append(m))
+    for s, a, b in zip(SEEDS, alone, stacked):
+        assert_same(a, b, len(tiny.y_test))
+        for ma, mb in zip(logs_alone[s], logs_stacked[s]):  # every epoch's curve point, every part
+            assert ma.keys() == mb.keys()
+            assert all(abs(ma[key] - mb[key]) < 1e-3 for key in ma if not key.startswith("time/")), s
+
+
+@pytest.mark.parametrize("spec, data", [
+    (ModelSpec(name="cnn1d", params={"channels": 8, "depth": 2}), None),
+    (ModelSpec(name="resnet8"), "images"),
+])
+def test_stacked_batchnorm_models_match_separate_runs(tiny, spec, data):
+    """BatchNorm keeps statistics per seed, and each seed's augmentation draws from its own stream."""
+    data = tiny if data is None else synthetic(10, (3, 16, 16), 96, uint8=True, augment="crop_flip")
+    optim = OptimConfig(epochs=2, batch_size=16)
+    alone = [fit(spec, data, optim, KnowledgeConfig(), s) for s in SEEDS[:2]]
+    stacked = fit_stacked(spec, data, optim, KnowledgeConfig(), SEEDS[:2], [None, None])
+    for a, b in zip(alone, stacked):
+        assert_same(a, b, len(data.y_test), atol=1e-3)
+
+
+def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path):
+    """Each seed's checkpoint is in the unstacked format: a stopped stack resumes as a stack
+    bit for bit, or a seed resumes alone; seeds at different epochs refuse to stack."""
+    spec, optim, k = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32), KNOWLEDGE["ls"]
+    ckpts = lambda: [Checkpoint(tmp_path / f"{s}.pt", every=1) for s in SEEDS]  # noqa: E731
+    whole = fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3)
+
+    def stop(i, epoch, metrics):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3, on_epoch=stop, checkpoints=ckpts())
+    assert [c.load()["epoch"] for c in ckpts()] == [2, 2, 2]
+    resumed = fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3, checkpoints=ckpts())
+    for a, b in zip(resumed, whole):
+        assert all(torch.equal(v, b.model.state_dict()[key]) for key, v in a.model.state_dict().items())
+        assert a.metrics == b.metrics
+    alone = fit(spec, tiny, optim, k, SEEDS[1], checkpoint=Checkpoint(tmp_path / "1.pt", every=1))
+    assert_same(alone, whole[1], len(tiny.y_test))
+    (tmp_path / "1.pt").unlink()
+    with pytest.raises(StackMismatch):
+        fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3, checkpoints=ckpts())
+
+
+@pytest.mark.parametrize("knowledge, why", [
+    (KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure={"name": "explanation", "source": "saliency"},
+                     alpha=0.9, temperature=4.0), "reads the model"),
+    (KnowledgeConfig(mass="peer", structure="peer", alpha=0.9), "DML cohort"),
+    (KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, alpha=0.9, temperature=4.0,
+                     structure={"name": "permuted", "base": "explanation", "base_params": {"source": "cam"}}),
+     "reads the model"),
+])
+def test_what_is_not_per_seed_is_refused(knowledge, why):
+    assert why in refusal(ModelSpec(name="mlp"), knowledge, [None], CPU)
+    assert refusal(ModelSpec(name="mlp"), KNOWLEDGE["kd"], [None], dataclasses.replace(CPU, amp="fp16"))
+    assert refusal(ModelSpec(name="mlp"), KNOWLEDGE["kd"], [None], CPU) == ""
+
+
+# --- per sample: what makes a flattened (S*B) batch the same as S batches ------------------------
+
+def contexts(n: int = 12, k: int = 10, seed: int = 0) -> list[TargetContext]:
+    """Two halves of a batch and the whole, with every source a component may read but a model."""
+    g = torch.Generator().manual_seed(seed)
+    y, z, t, p = (torch.randint(0, k, (n,), generator=g), *(torch.randn(n, k, generator=g) * 3 for _ in range(3)))
+    groups = torch.arange(k) // 3
+    make = lambda sl: TargetContext(y[sl], k, z[sl], t[sl], torch.Generator().manual_seed(1), peer_logits=p[sl],  # noqa: E731
+                                    class_groups=groups, temperature=4.0)
+    return [make(slice(0, n // 2)), make(slice(n // 2, n)), make(slice(0, n))]
+
+
+def components() -> list:
+    out = []
+    for registry in (MASSES, STRUCTURES):
+        for name in registry.names():
+            try:
+                part = registry.build(name, {})
+            except Exception:  # noqa: BLE001 - a component whose parameters have no defaults
+                continue
+            out.append(pytest.param(part, id=f"{registry.kind}-{name}"))
+    return out
+
+
+@pytest.mark.parametrize("part", components())
+def test_every_component_a_stack_accepts_is_per_sample(part):
+    """A component a stack accepts gives a sample the same value whatever else is in its batch.
+    (A stacked step calls each seed's components on that seed's own batch, with that seed's
+    generator, so even a batch-level component would get what it gets alone; this checks the
+    stronger per-sample property a flattened (S*B) batch would need.)"""
+    if part.reads_model:
+        pytest.skip(f"{type(part).__name__} reads the model: a stack refuses the arms that use it")
+    a, b, whole = contexts()
+    before = whole.generator.get_state()
+    together = part(whole)
+    if not torch.equal(before, whole.generator.get_state()):
+        pytest.skip(f"{type(part).__name__} draws from the generator: per seed, from the seed's own")
+    assert torch.allclose(torch.cat([part(a), part(b)]), together, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", EXPLANATIONS.names())
+def test_every_explanation_source_is_per_sample(name):
+    """Each sample's maps depend on that sample only (eval mode), the property a stacked
+    explanation path would rest on; explanation arms run unstacked until it exists."""
+    source = EXPLANATIONS.build(name, EXPLANATIONS.get(name).quick_params)
+    torch.manual_seed(0)
+    model = build_model("cnn1d", {"channels": 8, "depth": 2}, (1, 40), 10).eval()
+    x = torch.randn(6, 1, 40)
+    parts = torch.cat([source.attribute(model, x[:3]), source.attribute(model, x[3:])])
+    assert torch.allclose(parts, source.attribute(model, x), atol=1e-5)
+
+
+# --- the runner: units of work, child runs per seed, the fallback -----------------------------
+
+def test_work_units_group_the_seeds_of_a_cell():
+    from kdablate.runner import RunOptions, work_units
+    from kdablate.study import load_study
+
+    smoke = load_study(Path(__file__).resolve().parents[1] / "studies" / "smoke.yaml")
+    units = work_units(smoke.cells, RunOptions(device="cpu"))
+    assert sorted(len(u) for u in units) == [2] * len(smoke.arms())
+    assert all(len({(c.arm, c.config_hash()) for c in u}) == len(u) and len({c.arm for c in u}) == 1 for u in units)
+    assert all(len(u) == 1 for u in work_units(smoke.cells, RunOptions(device="cpu", stack="off")))
+    assert all(len(u) == 1 for u in work_units(smoke.cells, RunOptions(device="cpu", stack_max=1)))
+    resnet = [c.model_copy(update={"student": ModelSpec(name="resnet8")}) for c in smoke.cells]
+    assert all(len(u) == 1 for u in work_units(resnet, RunOptions(device="cpu")))  # auto: slower on a CPU
+
+
+def test_a_stacked_study_logs_each_seed_as_its_run_and_explanation_arms_run_alone(mlflow_store, tmp_path, capsys):
+    from kdablate import tracking
+    from kdablate.runner import RunOptions, run_study
+    from kdablate.study import load_study
+
+    path = tmp_path / "st.yaml"
+    path.write_text("""
+base:
+  data: {name: mnist1d, num_samples: 500}
+  student: {name: mlp, hidden: 16, depth: 1}
+  optim: {epochs: 2, batch_size: 64}
+seeds: [0, 1]
+arms:
+  - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, alpha: 1.0}
+  - {name: il, mass: {name: constant, eps: 0.2}, structure: {name: explanation, source: saliency}, alpha: 0.9}
+""")
+    results = {}
+    for stack in ("on", "off"):
+        study = load_study(path)
+        uri = f"sqlite:///{tmp_path / stack}.db"
+        assert run_study(study, RunOptions(cache_dir=tmp_path / "cache", progress=False, stack=stack, uri=uri)) == 0
+        client = tracking.client(uri)
+        runs = tracking.search_cells(client, client.get_experiment_by_name(study.name).experiment_id, "FINISHED")
+        results[stack] = {r.info.run_name: r for r in runs}
+    out = capsys.readouterr().out
+    assert "il: 2 seed(s) train one by one, not stacked" in out and "reads the model" in out
+    on, off = results["on"], results["off"]
+    assert set(on) == set(off) == {"ls/seed0", "ls/seed1", "il/seed0", "il/seed1"}
+    assert on["ls/seed0"].data.tags["kdablate.stacked"] == "2" and "kdablate.stacked" not in on["il/seed0"].data.tags
+    for name in on:
+        assert abs(on[name].data.metrics["report/test_acc"] - off[name].data.metrics["report/test_acc"]) <= 0.002
