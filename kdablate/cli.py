@@ -102,7 +102,7 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
                           "the end of the first epoch N seconds after the last save; 0: never")
     run.add_argument("--stack", choices=("auto", "on", "off"), default="auto",
                      help="train the seeds of an arm as one stacked model (same numbers up to float rounding): "
-                          "auto (default) where make bench shows it faster (MLP and 1-D CNN on a CPU, any on CUDA)")
+                          "auto (default) where make bench shows it faster (the MLP), on: any model, off: never")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
