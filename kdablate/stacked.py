@@ -78,7 +78,11 @@ class Stack:
         return functional_call(self.base, (params, buffers), (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(S, B, *shape) each seed's own batch -> (S, B, K) logits."""
+        """(S, B, *shape) each seed's own batch -> (S, B, K) logits: the model's own
+        ``stacked_forward`` where it has one (the MLP), else ``vmap`` over its ``forward``."""
+        own = getattr(self.base, "stacked_forward", None)
+        if own is not None and not self.buffers:
+            return own(self.params, x)
         return vmap(self._one)(self.params, self.buffers, x)
 
     @torch.inference_mode()
@@ -89,7 +93,7 @@ class Stack:
         for i in range(0, len(x), chunk):
             with runtime.autocast():
                 xb = runtime.to(prepare(x[i : i + chunk]))
-                outs.append(vmap(self._one, in_dims=(0, 0, None))(self.params, self.buffers, xb).float().cpu())
+                outs.append(self.forward(xb.expand(len(self.members), *xb.shape)).float().cpu())
         self.base.train()
         return torch.cat(outs, 1)
 

@@ -14,7 +14,7 @@ from kdablate.bench.core import synthetic
 from kdablate.components import MASSES, STRUCTURES, TargetContext
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
-from kdablate.models import build_model
+from kdablate.models import MODELS, build_model
 from kdablate.stacked import StackMismatch, fit_stacked, refusal
 from kdablate.storage import Checkpoint
 from kdablate.trainer import CPU, TeacherSignal, fit
@@ -220,3 +220,21 @@ arms:
     assert on["ls/seed0"].data.tags["kdablate.stacked"] == "2" and "kdablate.stacked" not in on["il/seed0"].data.tags
     for name in on:
         assert abs(on[name].data.metrics["report/test_acc"] - off[name].data.metrics["report/test_acc"]) <= 0.002
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if hasattr(MODELS.get(n), "stacked_forward")])
+def test_a_models_own_stacked_forward_is_vmap_over_its_forward(name):
+    """A model's ``stacked_forward`` (the fast path) gives what vmap over ``forward`` gives,
+    values and gradients, so either path trains the same seeds."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    models = [build_model(name, {}, (1, 40), 10) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    x = torch.randn(3, 8, 1, 40)
+    fast = models[0].stacked_forward(params, x)
+    slow = vmap(lambda p, b, xb: functional_call(models[0], (p, b), (xb,)))(params, buffers, x)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), list(params.values())) for out in (fast, slow)]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
