@@ -572,6 +572,9 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
         opts = ensure_teachers(pending, opts)
         execute = {"local": _run_processes if opts.workers > 1 else _run_sequential, "ray": _run_ray}[opts.executor]
         units = work_units(pending, opts)
+        if len(units) < len(pending):
+            print(f"training {len(pending)} cells as {len(units)} units: the seeds of an arm stacked "
+                  "(--stack off trains them one by one)", flush=True)
         failed = report_progress(execute(units, (exp_id, parent, tags), opts), len(pending), study.name, opts)
     except KeyboardInterrupt:
         tracking.terminate(client, parent, "KILLED", "interrupted")
