@@ -144,9 +144,7 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     ckpt = cell_checkpoint(cell, opts, run_id, before_save)
     result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed, teacher=signal, report=cell.report,
                  on_epoch=on_epoch, checkpoint=ckpt, runtime=runtime)
-    final = record_result(client, run_id, cell, result, teacher, data)
-    ckpt.clear()
-    return final
+    return record_result(client, run_id, cell, result, teacher, data)
 
 
 def cell_data(cell: CellConfig, runtime: Runtime) -> DataBundle:
@@ -270,6 +268,7 @@ def train_claimed(client: tracking.MlflowClient, cell: CellConfig, run_id: str, 
         final["time/wall_s"] = carried + time.time() - t0
         buffer.flush()
         finish(client, run_id, final)
+        checkpoint_path(cell, opts).unlink(missing_ok=True)  # only once every metric is written
     except KeyboardInterrupt:
         end(client, run_id, buffer, "KILLED", "interrupted")
         raise
@@ -310,17 +309,27 @@ def finished(cell: CellConfig, final: dict[str, float], resumed: int, how: str =
 STACK_AUTO = ("mlp",)
 
 
-def stacks(cell: CellConfig, opts: RunOptions) -> bool:
-    """Whether ``opts.stack`` asks this cell's seeds to train stacked."""
-    return cell.student.name in STACK_AUTO if opts.stack == "auto" else opts.stack == "on"
+def stack_refusal(cell: CellConfig, opts: RunOptions) -> str | None:
+    """None when this cell's seeds train stacked; else why not ('' when ``--stack`` does not ask)."""
+    if not (cell.student.name in STACK_AUTO if opts.stack == "auto" else opts.stack == "on"):
+        return ""
+    return stacked.refusal(cell.student, cell.knowledge, (), opts.runtime()) or None
+
+
+def stack_notes(cells: list[CellConfig], opts: RunOptions) -> list[str]:
+    """One line per arm whose seeds ``--stack`` asked to stack but that trains them one by one."""
+    notes = {c.arm: f"note: {c.arm}: seeds train one by one, not stacked: {why}"
+             for c in cells if (why := stack_refusal(c, opts))}
+    return list(notes.values())
 
 
 def work_units(cells: list[CellConfig], opts: RunOptions) -> list[list[CellConfig]]:
     """The cells as units of work, in order: the seeds of one cell config together (at most
-    ``stack_max``) where they stack, else one cell each."""
+    ``stack_max``) where they stack, else one cell each (claimed only when it trains)."""
     groups: dict[str, list[CellConfig]] = {}
     for cell in cells:
-        key = stable_hash({**cell.model_dump(mode="json"), "seed": None}) if stacks(cell, opts) else cell.config_hash()
+        together = stack_refusal(cell, opts) is None
+        key = stable_hash({**cell.model_dump(mode="json"), "seed": None}) if together else cell.config_hash()
         groups.setdefault(key, []).append(cell)
     return [g[i : i + opts.stack_max] for g in groups.values() for i in range(0, len(g), opts.stack_max)]
 
@@ -343,8 +352,9 @@ def run_unit(cells: list[CellConfig], exp_id: str, parent: str, tags: dict[str, 
     try:
         return outcomes + train_stack(client, claimed, opts)
     except KeyboardInterrupt:
-        for _, run_id, _ in claimed:
-            tracking.terminate(client, run_id, "KILLED", "interrupted")
+        for _, run_id, _ in claimed:  # not the seeds a stack already finished
+            if client.get_run(run_id).info.status == "RUNNING":
+                tracking.terminate(client, run_id, "KILLED", "interrupted")
         raise
     except Exception as e:  # noqa: BLE001 - the seeds then train alone, each with its own outcome
         if claimed:
@@ -384,21 +394,31 @@ def train_stack(client: tracking.MlflowClient, claimed: list[tuple[CellConfig, s
     ckpts = [cell_checkpoint(c, opts, r, b.flush) for c, r, b in zip(cells, runs, buffers)]
     for cell, run_id in zip(cells, runs):
         tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
-        tracking.set_tags(client, run_id, {"kdablate.stacked": str(size)})
     try:
         results = stacked.fit_stacked(cells[0].student, data, cells[0].optim, cells[0].knowledge,
                                       [c.seed for c in cells], signals, cells[0].report, on_epoch, ckpts, runtime)
     finally:  # the curves so far, also when the stack fails and its seeds go on alone
         for b in buffers:
             b.flush()
-    outcomes = []
-    for (cell, run_id, resumed), result, teacher, ckpt, point in zip(claimed, results, teachers, ckpts, points):
-        final = record_result(client, run_id, cell, result, teacher, data)
-        final["time/wall_s"] = point[0] + (time.time() - t0) / size
+    wall = (time.time() - t0) / size
+    return [finish_seed(client, claimed[s], results[s], teachers[s], data, points[s][0] + wall, size, opts)
+            for s in range(size)]
+
+
+def finish_seed(client: tracking.MlflowClient, claim: tuple[CellConfig, str, int], result: FitResult,
+                teacher: Teacher | None, data: DataBundle, wall_s: float, size: int, opts: RunOptions) -> CellOutcome:
+    """Log one trained seed of a stack to its run. A failure here fails this seed alone: the
+    stack's training is done, and the seeds already finished must not train again."""
+    cell, run_id, resumed = claim
+    try:
+        tracking.set_tags(client, run_id, {"kdablate.stacked": str(size)})
+        final = {**record_result(client, run_id, cell, result, teacher, data), "time/wall_s": wall_s}
         finish(client, run_id, final)
-        ckpt.clear()
-        outcomes.append(finished(cell, final, resumed, f", 1/{size} of a stack"))
-    return outcomes
+    except Exception as e:  # noqa: BLE001 - as train_claimed: this cell FAILED, the study goes on
+        tracking.terminate(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        return CellOutcome(cell.arm, cell.seed, "FAILED", f"{type(e).__name__}: {e}")
+    checkpoint_path(cell, opts).unlink(missing_ok=True)
+    return finished(cell, final, resumed, f", 1/{size} of a stack")
 
 
 def cell_bar(cell: CellConfig, opts: RunOptions) -> Any:
@@ -572,6 +592,8 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
         opts = ensure_teachers(pending, opts)
         execute = {"local": _run_processes if opts.workers > 1 else _run_sequential, "ray": _run_ray}[opts.executor]
         units = work_units(pending, opts)
+        for note in stack_notes(pending, opts):
+            print(note, flush=True)
         if len(units) < len(pending):
             print(f"training {len(pending)} cells as {len(units)} units: the seeds of an arm stacked "
                   "(--stack off trains them one by one)", flush=True)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from kdablate.components import Need
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.metrics import evaluate
@@ -47,12 +48,15 @@ class StackMismatch(RuntimeError):
 
 def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequence[TeacherSignal | None],
             runtime: Runtime) -> str:
-    """Why these seeds cannot train stacked ('' when they can)."""
+    """Why these seeds cannot train stacked ('' when they can). With no ``teachers`` (before they
+    are loaded) it judges the config alone."""
     from kdablate.objectives import build_objective
 
     if cohort_size(knowledge) > 1:
         return "a DML cohort trains two students per cell"
-    if not build_objective(knowledge).stackable:
+    # A stacked step runs no member's own module and hands no model, inputs or features to the
+    # components: refuse whatever declares it reads them, whether or not it sets reads_model.
+    if not build_objective(knowledge).stackable or knowledge.needs() & (Need.FEATURES | Need.TEACHER_MODEL):
         return "its target reads the model (explanations)"
     if any(t is not None and t.online for t in teachers):
         return "its teacher runs online"

@@ -12,6 +12,7 @@ import pytest
 
 from kdablate import tracking
 from kdablate.study import load_study
+from tests.test_compose import PLUGIN
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,27 +63,14 @@ def ray_head(tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
 
 
-PLUGIN = '''
-from kdablate.components import STRUCTURES
-from kdablate.components.context import Component
-from kdablate.components.structure import uniform_structure
-
-
-@STRUCTURES.register("raylab_uniform")
-class RayUniform(Component):
-    """A user's structure, known only to Ray workers that import the study's plugins."""
-    static = True
-
-    def __call__(self, ctx):
-        return uniform_structure(ctx.labels, ctx.num_classes)
-'''
+RAY_PLUGIN = PLUGIN.format(name="raylab_uniform")  # a structure only the plugin module registers
 
 
 def test_smoke_study_on_ray_into_a_tracking_server(mlflow_server, ray_head, tmp_path, monkeypatch):
     """The smoke grid plus a plugin arm: Ray workers import the study's plugin module from the
     study's folder before they build the cell."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    (tmp_path / "raylab_plugin.py").write_text(PLUGIN)
+    (tmp_path / "raylab_plugin.py").write_text(RAY_PLUGIN)
     (tmp_path / "raysmoke.yaml").write_text(f"""
 extends: {ROOT / "studies" / "smoke.yaml"}
 plugins: [raylab_plugin]

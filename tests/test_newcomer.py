@@ -176,13 +176,7 @@ def test_a_new_structure_is_a_function_and_a_class(newcomers, batch, mnist1d):
                                             structure={"name": "label_distance", "scale": 2.0}))
 
 
-def requires_epoch() -> None:
-    if "epoch" not in {f.name for f in dataclasses.fields(TargetContext)}:
-        pytest.skip("TargetContext has no 'epoch' field yet (being added to kdablate/components/context.py)")
-
-
 def test_a_new_epoch_dependent_mass_is_one_class(newcomers, batch, mnist1d):
-    requires_epoch()
     registry_tests.test_a_component_marked_static_is_the_same_at_every_step("mass", "ramped", batch)
     for structure in STRUCTURES.names():
         component_tests.test_every_target_is_a_distribution(batch, "ramped", structure)

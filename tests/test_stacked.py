@@ -214,7 +214,7 @@ arms:
         runs = tracking.search_cells(client, client.get_experiment_by_name(study.name).experiment_id, "FINISHED")
         results[stack] = {r.info.run_name: r for r in runs}
     out = capsys.readouterr().out
-    assert "il: 2 seed(s) train one by one, not stacked" in out and "reads the model" in out
+    assert "note: il: seeds train one by one, not stacked" in out and "reads the model" in out
     on, off = results["on"], results["off"]
     assert set(on) == set(off) == {"ls/seed0", "ls/seed1", "il/seed0", "il/seed1"}
     assert on["ls/seed0"].data.tags["kdablate.stacked"] == "2" and "kdablate.stacked" not in on["il/seed0"].data.tags
@@ -238,3 +238,51 @@ def test_a_models_own_stacked_forward_is_vmap_over_its_forward(name):
     assert torch.allclose(fast, slow, atol=1e-5)
     grads = [torch.autograd.grad(out.square().sum(), list(params.values())) for out in (fast, slow)]
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
+def test_a_component_that_declares_it_reads_features_is_refused():
+    """Declared needs are enough: a plugin that reads the feature map without setting
+    ``reads_model`` still trains unstacked (a stacked step has no features to give it)."""
+    from kdablate.components import Need
+    from kdablate.components.context import Component
+    from kdablate.components.structure import uniform_structure
+
+    if "test_stacked_features" not in STRUCTURES:
+        @STRUCTURES.register("test_stacked_features")
+        class ReadsFeatures(Component):
+            needs = Need.FEATURES
+
+            def __call__(self, ctx):
+                return uniform_structure(ctx.labels, ctx.num_classes)
+
+    k = KnowledgeConfig(mass={"name": "constant", "eps": 0.1}, structure="test_stacked_features", alpha=1.0)
+    assert "reads the model" in refusal(ModelSpec(name="mlp"), k, [], CPU)
+
+
+def test_a_seed_that_fails_after_the_stack_trained_fails_alone(mlflow_store, tmp_path, monkeypatch, capsys):
+    """Logging one seed's results fails: that seed is FAILED with the reason, the others are
+    FINISHED once, and nothing trains again one by one."""
+    from kdablate import runner, tracking
+    from kdablate.runner import RunOptions, run_study
+    from kdablate.study import load_study
+
+    path = tmp_path / "fs.yaml"
+    path.write_text("""
+base: {data: {name: mnist1d, num_samples: 500}, student: {name: mlp, hidden: 16, depth: 1}, optim: {epochs: 1}}
+seeds: [0, 1, 2]
+arms: [{name: ce, mass: none, alpha: 0.0}]
+""")
+    real = runner.record_result
+
+    def flaky(client, run_id, cell, *rest):
+        if cell.seed == 1:
+            raise OSError("disk full")
+        return real(client, run_id, cell, *rest)
+
+    monkeypatch.setattr(runner, "record_result", flaky)
+    assert run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 1
+    client = tracking.client()
+    runs = tracking.search_cells(client, client.get_experiment_by_name("fs").experiment_id)
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {"ce/seed0": "FINISHED", "ce/seed1": "FAILED", "ce/seed2": "FINISHED"}
+    assert "not stacked" not in capsys.readouterr().out  # no fallback: nothing trained twice
