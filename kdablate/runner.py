@@ -273,12 +273,22 @@ def train_claimed(client: tracking.MlflowClient, cell: CellConfig, run_id: str, 
         end(client, run_id, buffer, "KILLED", "interrupted")
         raise
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the study
-        end(client, run_id, buffer, "FAILED", f"{type(e).__name__}: {e}")
-        return CellOutcome(cell.arm, cell.seed, "FAILED", f"{type(e).__name__}: {e}")
+        return failed(client, run_id, cell, e, buffer)
     finally:
         if bar is not None:
             bar.close()
     return finished(cell, final, resumed)
+
+
+def failed(client: tracking.MlflowClient, run_id: str, cell: CellConfig, error: Exception,
+           buffer: tracking.MetricBuffer | None = None) -> CellOutcome:
+    """Mark the cell's run FAILED with the error as its reason (its curves written first)."""
+    why = f"{type(error).__name__}: {error}"
+    if buffer is None:
+        tracking.terminate(client, run_id, "FAILED", why)
+    else:
+        end(client, run_id, buffer, "FAILED", why)
+    return CellOutcome(cell.arm, cell.seed, "FAILED", why)
 
 
 def end(client: tracking.MlflowClient, run_id: str, buffer: tracking.MetricBuffer, status: str, why: str) -> None:
@@ -415,8 +425,7 @@ def finish_seed(client: tracking.MlflowClient, claim: tuple[CellConfig, str, int
         final = {**record_result(client, run_id, cell, result, teacher, data), "time/wall_s": wall_s}
         finish(client, run_id, final)
     except Exception as e:  # noqa: BLE001 - as train_claimed: this cell FAILED, the study goes on
-        tracking.terminate(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
-        return CellOutcome(cell.arm, cell.seed, "FAILED", f"{type(e).__name__}: {e}")
+        return failed(client, run_id, cell, e)
     checkpoint_path(cell, opts).unlink(missing_ok=True)
     return finished(cell, final, resumed, f", 1/{size} of a stack")
 

@@ -124,8 +124,9 @@ def build_stack(members: list[Member], optim: OptimConfig, steps_per_epoch: int)
     # LR (and any other group setting) the seeds' optimisers were at, or its first step is off.
     for group, saved in zip(opt.param_groups, members[0].opt.param_groups):
         group.update({k: v for k, v in saved.items() if k != "params"})
+    own = [list(m.model.parameters()) for m in members]  # the same order as ``params``
     for i, p in enumerate(params.values()):  # restored momentum, stacked like the weights
-        states = [m.opt.state.get(list(m.model.parameters())[i], {}) for m in members]
+        states = [m.opt.state.get(o[i], {}) for m, o in zip(members, own)]
         if all("momentum_buffer" in st and st["momentum_buffer"] is not None for st in states):
             opt.state[p]["momentum_buffer"] = torch.stack([st["momentum_buffer"] for st in states])
     # The functional calls supply every weight; the base keeps only the structure.

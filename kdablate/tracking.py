@@ -215,12 +215,10 @@ def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + BATCH])
 
 
-@retry_locked
 def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """One batch: the metrics at ``step`` and a heartbeat tag, so stale runs can be told apart."""
+    """The metrics at ``step``, with a heartbeat tag, so stale runs can be told apart."""
     now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                tags=[RunTag(HEARTBEAT, str(now))])
+    log_metric_list(c, run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 @retry_locked
