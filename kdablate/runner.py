@@ -312,18 +312,21 @@ def finished(cell: CellConfig, final: dict[str, float], resumed: int, how: str =
                        f"(val {final['report/val_acc']:.4f}, {final['time/wall_s']:.1f}s{how}){note}")
 
 
-# Models whose seeds ``--stack auto`` stacks: where ``make bench``'s 'stacked seeds' rows show it
-# faster. On a CPU the MLP's epoch of 10 seeds is x1.8 faster stacked; the 1-D CNN's is even and a
-# CIFAR ResNet's x0.75 (grouped convolutions are slow there). No GPU row has been measured yet,
-# so CUDA gets the same list; ``--stack on`` stacks any model.
-STACK_AUTO = ("mlp",)
+# Per device type, the models whose seeds ``--stack auto`` stacks: where the 'stacked seeds' rows
+# (``make bench`` on a CPU, ``make gpu-check GPU_ARGS=--stack-rows`` on CUDA) measured it faster.
+# CPU (2-core EPYC): the MLP's epoch of 10 seeds x1.8 faster stacked, the 1-D CNN's even, a CIFAR
+# ResNet's x0.75 (grouped convolutions are slow there). CUDA (H200): MLP x4.2, 1-D CNN x3.7,
+# ResNet-8 x1.6 (10 seeds); deeper ResNets are unmeasured, so left out. ``--stack on`` stacks any model.
+STACK_AUTO = {"cpu": ("mlp",), "cuda": ("mlp", "cnn1d", "resnet8")}
 
 
 def stack_refusal(cell: CellConfig, opts: RunOptions) -> str | None:
     """None when this cell's seeds train stacked; else why not ('' when ``--stack`` does not ask)."""
-    if not (cell.student.name in STACK_AUTO if opts.stack == "auto" else opts.stack == "on"):
+    runtime = opts.runtime()
+    auto = STACK_AUTO.get(torch.device(runtime.device).type, ())
+    if not (cell.student.name in auto if opts.stack == "auto" else opts.stack == "on"):
         return ""
-    return stacked.refusal(cell.student, cell.knowledge, (), opts.runtime()) or None
+    return stacked.refusal(cell.student, cell.knowledge, (), runtime) or None
 
 
 def stack_notes(cells: list[CellConfig], opts: RunOptions) -> list[str]:

@@ -32,6 +32,7 @@ from kdablate.components import Need
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.metrics import evaluate
+from kdablate.models.vmap_norm import with_math_norm
 from kdablate.storage import Checkpoint
 from kdablate.trainer import (
     CPU, FitResult, Member, NoTrainingSteps, NonFiniteLoss, Runtime, TeacherSignal, EpochEnv, cohort_size,
@@ -114,6 +115,11 @@ class Stack:
         return {"state": state, "param_groups": full["param_groups"]}
 
 
+# Devices whose batch norm cannot run under vmap (CUDA's asks a memory-format question vmap
+# does not answer): there the stack's structure computes it as plain tensor math instead.
+MATH_NORM_DEVICES = ("cuda",)
+
+
 def build_stack(members: list[Member], optim: OptimConfig, steps_per_epoch: int) -> Stack:
     """Stack the members' current weights and optimiser state into one ``Stack``."""
     params, buffers = stack_module_state([m.model for m in members])
@@ -130,7 +136,10 @@ def build_stack(members: list[Member], optim: OptimConfig, steps_per_epoch: int)
         if all("momentum_buffer" in st and st["momentum_buffer"] is not None for st in states):
             opt.state[p]["momentum_buffer"] = torch.stack([st["momentum_buffer"] for st in states])
     # The functional calls supply every weight; the base keeps only the structure.
-    return Stack(members[0].model, params, buffers, opt, sched, members)
+    base = members[0].model
+    if any(v.device.type in MATH_NORM_DEVICES for v in params.values()):
+        base = with_math_norm(base)
+    return Stack(base, params, buffers, opt, sched, members)
 
 
 def seed_snapshot(st: Stack, s: int, gens: tuple, epoch: int, step: int, best: dict) -> dict:

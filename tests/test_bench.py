@@ -149,15 +149,21 @@ def test_gpu_check_agreement_is_within_two_standard_errors():
     assert not agrees([0.5, 0.6, 0.7], [0.9, 0.95, 1.0])[2]
 
 
-def test_gpu_check_report_fails_on_a_missing_arm_or_a_failed_cell():
+def test_gpu_check_report_fails_on_a_missing_arm_a_failed_cell_or_a_stack_that_never_stacked():
     from kdablate.bench.gpu import ModeResult, report
 
-    cpu = ModeResult("cpu", "cpu", {"ce": [0.9, 0.91], "kd": [0.93, 0.94]}, 100.0, float("nan"), 1.0, 0)
-    same = ModeResult("cuda", "H", {"ce": [0.905, 0.91], "kd": [0.93, 0.935]}, 900.0, 300.0, 1.0, 0)
+    cpu = ModeResult("cpu", "cpu", {"ce": [0.9, 0.91], "kd": [0.93, 0.94]}, 100.0, float("nan"), 1.0, 0, 0)
+    same = ModeResult("cuda", "H", {"ce": [0.905, 0.91], "kd": [0.93, 0.935]}, 900.0, 300.0, 1.0, 0, 0)
     assert report([cpu, same])[1]
-    assert not report([cpu, ModeResult("cuda", "H", {"ce": [0.9, 0.91]}, 900.0, 300.0, 1.0, 0)])[1]
+    assert not report([cpu, ModeResult("cuda", "H", {"ce": [0.9, 0.91]}, 900.0, 300.0, 1.0, 0, 0)])[1]
     text, ok = report([cpu, dataclasses.replace(same, failed=1)])
     assert not ok and "1 failed" in text
+    # A stack that fails falls back to one-by-one training with the same accuracies: only the
+    # count of stacked cells shows that the stacked path never ran (as it once did on CUDA).
+    stack = dataclasses.replace(same, mode="cuda-stack")
+    text, ok = report([cpu, stack])
+    assert not ok and "0 trained in a stack" in text
+    assert report([cpu, dataclasses.replace(stack, stacked=2)])[1]
 
 
 def test_gpu_check_study_loads_and_cpu_mode_reads_its_runs(tmp_path):

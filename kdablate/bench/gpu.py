@@ -1,7 +1,7 @@
 """``make gpu-check``: the CUDA path checked on real hardware against the CPU.
 
     python -m kdablate.bench.gpu [--dataset cifar100] [--train 6000] [--epochs 8] [--seeds 3]
-                                 [--modes cpu,cuda,cuda-bf16,cuda-w2]
+                                 [--modes cpu,cuda,cuda-bf16,cuda-w2,cuda-stack] [--no-stack-rows]
 
 Writes synthetic CIFAR-100 (or -10) in its real on-disk format (``kdablate.data.fake``),
 then runs one short image study (resnet20 teacher -> resnet8 student; CE, KD
@@ -11,7 +11,14 @@ MLflow store through the public ``run_study``:
 * ``cpu``        fp32 on the CPU, the reference;
 * ``cuda``       fp32 on the GPU;
 * ``cuda-bf16``  bf16 autocast on the GPU;
-* ``cuda-w2``    fp32 on the GPU with two worker processes sharing it.
+* ``cuda-w2``    fp32 on the GPU with two worker processes sharing it;
+* ``cuda-stack`` fp32 on the GPU, each arm's seeds trained as one stacked model (``--stack on``).
+  Only CE stacks here: the IL arm reads the model and KD's teacher runs online on the augmented
+  batches, so both train their seeds one by one, with a note. The mode fails unless some cell
+  was trained in a stack: a stack that raises falls back to one-by-one training with only a note.
+
+It first prints (unless ``--no-stack-rows``) ``make bench``'s 'stacked seeds' step rows measured on the GPU
+(``kdablate.bench.stacking``), which decide where ``--stack auto`` stacks on CUDA.
 
 Per arm it prints test accuracy as mean +- std over seeds and whether each GPU
 mode agrees with the CPU within seed noise (|difference of means| <= 2 standard
@@ -33,8 +40,9 @@ from pathlib import Path
 
 import torch
 
-MODES = {"cpu": ("cpu", "none", 1), "cuda": ("cuda", "none", 1), "cuda-bf16": ("cuda", "bf16", 1),
-         "cuda-w2": ("cuda", "none", 2)}
+# mode -> (device, autocast, workers, --stack)
+MODES = {"cpu": ("cpu", "none", 1, "auto"), "cuda": ("cuda", "none", 1, "off"), "cuda-bf16": ("cuda", "bf16", 1, "off"),
+         "cuda-w2": ("cuda", "none", 2, "off"), "cuda-stack": ("cuda", "none", 1, "on")}
 
 STUDY = """\
 description: gpu-check, a short image study run once per device and precision.
@@ -69,6 +77,7 @@ class ModeResult:
     peak_mib: float
     wall_s: float
     failed: int
+    stacked: int  # cells a stack trained (tag kdablate.stacked): a stack that fails falls back silently
 
 
 def write_study(folder: Path, train: int, epochs: int, seeds: int, dataset: str = "cifar10") -> Path:
@@ -87,12 +96,12 @@ def run_mode(study_path: Path, mode: str, folder: Path, threads: int) -> ModeRes
     from kdablate.runner import RunOptions, run_study
     from kdablate.study import load_study
 
-    device, amp, workers = MODES[mode]
+    device, amp, workers, stack = MODES[mode]
     store = folder / mode
     store.mkdir()
     uri = f"sqlite:///{store}/mlruns.db"
     opts = RunOptions(cache_dir=store / "cache", threads=threads, workers=workers, uri=uri, progress=False,
-                      device=device, amp=amp)
+                      device=device, amp=amp, stack=stack)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -102,6 +111,7 @@ def run_mode(study_path: Path, mode: str, folder: Path, threads: int) -> ModeRes
     runs = tracking.search_cells(client, tracking.experiment_id(client, "gpu_check"), "FINISHED")
     acc: dict[str, list[float]] = {}
     images = cell_s = 0.0
+    stacks = sum("kdablate.stacked" in r.data.tags for r in runs)
     for r in sorted(runs, key=lambda r: int(r.data.tags["seed"])):
         acc.setdefault(r.data.tags["arm"], []).append(r.data.metrics["report/test_acc"])
         subset, val = int(r.data.params["data.train_subset"]), float(r.data.params.get("data.val_fraction", 0.1))
@@ -110,7 +120,7 @@ def run_mode(study_path: Path, mode: str, folder: Path, threads: int) -> ModeRes
     # Two workers are other processes: their GPU memory is not this process's to read.
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" and workers == 1 else float("nan")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return ModeResult(mode, name, acc, images / cell_s if cell_s else float("nan"), peak, wall, failed)
+    return ModeResult(mode, name, acc, images / cell_s if cell_s else float("nan"), peak, wall, failed, stacks)
 
 
 def agrees(ref: list[float], other: list[float]) -> tuple[float, float, bool]:
@@ -144,9 +154,21 @@ def report(results: list[ModeResult]) -> tuple[str, bool]:
                          f"{'PASS' if good else 'MISS'}")
     for r in results:
         lines.append(f"{r.mode:<10} on {r.device}: {r.images_per_s:,.0f} images/s (cell wall time), "
-                     f"peak GPU memory {r.peak_mib:.0f} MiB, study {r.wall_s:.1f} s, {r.failed} failed")
-        ok &= r.failed == 0
+                     f"peak GPU memory {r.peak_mib:.0f} MiB, study {r.wall_s:.1f} s, {r.failed} failed, "
+                     f"{r.stacked} trained in a stack")
+        ok &= r.failed == 0 and (r.stacked > 0 or MODES[r.mode][3] != "on")
     return "\n".join(lines), ok
+
+
+def stack_rows() -> str:
+    """The 'stacked seeds' step rows on the GPU, ResNet-8 with 10 seeds, as a Markdown table."""
+    from kdablate.bench.core import Scale, table
+    from kdablate.bench.stacking import step_rows
+    from kdablate.trainer import Runtime
+
+    # Epochs long enough to time on a GPU: 28 MLP batches, 16 ResNet-8 batches of 64.
+    scale = Scale(rounds=6, image_samples=2048)
+    return table(step_rows(scale, Runtime("cuda"), resnet_seeds=10))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=min(14, os.cpu_count() or 1), help="torch threads of the CPU run")
-    p.add_argument("--modes", default="cpu,cuda,cuda-bf16,cuda-w2")
+    p.add_argument("--modes", default="cpu,cuda,cuda-bf16,cuda-w2,cuda-stack")
     p.add_argument("--out", type=Path, default=Path("figures/gpu"))
+    p.add_argument("--stack-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="first time stacked vs one-by-one epochs on the GPU")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
@@ -168,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: torch sees no CUDA device on this machine, so there is nothing to check; "
               f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
         return 2
+    if args.stack_rows:
+        try:
+            print(stack_rows(), flush=True)
+        except Exception as e:  # report it, and still check the study modes
+            print(f"gpu-check: the stacked-seed rows failed: {type(e).__name__}: {e}", flush=True)
     with tempfile.TemporaryDirectory(prefix="kdablate-gpu-") as tmp:
         folder = Path(tmp)
         study = write_study(folder, args.train, args.epochs, args.seeds, args.dataset)

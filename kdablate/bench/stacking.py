@@ -18,31 +18,36 @@ from kdablate.bench.system import run_study, write_study
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.stacked import build_stack, stacked_epoch
-from kdablate.trainer import CPU, NO_TEACHER, make_member, seeded_generator, train_epoch
+from kdablate.trainer import CPU, NO_TEACHER, Runtime, make_member, seeded_generator, train_epoch
 
 SEEDS = 10  # the default study's seeds per arm
 
 
-def epoch_variants(spec: ModelSpec, data: DataBundle, seeds: int, batch: int) -> dict:
+def epoch_variants(spec: ModelSpec, data: DataBundle, seeds: int, batch: int, runtime: Runtime = CPU) -> dict:
     """'stacked' and 'one by one': an epoch of ``seeds`` seeds each way (CE, the same inits)."""
     optim, knowledge = OptimConfig(epochs=1, batch_size=batch), KnowledgeConfig()
     steps = len(data.y_train) // batch
-    alone = [make_member(spec, data, optim, knowledge, s, steps) for s in range(seeds)]
-    stack = build_stack([make_member(spec, data, optim, knowledge, s, steps) for s in range(seeds)], optim, steps)
+    alone = [make_member(spec, data, optim, knowledge, s, steps, runtime) for s in range(seeds)]
+    stack = build_stack([make_member(spec, data, optim, knowledge, s, steps, runtime) for s in range(seeds)],
+                        optim, steps)
     gens = [tuple(seeded_generator(s, i) for i in range(3)) for s in range(seeds)]
+    # A CUDA step returns before its kernels finish: time up to the last of them.
+    sync = torch.cuda.synchronize if runtime.device.startswith("cuda") else (lambda: None)
 
     def stacked() -> None:
-        stacked_epoch(stack, data, batch, gens, 1, 0, [NO_TEACHER] * seeds, CPU)
+        stacked_epoch(stack, data, batch, gens, 1, 0, [NO_TEACHER] * seeds, runtime)
+        sync()
 
     def one_by_one() -> None:
         for m, g in zip(alone, gens):
-            train_epoch([m], data, batch, g, 1, 0)
+            train_epoch([m], data, batch, g, 1, 0, runtime=runtime)
+        sync()
 
     return {"stacked": stacked, "one by one": one_by_one}
 
 
-def step_rows(scale: Scale) -> list[Row]:
-    """Per model: an epoch of ``SEEDS`` seeds stacked vs one by one (x faster)."""
+def step_rows(scale: Scale, runtime: Runtime = CPU, resnet_seeds: int = 4) -> list[Row]:
+    """Per model: an epoch of ``SEEDS`` seeds stacked vs one by one (x faster) on ``runtime``'s device."""
     settings = [
         ("MLP (default data)", ModelSpec(name="mlp"), synthetic(10, (1, 40), scale.mlp_samples), scale.batch),
         ("1-D CNN 32ch (default data)", ModelSpec(name="cnn1d", params={"channels": 32}),
@@ -52,10 +57,11 @@ def step_rows(scale: Scale) -> list[Row]:
     ]
     rows = []
     for label, spec, data, batch in settings:
-        seeds = SEEDS if spec.name != "resnet8" else 4
-        times = interleave(epoch_variants(spec, data, seeds, batch), max(scale.rounds // 2, 2))
+        seeds = SEEDS if spec.name != "resnet8" else resnet_seeds
+        times = interleave(epoch_variants(spec, data, seeds, batch, runtime), max(scale.rounds // 2, 2))
         speedup = ratio(times, "one by one", "stacked")
-        rows.append(Row("stacked seeds", f"{label}: {seeds} seeds stacked vs one by one, CPU", speedup, "x",
+        where = runtime.device.upper() if runtime.device.startswith("cuda") else "CPU"
+        rows.append(Row("stacked seeds", f"{label}: {seeds} seeds stacked vs one by one, {where}", speedup, "x",
                         "reported", None, f"an epoch of CE steps, {seeds} seeds; > 1: stacking is faster"))
     return rows
 
