@@ -10,6 +10,7 @@ gets a warning before bf16 (or fp16) is honoured; the run still does what was as
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def _cpuinfo() -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key.strip()] = value.strip()
     return out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_model() -> str:

@@ -22,7 +22,9 @@ from typing import Any, Mapping, Protocol
 import torch
 import torch.nn.functional as F
 
-from kdablate.components import MASSES, STRUCTURES, Need, TargetContext, assemble_target, ce_only_loss, soft_target_loss
+from kdablate.components import (
+    MASSES, STRUCTURES, Need, TargetContext, assemble_target, ce_only_loss, soft_target_loss, stacked_soft_target_loss,
+)
 from kdablate.components.context import Probe, StateDict
 from kdablate.registry import Registry
 
@@ -155,6 +157,14 @@ class Objective(abc.ABC):
         training (see ``Component.static``), so the trainer may build it once; else None."""
         return None
 
+    def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],
+                     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
+        """(S, B, K) logits of S seeds of one cell config (each with its own ``ctxs[s]``, all at
+        the same step) -> (the sum of the seeds' losses, each seed's detached parts), in one call;
+        equal to calling the objective seed by seed up to float rounding. None where the
+        objective has no such path: the stack then calls it per seed."""
+        return None
+
     def summary(self) -> dict[str, torch.Tensor]:
         """Per-epoch statistics of the objective's parts (e.g. a class-similarity matrix)."""
         return {}
@@ -214,6 +224,20 @@ class SoftTargetObjective(Objective):
 
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
         return self.target(ctx) if self.static else None
+
+    def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],
+                     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
+        """CE alone, or a precomputed (static) target: one fused node for every seed."""
+        ramp = warmup_ramp(ctxs[0].step, self.warmup_epochs, ctxs[0].steps_per_epoch, self.warmup_by)
+        if self.entropy_penalty or (self.alpha != 0 and (ramp == 0 or any(c.target is None for c in ctxs))):
+            return None
+        labels = torch.stack([c.labels for c in ctxs])
+        q = None if self.alpha == 0 else torch.stack([c.target for c in ctxs])
+        total, parts = stacked_soft_target_loss(logits, labels, q, self.temperature, self.alpha * ramp)
+        if q is not None:
+            parts["target_mass"] = 1.0 - q.gather(2, labels[..., None]).mean((1, 2))
+        per_seed = [dict(zip(parts, values)) for values in zip(*(v.unbind(0) for v in parts.values()))]
+        return total, per_seed
 
     def summary(self) -> dict[str, torch.Tensor]:
         return {**self.mass.summary(), **self.structure.summary()}

@@ -169,15 +169,19 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     runtime = envs[0].runtime
     with runtime.autocast():
         out = st.forward(torch.stack([b.x for b in batches])).float()
-    total, results = 0.0, []
-    for s, (m, b, env) in enumerate(zip(st.members, batches, envs)):
-        # No model in the context: a stackable objective never reads one (and the member's own
-        # module does not hold the stacked weights).
-        ctx = dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=None)
-        parts = m.objective(out[s], ctx)
-        total = total + parts["loss"]
+    # No model in the contexts: a stackable objective never reads one (and the member's own
+    # module does not hold the stacked weights).
+    ctxs = [dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=None)
+            for s, (m, b, env) in enumerate(zip(st.members, batches, envs))]
+    # The seeds share their cell's config, so one objective may take them all in one call.
+    fused = st.members[0].objective.stacked_loss(out, ctxs)
+    if fused is None:
+        results = [m.objective(out[s], ctx) for s, (m, ctx) in enumerate(zip(st.members, ctxs))]
+        total = sum(parts["loss"] for parts in results)
+    else:
+        total, results = fused
+    for s, b in enumerate(batches):
         torch.argmax(out[s].detach(), 1, out=b.preds[0])
-        results.append(parts)
     st.opt.zero_grad(set_to_none=True)
     total.backward()
     st.opt.step()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdablate import tracking
+from kdablate.hardware import usable_cores
 from kdablate.runner import RunOptions, run_study
 from kdablate.study import load_study
 
@@ -118,13 +119,14 @@ def test_every_run_records_its_provenance(mlflow_store, tmp_path):
     run_study(study, RunOptions(cache_dir=tmp_path / "cache", progress=False))
     run = runs_by_status("prov")["FINISHED"][0]
     t = run.data.tags
-    assert t["torch_version"].startswith("2.") and t["device"] == "cpu" and t["threads"] == "1"
+    # The default threads: one worker takes every core it may use.
+    assert t["torch_version"].startswith("2.") and t["device"] == "cpu" and t["threads"] == str(usable_cores())
     assert t["deterministic"] == "true" and t["seed"] in {"0", "1", "2"}
     assert {"git_commit", "git_dirty", "host", "kdablate.worker_pid", "kdablate.heartbeat"} <= set(t)
     assert run.data.metrics["time/wall_s"] > 0
 
 
-@pytest.mark.parametrize("bad", [("--workers", "0"), ("--threads", "0")])
+@pytest.mark.parametrize("bad", [("--workers", "0"), ("--threads", "-1")])
 def test_bad_worker_counts_exit_2(tmp_path, bad):
     out = cli("run", str(write_study(tmp_path)), *bad, cwd=tmp_path)
     assert out.returncode == 2 and "must be >= 1" in out.stderr

@@ -38,3 +38,6 @@ def test_ray_tasks_request_a_fraction_of_a_gpu_only_on_cuda(monkeypatch):
     assert ray_resources(RunOptions(device="cpu", threads=2)) == {"num_cpus": 2, "num_gpus": 0.0}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert ray_resources(RunOptions(device="auto", gpus_per_cell=0.5)) == {"num_cpus": 1, "num_gpus": 0.5}
+    # A stack of seeds does its seeds' work: a fraction per seed, at most one GPU.
+    assert ray_resources(RunOptions(device="cuda", gpus_per_cell=0.25), cells=3) == {"num_cpus": 1, "num_gpus": 0.75}
+    assert ray_resources(RunOptions(device="cuda", gpus_per_cell=0.25), cells=10)["num_gpus"] == 1.0

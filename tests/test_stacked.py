@@ -116,6 +116,29 @@ def test_math_batch_norm_is_batch_norm(bn, shape):
     assert torch.allclose(out, torch.stack([bn(x) for x in xs]), atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.9, 1.0])
+def test_the_stacked_loss_is_each_seeds_loss_summed(alpha):
+    """One fused call over S seeds' (S, B, K) logits: each seed's parts and gradient equal
+    ``soft_target_loss`` (or ``ce_only_loss``) on that seed's batch alone."""
+    from kdablate.components import ce_only_loss, soft_target_loss, stacked_soft_target_loss
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 32, 10, generator=g, requires_grad=True)
+    y = torch.randint(0, 10, (4, 32), generator=g)
+    q = torch.softmax(torch.randn(4, 32, 10, generator=g), -1)
+    q[0, 0] = 0.0  # zero entries of q are exact (xlogy), as in the unstacked loss
+    q[0, 0, y[0, 0]] = 1.0
+    total, parts = stacked_soft_target_loss(z, y, None if alpha == 0 else q, 4.0, alpha)
+    (grad,) = torch.autograd.grad(total, z)
+    for s in range(4):
+        zs = z[s].detach().requires_grad_()
+        alone = ce_only_loss(zs, y[s]) if alpha == 0 else soft_target_loss(zs, y[s], q[s], 4.0, alpha)
+        assert parts.keys() == alone.keys()
+        for k in alone:
+            assert torch.allclose(parts[k][s], alone[k].detach(), atol=1e-6), (s, k)
+        assert torch.allclose(grad[s], torch.autograd.grad(alone["loss"], zs)[0], atol=1e-7), s
+
+
 def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path):
     """Each seed's checkpoint is in the unstacked format: a stopped stack resumes as a stack
     bit for bit, or a seed resumes alone; seeds at different epochs refuse to stack."""

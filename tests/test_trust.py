@@ -99,7 +99,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--device", "tpu"], "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     (["--device", "cuda:x"], "is not one of"),
     (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
-    (["--workers", "0"], "--workers and --threads must be >= 1"),
+    (["--workers", "0"], "--workers must be >= 1 and --threads >= 0"),
     (["--threads", "two"], "argument --threads: invalid int value"),
 ])
 def test_bad_run_options_are_one_line_exit_2(tmp_path, args, message):

@@ -10,7 +10,7 @@ from kdablate.components.context import Need, TargetContext
 from kdablate.components.mass import MASSES
 from kdablate.components.structure import STRUCTURES
 from kdablate.components import explanation as _explanation  # noqa: F401  (registers 'explanation')
-from kdablate.components.target import assemble_target, ce_only_loss, soft_target_loss
+from kdablate.components.target import assemble_target, ce_only_loss, soft_target_loss, stacked_soft_target_loss
 
 __all__ = [
     "MASSES",
@@ -20,4 +20,5 @@ __all__ = [
     "assemble_target",
     "ce_only_loss",
     "soft_target_loss",
+    "stacked_soft_target_loss",
 ]
