@@ -157,6 +157,12 @@ class Objective(abc.ABC):
         training (see ``Component.static``), so the trainer may build it once; else None."""
         return None
 
+    def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
+        """(B, K) stop-gradient q of the batch in ``ctx``, built as ``loss`` would build it (drawing
+        from ``ctx.generator`` alike), so a stack can build each seed's with that seed's objective
+        and then take all seeds in one ``stacked_loss``; None where the objective builds none."""
+        return None
+
     def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],
                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
         """(S, B, K) logits of S seeds of one cell config (each with its own ``ctxs[s]``, all at
@@ -225,9 +231,12 @@ class SoftTargetObjective(Objective):
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
         return self.target(ctx) if self.static else None
 
+    def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
+        return None if self.alpha == 0 or self.structure.differentiable else self.target(ctx)
+
     def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],
                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
-        """CE alone, or a precomputed (static) target: one fused node for every seed."""
+        """CE alone, or stop-gradient targets already in the contexts: one fused node for every seed."""
         ramp = warmup_ramp(ctxs[0].step, self.warmup_epochs, ctxs[0].steps_per_epoch, self.warmup_by)
         if self.entropy_penalty or (self.alpha != 0 and (ramp == 0 or any(c.target is None for c in ctxs))):
             return None

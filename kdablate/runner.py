@@ -137,7 +137,7 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     """Train one cell, handing each epoch's metrics to ``on_epoch``; returns the reported metrics.
     ``before_save`` runs before each checkpoint is written."""
     runtime = opts.runtime()
-    data = cell_data(cell, runtime)
+    data = cell_data(cell, runtime, opts.cache_dir)
     tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
     teacher = load_teacher(cell, data, opts, runtime)
     # The teacher, resolved once into what the trainer reads: cached logits, cached views or online.
@@ -148,8 +148,8 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
     return record_result(client, run_id, cell, result, teacher, data)
 
 
-def cell_data(cell: CellConfig, runtime: Runtime) -> DataBundle:
-    data = load_dataset(cell.data.name, cell.data.params)
+def cell_data(cell: CellConfig, runtime: Runtime, cache_dir: Path) -> DataBundle:
+    data = load_dataset(cell.data.name, cell.data.params, cache_dir)
     if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
         data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
     return data
@@ -391,7 +391,7 @@ def train_stack(client: tracking.MlflowClient, claimed: list[tuple[CellConfig, s
         raise StackRefused("fewer than two seeds to train")
     cells, runs = [c for c, _, _ in claimed], [r for _, r, _ in claimed]
     runtime = opts.runtime()
-    data = cell_data(cells[0], runtime)
+    data = cell_data(cells[0], runtime, opts.cache_dir)
     teachers = [load_teacher(cell, data, opts, runtime) for cell in cells]
     signals = [None if t is None else t.signal(c, data, runtime) for t, c in zip(teachers, cells)]
     why = stacked.refusal(cells[0].student, cells[0].knowledge, signals, runtime)
@@ -553,7 +553,7 @@ def train_teachers(cells: list[CellConfig], opts: RunOptions, failures: dict[str
         if key is None or key in seen:
             continue
         seen.add(key)
-        data = load_dataset(cell.data.name, cell.data.params)
+        data = load_dataset(cell.data.name, cell.data.params, opts.cache_dir)
         try:
             why = get_teacher(cell, data, opts.cache_dir, opts.runtime()).rejection(cell, data.num_classes)
         except Exception as e:  # noqa: BLE001 - a failed teacher fails its cells, not the study

@@ -173,6 +173,9 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     # module does not hold the stacked weights).
     ctxs = [dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=None)
             for s, (m, b, env) in enumerate(zip(st.members, batches, envs))]
+    for m, ctx in zip(st.members, ctxs):  # each seed's target from its own objective and generator
+        if ctx.target is None:
+            ctx.target = m.objective.step_target(ctx)
     # The seeds share their cell's config, so one objective may take them all in one call.
     fused = st.members[0].objective.stacked_loss(out, ctxs)
     if fused is None:

@@ -47,9 +47,10 @@ def permute_nongt(
     row, drawn from ``generator``.
     """
     b, k = r.shape
-    # (B, K-1) column indices of the non-ground-truth classes, in class order.
-    cols = torch.arange(k, device=r.device).expand(b, k)
-    others = cols[cols != labels[:, None]].view(b, k - 1)
+    # (B, K-1) column indices of the non-ground-truth classes, in class order: j, or j + 1 from
+    # the label on (arithmetic, not a boolean mask, which costs a nonzero: x2.7 here).
+    j = torch.arange(k - 1, device=r.device)
+    others = j + (j >= labels[:, None])
     # Drawn on the CPU generator (reproducible on any device), then moved.
     perm = torch.rand(b, k - 1, generator=generator).argsort(dim=1).to(r.device)
     shuffled = r.gather(1, others.gather(1, perm))

@@ -5,7 +5,8 @@ Importing the package registers every dataset.
 """
 from kdablate.data import mnist1d, vision  # noqa: F401  (registration)
 from kdablate.data.bundle import (DATASETS, DataBundle, DataShape, apply_crop_flip, balanced_subset, crop_flip,
-                                  crop_flip_params, describe_dataset, load_dataset, split_train_val)
+                                  crop_flip_params, describe_dataset, split_train_val)
+from kdablate.data.cache import load_dataset
 
 __all__ = ["DATASETS", "DataBundle", "DataShape", "apply_crop_flip", "balanced_subset", "crop_flip",
            "crop_flip_params", "describe_dataset", "load_dataset", "split_train_val"]

@@ -142,9 +142,6 @@ def split_train_val(
     return x[tr], y[tr], x[val], y[val]
 
 
-def load_dataset(name: str, params: dict) -> DataBundle:
-    """Build the dataset plugin ``name`` with ``params`` and return its splits."""
-    return DATASETS.build(name, params).load()
 
 
 def describe_dataset(name: str, params: dict) -> DataShape:

@@ -44,6 +44,13 @@ class MNIST1D:
     def load(self) -> DataBundle:
         return _mnist1d(self.params)
 
+    def cache_identity(self) -> dict[str, str]:
+        """What the generated data depends on beyond the params, for ``kdablate.data.cache``:
+        the generator's package and numpy (whose random streams it draws from)."""
+        from importlib.metadata import version
+
+        return {"mnist1d": version("mnist1d"), "numpy": np.__version__, "format": "1"}
+
     def describe(self) -> DataShape:
         """The shape of ``load()`` without generating the data (which takes seconds): the
         generator makes num_samples // 10 per class and splits at int(n * train_split)."""
