@@ -56,6 +56,14 @@ def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(z, dim=1)
 
 
+def _row_gradients(log_p1: torch.Tensor, log_pt: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+                   temperature: float, alpha: float) -> torch.Tensor:
+    """(N, K) d/dz of each row's (1 - a) CE + a T^2 KL(q || softmax(z/T)), unscaled by the batch:
+    (1 - a)(softmax(z) - onehot(y)) + a T (softmax(z/T) - q)."""
+    grad = torch.add(log_p1.exp().mul_(1 - alpha), log_pt.exp().sub_(target), alpha=alpha * temperature)
+    return grad.scatter_add_(1, labels[:, None], grad.new_full((len(labels), 1), alpha - 1))
+
+
 class _FusedSoftTargetLoss(torch.autograd.Function):
     """(1 - a) CE + a T^2 KL(q || softmax(z/T)) as one autograd node, q a constant.
 
@@ -78,11 +86,8 @@ class _FusedSoftTargetLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
-        log_p1, log_pt, labels, target = ctx.saved_tensors
-        a, t = ctx.alpha, ctx.temperature
-        grad = torch.add(log_p1.exp().mul_(1 - a), log_pt.exp().sub_(target), alpha=a * t)
-        grad.scatter_add_(1, labels[:, None], grad.new_full((len(labels), 1), a - 1))
-        return grad.mul_(grad_total / len(labels)), None, None, None, None
+        grad = _row_gradients(*ctx.saved_tensors, ctx.temperature, ctx.alpha)
+        return grad.mul_(grad_total / len(grad)), None, None, None, None
 
 
 class _FusedStackedSoftTargetLoss(torch.autograd.Function):
@@ -108,10 +113,7 @@ class _FusedStackedSoftTargetLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _per_seed, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
-        log_p1, log_pt, labels, target = ctx.saved_tensors
-        a, t = ctx.alpha, ctx.temperature
-        grad = torch.add(log_p1.exp().mul_(1 - a), log_pt.exp().sub_(target), alpha=a * t)
-        grad.scatter_add_(1, labels[:, None], grad.new_full((len(labels), 1), a - 1))
+        grad = _row_gradients(*ctx.saved_tensors, ctx.temperature, ctx.alpha)
         return grad.mul_(grad_total / ctx.batch), None, None, None, None, None
 
 
