@@ -19,7 +19,7 @@ for the default data (MNIST-1D-shaped signals, MLP student, K = 10) and for
   2 workers against 1, peak RSS of a cell, of the study, and of a ResNet-20 cell; seeds
   trained stacked against one by one (an epoch per model, and the 8-cell study).
 
-Timings run on ``--threads`` torch threads (default 1, as each cell of a study does).
+Timings run on ``--threads`` torch threads (default 1; a study's cells now default to cores ÷ workers).
 """
 from __future__ import annotations
 
