@@ -314,9 +314,9 @@ def finished(cell: CellConfig, final: dict[str, float], resumed: int, how: str =
 
 
 # Per device type, the models whose seeds ``--stack auto`` stacks: where the 'stacked seeds' rows
-# (``make bench`` on a CPU, ``make gpu-check GPU_ARGS=--stack-rows`` on CUDA) measured it faster.
-# CPU (2-core EPYC): the MLP's epoch of 10 seeds x1.8 faster stacked, the 1-D CNN's even, a CIFAR
-# ResNet's x0.75 (grouped convolutions are slow there). CUDA (H200): MLP x4.2, 1-D CNN x3.7,
+# (``make bench`` on a CPU, ``make gpu-check`` on CUDA) measured it faster. CPU (2-core EPYC):
+# the MLP's epoch of 10 seeds x2.2 faster stacked, the 1-D CNN's x1.1 (too little to be worth
+# a default), a CIFAR ResNet's x0.8 (grouped convolutions are slow there). CUDA (H200): MLP x4.2, 1-D CNN x3.7,
 # ResNet-8 x1.6 (10 seeds); deeper ResNets are unmeasured, so left out. ``--stack on`` stacks any model.
 STACK_AUTO = {"cpu": ("mlp",), "cuda": ("mlp", "cnn1d", "resnet8")}
 
@@ -516,7 +516,7 @@ def resolve(opts: RunOptions) -> RunOptions:
     # By default each local worker takes its share of the cores: a stack of 10 MLP seeds is
     # x1.3 faster on 2 threads than on 1, and a single small cell is no slower (measured here).
     threads = opts.threads or (1 if opts.executor == "ray" else max(1, cores // opts.workers))
-    if opts.executor == "local" and opts.workers * threads > cores:
+    if opts.executor == "local" and opts.workers * threads > cores and opts.threads:
         threads = max(1, cores // opts.workers)
         print(f"note: {opts.workers} workers x {opts.threads} threads > {cores} cores; using {threads} thread(s) each")
     return dataclasses.replace(opts, threads=threads, cache_dir=Path(opts.cache_dir).resolve(),

@@ -77,7 +77,7 @@ class ModeResult:
     peak_mib: float
     wall_s: float
     failed: int
-    stacked: int  # cells a stack trained (tag kdablate.stacked): a stack that fails falls back silently
+    stacked: int  # cells a stack trained (tag kdablate.stacked): a stack that raises falls back with only a note
 
 
 def write_study(folder: Path, train: int, epochs: int, seeds: int, dataset: str = "cifar10") -> Path:

@@ -142,8 +142,6 @@ def split_train_val(
     return x[tr], y[tr], x[val], y[val]
 
 
-
-
 def describe_dataset(name: str, params: dict) -> DataShape:
     """The dataset's ``DataShape``: from the plugin's cheap ``describe()`` if it has one, else
     by loading it (which also fails now, at study load, when its files are missing)."""
