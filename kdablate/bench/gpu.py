@@ -171,7 +171,7 @@ def stack_rows() -> str:
     return table(step_rows(scale, Runtime("cuda"), resnet_seeds=10))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # The defaults are the README's run: K = 100 and long enough to leave the accuracy ceiling.
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar100")
@@ -185,9 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="first time stacked vs one-by-one epochs on the GPU")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or modes[0] != "cpu":
+    if [m for m in modes if m not in MODES] or modes[0] != "cpu":
         p.error(f"--modes: the first must be cpu, the rest from {', '.join(MODES)}; got {args.modes}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    modes = args.modes.split(",")
     if not torch.cuda.is_available():
         print("gpu-check: torch sees no CUDA device on this machine, so there is nothing to check; "
               f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
