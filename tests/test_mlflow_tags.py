@@ -59,3 +59,12 @@ def test_owner_tags_of_an_older_store_are_still_read():
     assert not tracking.owner_alive(stale)
     new = _Run({tracking.WORKER_HOST: "elsewhere", tracking.WORKER_PID: "1", tracking.HEARTBEAT: "0"})
     assert not tracking.owner_alive(new) and tracking.owner(new) == "elsewhere pid 1"
+
+
+def test_a_resumed_cell_logging_its_dataset_again_leaves_one_input(mlflow_store):
+    """A cell logs its dataset each time it (re)starts; the store keeps one input per run."""
+    client = tracking.client()
+    run_id = client.create_run(client.create_experiment("resume_inputs")).info.run_id
+    for _ in range(3):
+        tracking.log_dataset(client, run_id, "mnist1d", "0123456789abcdef", {"num_samples": 5000})
+    assert len(client.get_run(run_id).inputs.dataset_inputs) == 1
