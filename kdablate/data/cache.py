@@ -20,7 +20,8 @@ from kdablate.data.bundle import DATASETS, DataBundle
 from kdablate.hashing import stable_hash
 from kdablate.storage import StorageError, atomic_write, pack_checkpoint, unpack_checkpoint
 
-_LOADED: dict[str, DataBundle] = {}  # this process's, by key: each cell asks again
+_LOADED: dict[str, DataBundle] = {}  # this process's last few, by key: each cell asks again
+_KEEP = 4  # as MNIST-1D's in-process cache: a long-lived (Ray) worker must not hoard datasets
 
 
 def load_dataset(name: str, params: dict, cache_dir: Path | None = None) -> DataBundle:
@@ -50,6 +51,8 @@ def cached_load(name: str, params: Any, identity: dict[str, str], load: Callable
         bundle = load()
         write(path, key, bundle)
     _LOADED[key] = bundle
+    while len(_LOADED) > _KEEP:
+        del _LOADED[next(iter(_LOADED))]  # the oldest
     return bundle
 
 
