@@ -238,7 +238,7 @@ class SoftTargetObjective(Objective):
                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
         """CE alone, or stop-gradient targets already in the contexts: one fused node for every seed."""
         ramp = warmup_ramp(ctxs[0].step, self.warmup_epochs, ctxs[0].steps_per_epoch, self.warmup_by)
-        if self.entropy_penalty or (self.alpha != 0 and (ramp == 0 or any(c.target is None for c in ctxs))):
+        if self.entropy_penalty or (self.alpha != 0 and any(c.target is None for c in ctxs)):
             return None
         labels = torch.stack([c.labels for c in ctxs])
         q = None if self.alpha == 0 else torch.stack([c.target for c in ctxs])

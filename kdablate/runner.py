@@ -527,10 +527,8 @@ def ensure_teachers(cells: list[CellConfig], opts: RunOptions) -> RunOptions:
     """Train every teacher the cells need once, before they fan out to workers. A teacher that
     diverges or fails is recorded in the returned options: the cells that read it FAIL with the
     reason, the others run without it. A teacher below a cell's gate is announced here."""
-    failures: dict[str, str] = {}
-    seen: set[str] = set()
     with every_core():
-        train_teachers(cells, opts, failures, seen)
+        failures = train_teachers(cells, opts)
     return dataclasses.replace(opts, teacher_failures=tuple(failures.items()))
 
 
@@ -546,8 +544,10 @@ def every_core() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def train_teachers(cells: list[CellConfig], opts: RunOptions, failures: dict[str, str], seen: set[str]) -> None:
-    """``ensure_teachers``' loop: each teacher once, its failure or rejection recorded and announced."""
+def train_teachers(cells: list[CellConfig], opts: RunOptions) -> dict[str, str]:
+    """``ensure_teachers``' loop: each teacher once, its rejection announced; teacher key -> why it failed."""
+    failures: dict[str, str] = {}
+    seen: set[str] = set()
     for cell in cells:
         key = cell.teacher_key() if cell.teacher is not None else None
         if key is None or key in seen:
@@ -560,6 +560,7 @@ def train_teachers(cells: list[CellConfig], opts: RunOptions, failures: dict[str
             why = failures[key] = f"the teacher failed to train ({type(e).__name__}: {str(e)[:300]})"
         if why:
             print(f"warning: {why}; the cells that read it will be FAILED", flush=True)
+    return failures
 
 
 def check_precision(client: tracking.MlflowClient, exp_id: str, study: Study, runtime: Runtime) -> None:

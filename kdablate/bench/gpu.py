@@ -187,12 +187,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     modes = args.modes.split(",")
     if [m for m in modes if m not in MODES] or modes[0] != "cpu":
         p.error(f"--modes: the first must be cpu, the rest from {', '.join(MODES)}; got {args.modes}")
+    args.modes = modes
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    modes = args.modes.split(",")
+    modes = args.modes
     if not torch.cuda.is_available():
         print("gpu-check: torch sees no CUDA device on this machine, so there is nothing to check; "
               f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")

@@ -69,7 +69,7 @@ def read(path: Path, key: str) -> DataBundle | None:
     fields = {f.name for f in dataclasses.fields(DataBundle)}
     if state is not None and set(state) == fields and _splits_are_tensors(state):
         try:
-            return DataBundle(**{k: tuple(v) if isinstance(v, list) else v for k, v in state.items()})
+            return DataBundle(**state)
         except (TypeError, ValueError) as e:
             why = f"not a dataset ({e})"
     print(f"note: dataset cache {path}: {why or 'not a dataset'}; generating the data again", file=sys.stderr)

@@ -55,12 +55,10 @@ class MathBatchNorm(_BatchNorm):
     ``batch_norm_math``. Modules become one by ``with_math_norm``, never by construction."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = self.training or self.running_mean is None
-        tracked = self.num_batches_tracked if self.training and self.track_running_stats else None
-        running = self.training and self.track_running_stats
-        return batch_norm_math(x, self.weight, self.bias, self.running_mean if running or not batch_stats else None,
-                               self.running_var if running or not batch_stats else None, tracked, batch_stats,
-                               self.momentum, self.eps)
+        # Without track_running_stats the running buffers (and the count) are None, as in nn.BatchNorm.
+        return batch_norm_math(x, self.weight, self.bias, self.running_mean, self.running_var,
+                               self.num_batches_tracked if self.training else None,
+                               self.training or self.running_mean is None, self.momentum, self.eps)
 
 
 def with_math_norm(model: nn.Module) -> nn.Module:
