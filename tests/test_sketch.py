@@ -94,6 +94,26 @@ def test_a_full_basis_gives_the_exact_gram_and_similarity(model_name, source, mo
         torch.testing.assert_close(s, explanation_similarity(maps, y, kind), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("centre", [False, True], ids=["cosine", "pearson"])
+def test_a_class_whose_map_is_parallel_to_the_true_ones_is_exact_at_any_m(centre):
+    """The norms are sketched only orthogonally to E_y (the control variate): a class whose map is
+    a multiple of the true class's has |s_c| = 1 exactly, even from one direction, where
+    sketching its whole norm would give an error of order 1/sqrt(m)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, K, bias=False)).double()
+    with torch.no_grad():
+        w = model[1].weight
+        w[1] = -0.5 * w[0]
+        w[2] = 3.0 * w[0] + 7.0  # Pearson only: a shift over the input dims is centred away
+    x, y = torch.randn(5, 1, 40, dtype=torch.float64), torch.zeros(5, dtype=torch.long)
+    s = sketched_similarity(model, EXPLANATIONS.build("saliency"), x, y, 1, centre=centre, eval_mode=True, ctx=ctx())
+    torch.testing.assert_close(s[:, 0], torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(s[:, 1], -torch.ones(5, dtype=torch.float64))
+    if centre:
+        torch.testing.assert_close(s[:, 2], torch.ones(5, dtype=torch.float64))
+    assert (s[:, 3:].abs() < 1).all()
+
+
 @pytest.mark.parametrize("kind", ["cosine", "pearson"])
 def test_sketched_similarity_converges_and_keeps_the_ranking(kind):
     model, x, y = model_and_inputs("cnn1d")
