@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STUDY  ?= components
-WORKERS ?= 1
+WORKERS ?= auto
 STAMP  := $(VENV)/.installed
 
 .PHONY: venv study run figures test ui dry-run status bench gpu-check torture fake-cifar100 clean

@@ -89,10 +89,25 @@ def checkpoint_every(text: str) -> tuple[int, float]:
     return (0, float(value)) if text.endswith("s") else (int(value), 0.0)
 
 
+def workers_count(text: str) -> int:
+    """--workers: N >= 1, or 'auto' (0)."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is neither a number of workers nor 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}': use 1 or more workers, or 'auto'")
+    return value
+
+
 def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, default=0,
                      help="torch threads per worker (default 0: each worker's share of the cores; 1 per Ray task)")
-    run.add_argument("--workers", type=int, default=1, help="run cells in this many local processes (default 1)")
+    run.add_argument("--workers", type=workers_count, default=0, metavar="N|auto",
+                     help="run cells in this many local processes (default auto: on a CPU, one per core "
+                          "while each gets two units of work or more; one on a GPU)")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local processes, or Ray tasks on a cluster (--address; pip install -e '.[ray]')")
     run.add_argument("--address", help="Ray cluster address for --executor ray (e.g. auto, host:6379)")
@@ -186,8 +201,8 @@ def run(study: Study, args: argparse.Namespace) -> int:
     from kdablate.runner import RunOptions, check_device, run_study
 
     problem = check_device(args.device)
-    if args.workers < 1 or args.threads < 0:
-        problem = "--workers must be >= 1 and --threads >= 0 (0: each worker's share of the cores)"
+    if args.threads < 0:
+        problem = "--threads must be >= 0 (0: each worker's share of the cores)"
     if problem:
         print(f"kdablate: error: {problem}", file=sys.stderr)
         return 2

@@ -36,6 +36,18 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def available_memory_mib() -> int:
+    """Memory the kernel could give new processes now (MemAvailable), in MiB; a large number
+    where /proc/meminfo is missing, so that nothing is refused for want of a reading."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
+
+
 def cpu_model() -> str:
     """The CPU's model name (float results differ between CPU models within seed noise)."""
     return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"

@@ -41,3 +41,24 @@ def test_ray_tasks_request_a_fraction_of_a_gpu_only_on_cuda(monkeypatch):
     # A stack of seeds does its seeds' work: a fraction per seed, at most one GPU.
     assert ray_resources(RunOptions(device="cuda", gpus_per_cell=0.25), cells=3) == {"num_cpus": 1, "num_gpus": 0.75}
     assert ray_resources(RunOptions(device="cuda", gpus_per_cell=0.25), cells=10)["num_gpus"] == 1.0
+
+
+def test_auto_workers_take_a_core_each_while_each_gets_two_units(monkeypatch):
+    from kdablate.runner import RunOptions, auto_workers, resolve
+    from kdablate.trainer import Runtime
+
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 4)
+    monkeypatch.setattr(hardware, "available_memory_mib", lambda: 64 * 1024)
+    cpu = Runtime("cpu")
+    assert [auto_workers(u, cpu) for u in (0, 1, 3, 4, 8, 80)] == [1, 1, 1, 2, 4, 4]
+    assert auto_workers(80, Runtime("cuda")) == 1  # a GPU's cells already run side by side
+    monkeypatch.setattr(hardware, "available_memory_mib", lambda: 2500)  # two workers' worth
+    assert auto_workers(80, cpu) == 2
+    # resolve: auto gives each worker its share of the cores; an explicit count is kept.
+    opts = resolve(RunOptions(workers=0, device="cpu"), units=8)
+    assert (opts.workers, opts.threads) == (2, 2)
+    assert (resolve(RunOptions(workers=3, device="cpu"), units=8).workers) == 3
+
+
+def test_available_memory_is_read():
+    assert hardware.available_memory_mib() > 0

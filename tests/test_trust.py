@@ -99,7 +99,9 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--device", "tpu"], "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     (["--device", "cuda:x"], "is not one of"),
     (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
-    (["--workers", "0"], "--workers must be >= 1 and --threads >= 0"),
+    (["--workers", "0"], "argument --workers: '0': use 1 or more workers, or 'auto'"),
+    (["--workers", "many"], "is neither a number of workers nor 'auto'"),
+    (["--threads", "-1"], "--threads must be >= 0"),
     (["--threads", "two"], "argument --threads: invalid int value"),
 ])
 def test_bad_run_options_are_one_line_exit_2(tmp_path, args, message):
