@@ -48,6 +48,22 @@ def available_memory_mib() -> int:
     return 1 << 30
 
 
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent (pid ``parent``) dies (Linux; elsewhere
+    nothing). A local worker must not outlive a ``kill -9`` of its study: left alone it would go on
+    training queued cells that nobody collects, beside a rerun of the same study."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def cpu_model() -> str:
     """The CPU's model name (float results differ between CPU models within seed noise)."""
     return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"

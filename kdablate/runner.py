@@ -443,7 +443,9 @@ def cell_bar(cell: CellConfig, opts: RunOptions) -> Any:
     return tqdm(total=cell.optim.epochs, desc=f"  {cell.arm} s{cell.seed}", unit="ep", leave=False, disable=None)
 
 
-def _init_worker(threads: int, plugins: tuple[str, ...] = (), plugin_dir: str = "") -> None:
+def _init_worker(threads: int, plugins: tuple[str, ...] = (), plugin_dir: str = "", parent: int = 0) -> None:
+    if parent:  # a local worker process: it goes when the study's process goes, however it goes
+        hardware.die_with_parent(parent)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     if plugins:  # a spawned worker or a Ray task starts without the study's own components
@@ -461,7 +463,7 @@ def _run_processes(units: list[list[CellConfig]], args: tuple, opts: RunOptions)
 
     # spawn, not fork: forking a process that already runs torch / OpenMP threads is unsafe.
     with cf.ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                initargs=(opts.threads, opts.plugins, opts.plugin_dir)) as pool:
+                                initargs=(opts.threads, opts.plugins, opts.plugin_dir, os.getpid())) as pool:
         devices = placements(len(units), opts.runtime().device, torch.cuda.device_count())
         futures = [pool.submit(run_unit, unit, *args, dataclasses.replace(opts, device=d))
                    for unit, d in zip(units, devices)]

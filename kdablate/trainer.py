@@ -559,9 +559,10 @@ def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: 
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
+    splits = ("val",) if on_epoch is None else ("val", "test")  # no listener (a teacher): val picks the epoch
     for epoch in range(epoch + 1, optim.epochs + 1):
         parts, step = train_epoch(members, data, optim.batch_size, gens, epoch, step, teacher, runtime)
-        metrics = epoch_metrics(members, parts, data, teacher, runtime)
+        metrics = epoch_metrics(members, parts, data, teacher, runtime, splits)
         summary, best["artifacts"] = epoch_summary(members[0].objective, references)
         metrics.update(summary)
         if on_epoch is not None:
@@ -574,12 +575,12 @@ def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: 
 
 
 def epoch_metrics(members: list[Member], parts: list[dict[str, float]], data: DataBundle, teacher: TeacherSignal,
-                  runtime: Runtime = CPU) -> dict[str, float]:
-    """An epoch's metrics: member 0's training ``parts`` and evaluation, each other member's
-    under 'member<i>/' with the '/' of its keys made '_'."""
-    metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, runtime=runtime)}
+                  runtime: Runtime = CPU, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
+    """An epoch's metrics: member 0's training ``parts`` and evaluation on ``splits``, each other
+    member's under 'member<i>/' with the '/' of its keys made '_'."""
+    metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, splits, runtime)}
     for i, m in enumerate(members[1:], 1):
-        extra = {**parts[i], **evaluate_model(m.model, data, teacher, runtime=runtime)}
+        extra = {**parts[i], **evaluate_model(m.model, data, teacher, splits, runtime)}
         metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
     return metrics
 
