@@ -30,7 +30,7 @@ from kdablate import hardware, stacked, tracking
 from kdablate.compose import import_plugins
 from kdablate.components import Need
 from kdablate.config import CellConfig, flatten
-from kdablate.data import DataBundle, load_dataset
+from kdablate.data import DataBundle, describe_dataset, load_dataset
 from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
 from kdablate.saved import save_student
@@ -512,11 +512,19 @@ def _ray_unit(cells: list[CellConfig], exp_id: str, parent: str, tags: dict[str,
     return run_unit(cells, exp_id, parent, tags, opts)
 
 
-def resolve(opts: RunOptions, units: int = 1) -> RunOptions:
+# A worker's peak resident memory, rounded up: the one-cell peak RSS row of ``make bench`` read 936 MiB.
+WORKER_MIB = 1024
+# Training passes (epochs x training samples, summed over cells) below which one worker is used:
+# a worker's start-up (~5 s of imports) outweighs what it takes over. The 8-cell bench grid
+# (1.2 M) was no faster on 2 workers; the components study (11.5 M) was x1.26 faster.
+AUTO_MIN_PASSES = 4_000_000
+
+
+def resolve(opts: RunOptions, units: int = 1, passes: int = AUTO_MIN_PASSES) -> RunOptions:
     """Absolute paths and URI (workers may start elsewhere), the workers (``auto_workers`` when 0)
     for ``units`` units of work, and threads so that workers x threads <= cores."""
     cores = hardware.usable_cores()
-    workers = opts.workers or auto_workers(units, opts.runtime())
+    workers = opts.workers or auto_workers(units, opts.runtime(), passes)
     # By default each local worker takes its share of the cores: a stack of 10 MLP seeds is
     # x1.3 faster on 2 threads than on 1, and a single small cell is no slower (measured here).
     threads = opts.threads or (1 if opts.executor == "ray" else max(1, cores // workers))
@@ -527,16 +535,24 @@ def resolve(opts: RunOptions, units: int = 1) -> RunOptions:
                                uri=opts.uri or tracking.tracking_uri())
 
 
-# A worker's peak resident memory, rounded up: the one-cell peak RSS row of ``make bench`` read 936 MiB.
-WORKER_MIB = 1024
+def training_passes(cells: list[CellConfig]) -> int:
+    """Sum over ``cells`` of epochs x training samples (the dataset's ``describe``, once per dataset)."""
+    sizes: dict[str, int] = {}
+    total = 0
+    for c in cells:
+        key = c.data.model_dump_json()
+        if key not in sizes:
+            sizes[key] = describe_dataset(c.data.name, c.data.params).n_train
+        total += c.optim.epochs * sizes[key]
+    return total
 
 
-def auto_workers(units: int, runtime: Runtime) -> int:
+def auto_workers(units: int, runtime: Runtime, passes: int = AUTO_MIN_PASSES) -> int:
     """``--workers auto``: on a CPU, one process per core while each gets at least two units of
-    work (a worker's start-up, ~5 s of imports, is paid once per worker) and memory allows; one
-    on a GPU, whose cells already run in parallel on it. The components study (8 stacks, 2-core
-    EPYC) took 147 s on 2 workers against 185 s on 1; an 8-cell grid of 2 stacks is no faster."""
-    if torch.device(runtime.device).type != "cpu":
+    work, the study has ``AUTO_MIN_PASSES`` training passes or more, and memory allows; one on a
+    GPU, whose cells already run in parallel on it. The components study (8 stacks, 2-core
+    EPYC) took 147 s on 2 workers against 185 s on 1."""
+    if torch.device(runtime.device).type != "cpu" or passes < AUTO_MIN_PASSES:
         return 1
     memory = hardware.available_memory_mib() // WORKER_MIB
     return max(1, min(hardware.usable_cores(), units // 2, memory))
@@ -641,7 +657,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(pending)} already finished, "
           f"{len(pending)} to run" + (f"; {len(reaped)} interrupted run(s) marked KILLED" if reaped else ""), flush=True)
     units = work_units(pending, opts)
-    opts = resolve(opts, len(units))
+    opts = resolve(opts, len(units), training_passes(pending) if auto else AUTO_MIN_PASSES)
     _init_worker(opts.threads)
     parent, tags = start_parent(client, exp_id, study, opts)
     failed = 0

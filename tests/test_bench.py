@@ -184,3 +184,19 @@ def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench_gpu.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_the_baseline_row_runs_both_codes_or_says_why(monkeypatch):
+    """Quick scale: the study at the pre-stacking commit and at this checkout, each in its own
+    store; where git cannot make the worktree, a row that says so instead of a number."""
+    from kdablate.bench import baseline
+    from kdablate.bench.core import QUICK
+
+    row = baseline.baseline_row(QUICK)
+    if math.isnan(row.value):
+        assert row.note.startswith("no checkout of") and row.ok is None
+    else:
+        assert row.value > 0 and row.ok in (True, False) and "fresh store and cache each" in row.note
+    monkeypatch.setattr(baseline, "ROOT", baseline.ROOT / "no-such-folder")
+    missing = baseline.baseline_row(QUICK)
+    assert math.isnan(missing.value) and missing.note.startswith("no checkout of")

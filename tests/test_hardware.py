@@ -52,12 +52,22 @@ def test_auto_workers_take_a_core_each_while_each_gets_two_units(monkeypatch):
     cpu = Runtime("cpu")
     assert [auto_workers(u, cpu) for u in (0, 1, 3, 4, 8, 80)] == [1, 1, 1, 2, 4, 4]
     assert auto_workers(80, Runtime("cuda")) == 1  # a GPU's cells already run side by side
+    assert auto_workers(80, cpu, passes=1_000_000) == 1  # too little work for a second start-up
     monkeypatch.setattr(hardware, "available_memory_mib", lambda: 2500)  # two workers' worth
     assert auto_workers(80, cpu) == 2
     # resolve: auto gives each worker its share of the cores; an explicit count is kept.
     opts = resolve(RunOptions(workers=0, device="cpu"), units=8)
     assert (opts.workers, opts.threads) == (2, 2)
     assert (resolve(RunOptions(workers=3, device="cpu"), units=8).workers) == 3
+
+
+def test_training_passes_weigh_epochs_by_training_samples():
+    from kdablate.config import CellConfig
+    from kdablate.runner import training_passes
+
+    a = CellConfig(arm="a", seed=0, data={"name": "mnist1d", "params": {"num_samples": 1000}}, optim={"epochs": 3})
+    b = CellConfig(arm="b", seed=0, data={"name": "mnist1d", "params": {"num_samples": 5000}}, optim={"epochs": 2})
+    assert training_passes([a, a, b]) == 2 * 3 * 720 + 2 * 3600  # 720 and 3600 training samples
 
 
 def test_available_memory_is_read():

@@ -1,6 +1,6 @@
 """The benchmark suite: ``make bench`` (``python -m kdablate.bench``).
 
-    python -m kdablate.bench [--sections trainer,levers,il,system] [--compile] [--quick]
+    python -m kdablate.bench [--sections trainer,levers,il,system,baseline] [--compile] [--quick]
 
 Prints one table, every ratio measured side by side in this process
 (interleaved rounds, medians, warm-up excluded; see ``kdablate.bench.core``),
@@ -17,7 +17,9 @@ for the default data (MNIST-1D-shaped signals, MLP student, K = 10) and for
   saliency exact and sketched (``sketch`` = m) at K = 10 and 100 on the MLP and the 1-D CNN;
 * ``system`` (``kdablate.bench.system``, ``kdablate.bench.stacking``): a study of 8 cells with
   2 workers against 1, peak RSS of a cell, of the study, and of a ResNet-20 cell; seeds
-  trained stacked against one by one (an epoch per model, and the 8-cell study).
+  trained stacked against one by one (an epoch per model, and the 8-cell study);
+* ``baseline`` (``kdablate.bench.baseline``): the components study at this code's defaults against
+  the code before stacking (a git worktree of it), whole processes one after the other (~10 min).
 
 Timings run on ``--threads`` torch threads (default 1; a study's cells now default to cores ÷ workers).
 """
@@ -34,11 +36,12 @@ from typing import Callable
 
 import torch
 
-from kdablate.bench import explain as bench_explain, levers as bench_levers, stacking as bench_stacking
+from kdablate.bench import baseline as bench_baseline, explain as bench_explain, levers as bench_levers
+from kdablate.bench import stacking as bench_stacking
 from kdablate.bench import system as bench_system, trainer as bench_trainer
 from kdablate.bench.core import FULL, QUICK, Row, Scale, table
 
-SECTIONS = ("trainer", "levers", "il", "system")
+SECTIONS = ("trainer", "levers", "il", "system", "baseline")
 
 
 def cpu_name() -> str:
@@ -71,6 +74,7 @@ RUNNERS: dict[str, Callable[[Scale, bool], list[Row]]] = {
     "levers": bench_levers.lever_rows,
     "il": lambda scale, _: bench_explain.all_rows(scale),
     "system": system_section,
+    "baseline": lambda scale, _: [bench_baseline.baseline_row(scale)],
 }
 
 

@@ -75,11 +75,12 @@ def memory_kib(pid: int) -> tuple[int, int, int]:
     return int(fields.get("Rss:", 0)), int(fields.get("Pss:", 0)), int(fields.get("Anonymous:", 0))
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, dict[str, float]]:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> tuple[float, dict[str, float]]:
     """Run ``cmd`` to completion: wall seconds, and the peaks of the summed RSS, PSS and anonymous
     memory (MiB) of it and its descendants, sampled every 50 ms."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = [0, 0, 0]
     while proc.poll() is None:
         usage = [memory_kib(p) for p in [proc.pid, *children(proc.pid)]]
