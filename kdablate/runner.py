@@ -27,10 +27,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from kdablate import hardware, stacked, tracking
+from kdablate.checks import data_facts
 from kdablate.compose import import_plugins
 from kdablate.components import Need
 from kdablate.config import CellConfig, flatten
-from kdablate.data import DataBundle, describe_dataset, load_dataset
+from kdablate.data import DataBundle, load_dataset
 from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
 from kdablate.saved import save_student
@@ -524,7 +525,8 @@ def resolve(opts: RunOptions, units: int = 1, passes: int = AUTO_MIN_PASSES) -> 
     """Absolute paths and URI (workers may start elsewhere), the workers (``auto_workers`` when 0)
     for ``units`` units of work, and threads so that workers x threads <= cores."""
     cores = hardware.usable_cores()
-    workers = opts.workers or auto_workers(units, opts.runtime(), passes)
+    workers = opts.workers or (auto_workers(units, opts.runtime(), passes, opts.threads)
+                               if opts.executor == "local" else 1)
     # By default each local worker takes its share of the cores: a stack of 10 MLP seeds is
     # x1.3 faster on 2 threads than on 1, and a single small cell is no slower (measured here).
     threads = opts.threads or (1 if opts.executor == "ray" else max(1, cores // workers))
@@ -536,26 +538,19 @@ def resolve(opts: RunOptions, units: int = 1, passes: int = AUTO_MIN_PASSES) -> 
 
 
 def training_passes(cells: list[CellConfig]) -> int:
-    """Sum over ``cells`` of epochs x training samples (the dataset's ``describe``, once per dataset)."""
-    sizes: dict[str, int] = {}
-    total = 0
-    for c in cells:
-        key = c.data.model_dump_json()
-        if key not in sizes:
-            sizes[key] = describe_dataset(c.data.name, c.data.params).n_train
-        total += c.optim.epochs * sizes[key]
-    return total
+    """Sum over ``cells`` of epochs x training samples (from the study's checks, memoised per dataset)."""
+    return sum(c.optim.epochs * data_facts(c).shape.n_train for c in cells)
 
 
-def auto_workers(units: int, runtime: Runtime, passes: int = AUTO_MIN_PASSES) -> int:
-    """``--workers auto``: on a CPU, one process per core while each gets at least two units of
-    work, the study has ``AUTO_MIN_PASSES`` training passes or more, and memory allows; one on a
-    GPU, whose cells already run in parallel on it. The components study (8 stacks, 2-core
-    EPYC) took 147 s on 2 workers against 185 s on 1."""
+def auto_workers(units: int, runtime: Runtime, passes: int = AUTO_MIN_PASSES, threads: int = 0) -> int:
+    """``--workers auto``: on a CPU, one process per core (per ``threads`` cores when they are given)
+    while each gets at least two units of work, the study has ``AUTO_MIN_PASSES`` training passes
+    or more, and memory allows; one on a GPU (several GPUs: ask for N workers to place cells
+    round-robin). The components study (8 stacks, 2-core EPYC) took 147 s on 2 workers, 185 s on 1."""
     if torch.device(runtime.device).type != "cpu" or passes < AUTO_MIN_PASSES:
         return 1
     memory = hardware.available_memory_mib() // WORKER_MIB
-    return max(1, min(hardware.usable_cores(), units // 2, memory))
+    return max(1, min(hardware.usable_cores() // max(threads, 1), units // 2, memory))
 
 
 def ensure_teachers(cells: list[CellConfig], opts: RunOptions) -> RunOptions:
@@ -657,7 +652,8 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(pending)} already finished, "
           f"{len(pending)} to run" + (f"; {len(reaped)} interrupted run(s) marked KILLED" if reaped else ""), flush=True)
     units = work_units(pending, opts)
-    opts = resolve(opts, len(units), training_passes(pending) if auto else AUTO_MIN_PASSES)
+    weigh = auto and opts.executor == "local" and opts.runtime().device == "cpu"
+    opts = resolve(opts, len(units), training_passes(pending) if weigh else AUTO_MIN_PASSES)
     _init_worker(opts.threads)
     parent, tags = start_parent(client, exp_id, study, opts)
     failed = 0

@@ -289,13 +289,19 @@ def owner_of(tags: dict[str, str]) -> tuple[str, str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie (exited, not yet reaped: where PID 1 does not reap orphans,
+    e.g. a container without an init, a killed study's workers stay so) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: signal 0 is all there is
+    return state not in ("Z", "X")
 
 
 STALE_AFTER_S = 1800.0  # a run of another host with no heartbeat for this long is dead

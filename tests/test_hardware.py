@@ -53,6 +53,7 @@ def test_auto_workers_take_a_core_each_while_each_gets_two_units(monkeypatch):
     assert [auto_workers(u, cpu) for u in (0, 1, 3, 4, 8, 80)] == [1, 1, 1, 2, 4, 4]
     assert auto_workers(80, Runtime("cuda")) == 1  # a GPU's cells already run side by side
     assert auto_workers(80, cpu, passes=1_000_000) == 1  # too little work for a second start-up
+    assert auto_workers(80, cpu, threads=2) == 2  # --threads 2 given: a worker per two cores
     monkeypatch.setattr(hardware, "available_memory_mib", lambda: 2500)  # two workers' worth
     assert auto_workers(80, cpu) == 2
     # resolve: auto gives each worker its share of the cores; an explicit count is kept.
@@ -72,3 +73,23 @@ def test_training_passes_weigh_epochs_by_training_samples():
 
 def test_available_memory_is_read():
     assert hardware.available_memory_mib() > 0
+
+
+def test_a_zombie_process_is_not_alive():
+    """A killed study's workers may stay zombies where PID 1 reaps no orphans: not alive, so a
+    rerun resumes their cells instead of waiting for them."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from kdablate.tracking import _pid_alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and _pid_alive(proc.pid):  # exited, not waited for: a zombie
+        time.sleep(0.05)
+    assert not _pid_alive(proc.pid)
+    os.kill(proc.pid, 0)  # the pid still exists: only its state says it is dead
+    proc.wait()
+    assert _pid_alive(os.getpid())

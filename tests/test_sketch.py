@@ -232,6 +232,26 @@ def test_a_differentiable_sketch_carries_gradients():
     assert not sketched_similarity(model, src, x, y, 4, centre=False, eval_mode=True, ctx=ctx()).requires_grad
 
 
+@pytest.mark.parametrize("centre", [False, True], ids=["cosine", "pearson"])
+def test_a_differentiable_sketch_has_the_exact_gradient_with_a_full_basis(centre, monkeypatch):
+    """With a full basis the sketch is the exact similarity, so its gradient must be the exact
+    one too: the control variate is applied after the products, through a live E_y."""
+    model, x, y = model_and_inputs("mlp")
+    src, kind = EXPLANATIONS.build("saliency"), "pearson" if centre else "cosine"
+    graph = AttributionContext(generator=torch.Generator().manual_seed(0), create_graph=True)
+    weights = torch.rand(len(y), K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def grads(s: torch.Tensor) -> list[torch.Tensor]:
+        return torch.autograd.grad((weights * s).sum(), list(model.parameters()), allow_unused=True)
+
+    exact = grads(explanation_similarity(explain(model, src, x, eval_mode=True, ctx=graph), y, kind))
+    monkeypatch.setattr(explanation_mod, "rademacher_directions", full_basis)
+    sketched = grads(sketched_similarity(model, src, x, y, 0, centre=centre, eval_mode=True, ctx=graph))
+    for e, g in zip(exact, sketched):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("model_name", ["mlp", "cnn1d"])
 def test_a_sketched_il_cell_trains_with_fit(model_name):
     data = load_dataset("mnist1d", {"num_samples": 500})

@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]  # this checkout
 
 def checkout(ref: str, dest: Path) -> tuple[Path | None, str]:
     """A detached worktree of ``ref`` at ``dest``; (None, why) where there is none to make."""
-    out = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(dest), ref],
-                         capture_output=True, text=True)
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(dest), ref],
+                             capture_output=True, text=True)
+    except OSError as e:  # no git at all
+        return None, f"no checkout of {ref}: {e.strerror or e}"
     if out.returncode != 0:
         return None, f"no checkout of {ref}: {(out.stderr.strip().splitlines() or ['git failed'])[-1]}"
     return dest, ""

@@ -79,16 +79,19 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> tuple[float, dict[str, float]]:
     """Run ``cmd`` to completion: wall seconds, and the peaks of the summed RSS, PSS and anonymous
     memory (MiB) of it and its descendants, sampled every 50 ms."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0, 0, 0]
-    while proc.poll() is None:
-        usage = [memory_kib(p) for p in [proc.pid, *children(proc.pid)]]
-        peak = [max(old, sum(u[i] for u in usage)) for i, old in enumerate(peak)]
-        time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read()[-2000:]}")
+    # stderr to a file, not a pipe: a long study's warnings would fill a pipe nobody reads until the end.
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak = [0, 0, 0]
+        while proc.poll() is None:
+            usage = [memory_kib(p) for p in [proc.pid, *children(proc.pid)]]
+            peak = [max(old, sum(u[i] for u in usage)) for i, old in enumerate(peak)]
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read()[-2000:]}")
     if peak[0] == 0:  # no /proc: the largest single process
         peak[0] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return wall, dict(zip(("rss", "pss", "anon"), (k / 1024 for k in peak)))

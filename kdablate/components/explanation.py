@@ -117,13 +117,14 @@ def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Ten
             e_y = e_y - e_y.mean(dim=tuple(range(1, e_y.dim())), keepdim=True)
         if not ctx.create_graph:
             e_y = e_y.detach()
-        norm = e_y.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
-        u = (e_y / norm.view(-1, *[1] * (e_y.dim() - 1))).detach()
         v = rademacher_directions(inputs, m, ctx.generator, centre)  # (m, B, *shape)
-        v = v - (v * u).flatten(2).sum(2).view(*v.shape[:2], *[1] * (u.dim() - 1)) * u  # P v: centred still (u is)
         p = source.project(model, inputs, torch.cat([e_y[None], v]), ctx=ctx)  # (B, K, m + 1)
+    norm = e_y.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,) |E_y|
     a = p[:, :, 0] / norm[:, None]  # (B, K) <E_c, u>, |E_y| at y
-    rest = p[:, :, 1:].pow(2).mean(2)  # (B, K) ~ |P E_c|^2, 0 at y in expectation
+    # <E_c, P v_j> = <E_c, v_j> - a_c <v_j, u>: the projection applied after the products, with u
+    # live, so that a differentiable sketch (create_graph) also differentiates through u = E_y / |E_y|.
+    vu = (v.flatten(2) * e_y.flatten(1)).sum(2).t() / norm[:, None]  # (B, m) <v_j, u>
+    rest = (p[:, :, 1:] - a[:, :, None] * vu[:, None, :]).pow(2).mean(2)  # (B, K) ~ |P E_c|^2, 0 at y
     return a / (a.square() + rest.scatter(1, labels[:, None], 0.0)).clamp_min(1e-24).sqrt()
 
 
