@@ -521,9 +521,14 @@ WORKER_MIB = 1024
 AUTO_MIN_PASSES = 4_000_000
 
 
+def resolve_paths(opts: RunOptions) -> RunOptions:
+    """Absolute cache folder and store URI: workers may start elsewhere."""
+    return dataclasses.replace(opts, cache_dir=Path(opts.cache_dir).resolve(), uri=opts.uri or tracking.tracking_uri())
+
+
 def resolve(opts: RunOptions, units: int = 1, passes: int = AUTO_MIN_PASSES) -> RunOptions:
-    """Absolute paths and URI (workers may start elsewhere), the workers (``auto_workers`` when 0)
-    for ``units`` units of work, and threads so that workers x threads <= cores."""
+    """``resolve_paths``, the workers (``auto_workers`` when 0) for ``units`` units of work, and
+    threads so that workers x threads <= cores."""
     cores = hardware.usable_cores()
     workers = opts.workers or (auto_workers(units, opts.runtime(), passes, opts.threads)
                                if opts.executor == "local" else 1)
@@ -533,8 +538,7 @@ def resolve(opts: RunOptions, units: int = 1, passes: int = AUTO_MIN_PASSES) -> 
     if opts.executor == "local" and workers * threads > cores and opts.threads:
         threads = max(1, cores // workers)
         print(f"note: {workers} workers x {opts.threads} threads > {cores} cores; using {threads} thread(s) each")
-    return dataclasses.replace(opts, workers=workers, threads=threads, cache_dir=Path(opts.cache_dir).resolve(),
-                               uri=opts.uri or tracking.tracking_uri())
+    return dataclasses.replace(resolve_paths(opts), workers=workers, threads=threads)
 
 
 def training_passes(cells: list[CellConfig]) -> int:
@@ -633,9 +637,9 @@ def check_folder(path: Path, what: str) -> None:
 
 def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     """Run every pending cell; returns the number of cells that FAILED."""
-    auto = not opts.workers  # --workers auto: decided once the pending work is known
-    opts = dataclasses.replace(resolve(dataclasses.replace(opts, threads=0)), plugins=study.plugins, plugin_dir=str(study.path.parent.resolve()),
-                               roles=roles(study), workers=opts.workers, threads=opts.threads)
+    auto = not opts.workers  # --workers auto: workers and threads are resolved once the work is known
+    opts = dataclasses.replace(resolve_paths(opts), plugins=study.plugins,
+                               plugin_dir=str(study.path.parent.resolve()), roles=roles(study))
     warning = hardware.amp_warning(opts.runtime().device, opts.amp)
     if warning:
         print(warning, flush=True)

@@ -42,7 +42,7 @@ from kdablate.trainer import Batch, EpochEnv, Member, make_member, train_step
 
 CYCLE = 4  # the longest 'every' schedule: every timed window is a whole number of cycles
 SCHEDULES = ((4, 1.0), (2, 1.0), (1, 0.25), (4, 0.5))
-SKETCH = 4  # the default m: the smallest with class-structure Spearman >= 0.95 at K = 100 on both models (``sketch_agreement``)
+SKETCH = 4  # the default m: the smallest with class-structure Spearman >= 0.95 at K = 100 on both models
 SKETCH_MS = (2, 4, 8, 16, 32)
 SKETCH_TARGET = 3.0  # sketched saliency IL step at K = 100, as a multiple of a CE step
 
