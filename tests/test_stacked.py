@@ -18,9 +18,10 @@ from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
 from kdablate.models import MODELS, build_model
 from kdablate.models.vmap_norm import MathBatchNorm, with_math_norm
-from kdablate.stacked import StackMismatch, fit_stacked, refusal
+from kdablate.components.context import merged
+from kdablate.stacked import StackMismatch, fit_stacked, refusal, step_targets
 from kdablate.storage import Checkpoint
-from kdablate.trainer import CPU, TeacherSignal, fit
+from kdablate.trainer import CPU, TeacherSignal, fit, make_member
 
 SEEDS = (0, 1, 2)
 KNOWLEDGE = {
@@ -242,6 +243,57 @@ def test_every_component_a_stack_accepts_is_per_sample(part):
     if not torch.equal(before, whole.generator.get_state()):
         pytest.skip(f"{type(part).__name__} draws from the generator: per seed, from the seed's own")
     assert torch.allclose(torch.cat([part(a), part(b)]), together, atol=1e-6)
+
+
+def seed_contexts(n: int = 6, k: int = 10) -> list[TargetContext]:
+    """Three seeds' contexts at one step, as a stack makes them: own batch, own generator, no model."""
+    g = torch.Generator().manual_seed(7)
+    return [TargetContext(torch.randint(0, k, (n,), generator=g), k, torch.randn(n, k, generator=g) * 3,
+                          torch.randn(n, k, generator=g) * 3, torch.Generator().manual_seed(10 + s),
+                          peer_logits=torch.randn(n, k, generator=g), class_groups=torch.arange(k) // 3,
+                          temperature=4.0) for s in SEEDS]
+
+
+@pytest.mark.parametrize("part", components())
+def test_a_row_wise_component_gives_merged_seeds_what_each_gets_alone(part):
+    """What lets a stack build every seed's target in one call (``stacked.step_targets``): a
+    component that declares ``row_wise`` gives each seed's rows of the merged context what the
+    seed's own call gives them, its draws from that seed's own generator included."""
+    if not part.row_wise:
+        pytest.skip(f"{type(part).__name__} is not row-wise: a stack calls it seed by seed")
+    alone_ctxs, merged_ctxs = seed_contexts(), seed_contexts()
+    alone = torch.cat([part(c) for c in alone_ctxs])
+    together = part(merged(merged_ctxs))
+    assert torch.allclose(together, alone, atol=1e-6)
+    for a, m in zip(alone_ctxs, merged_ctxs):  # each generator advanced as far as alone
+        assert torch.equal(a.generator.get_state(), m.generator.get_state())
+
+
+def test_merging_refuses_what_a_stack_never_hands_its_components():
+    ctxs = seed_contexts()
+    ctxs[1].inputs = torch.zeros(6, 1, 40)
+    with pytest.raises(ValueError, match="only a stack's contexts merge"):
+        merged(ctxs)
+
+
+@pytest.mark.parametrize("arm", ["permuted", "kd", "self"])
+def test_a_stack_builds_row_wise_targets_in_one_call_as_seed_by_seed(tiny, arm, monkeypatch):
+    """``step_targets``: one call on the merged seeds where the objective is row-wise, the same
+    targets as each seed's own objective on its own context (the fallback for any other)."""
+    members = [make_member(ModelSpec(name="mlp"), tiny, OptimConfig(epochs=1), KNOWLEDGE[arm], s, 4) for s in SEEDS]
+    calls = []
+    objective_type = type(members[0].objective)
+    original = objective_type.step_target
+    monkeypatch.setattr(objective_type, "step_target", lambda self, ctx: calls.append(ctx) or original(self, ctx))
+    together = seed_contexts()
+    step_targets(members, together)
+    assert len(calls) == 1 and members[0].objective.row_wise
+    monkeypatch.setattr(objective_type, "row_wise", property(lambda self: False))
+    alone = seed_contexts()
+    step_targets(members, alone)
+    assert len(calls) == 1 + len(SEEDS)
+    for t, a in zip(together, alone):
+        assert torch.allclose(t.target, a.target, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", EXPLANATIONS.names())

@@ -97,6 +97,20 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None,
     return wall, dict(zip(("rss", "pss", "anon"), (k / 1024 for k in peak)))
 
 
+def run_cli(study: Path, store: Path, options: tuple[str, ...] = (),
+            code: Path | None = None) -> tuple[float, dict[str, float]]:
+    """``kdablate run study`` on the CPU with ``options``, from ``code``'s ``kdablate`` (first on
+    ``PYTHONPATH``) where given, else this one, in and into ``store``: a fresh folder for its MLflow
+    store and cache; (wall s, peak MiB)."""
+    store.mkdir(parents=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlruns.db"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), *options, "--no-progress", "--device", "cpu",
+           "--cache-dir", str(store / "cache")]
+    return run_measured(cmd, env, cwd=store)
+
+
 def run_study(study: Path, workers: int, folder: Path, checkpoint: str = "0",
               extra: tuple[str, ...] = ()) -> tuple[float, dict[str, float]]:
     """The study through the CLI with ``workers`` workers (and ``extra`` options) into a fresh
@@ -104,11 +118,7 @@ def run_study(study: Path, workers: int, folder: Path, checkpoint: str = "0",
     store = folder.resolve() / "last"
     if store.exists():
         store.rename(folder.resolve() / f"w{workers}-{time.time_ns()}")
-    store.mkdir()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlruns.db"}
-    cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), "--workers", str(workers), "--no-progress",
-           "--checkpoint-every", checkpoint, "--device", "cpu", "--cache-dir", str(store / "cache"), *extra]
-    return run_measured(cmd, env)
+    return run_cli(study.resolve(), store, ("--workers", str(workers), "--checkpoint-every", checkpoint, *extra))
 
 
 def overhead_rows(scale: Scale, cells: int = 4) -> list[Row]:

@@ -38,7 +38,8 @@ class TargetContext:
     num_classes: K.
     student_logits: (B, K) the model's own logits, detached (the 'self' source).
     teacher_logits: (B, K) a teacher's logits, or None when no teacher is loaded.
-    generator: the cell's RNG for components, so random ones are reproducible per seed.
+    generator: the cell's RNG for components, so random ones are reproducible per seed. A component
+        draws through ``uniform``, which also serves a context of several seeds (``merged``).
     peer_logits: (B, K) the other cohort members' logits (Deep Mutual Learning), detached.
     inputs: (B, *shape) the batch, for components that explain a model on it.
     models: 'self' and, when loaded, 'teacher' modules, for explanations.
@@ -68,6 +69,14 @@ class TargetContext:
     class_groups: torch.Tensor | None = None
     target: torch.Tensor | None = None
     temperature: float | None = None
+    generators: tuple[torch.Generator | None, ...] = ()  # ``merged``: each seed's, in row order
+
+    def uniform(self, cols: int) -> torch.Tensor:
+        """(B, cols) U[0, 1) draws on the CPU from the cell's generator; in a ``merged`` context each
+        seed's rows from that seed's own generator, so the draws are those of the seeds alone."""
+        gens = self.generators or (self.generator,)
+        rows = len(self.labels) // len(gens)
+        return torch.cat([torch.rand(rows, cols, generator=g) for g in gens])
 
     def logits(self, source: str) -> torch.Tensor:
         """(B, K) logits of 'self', 'teacher' or 'peer'; a clear error if not loaded."""
@@ -85,6 +94,20 @@ class TargetContext:
         if self.temperature is None:
             raise RuntimeError("this component reads the temperature, which its objective sets; none has")
         return self.temperature
+
+
+PER_ROW = ("labels", "student_logits", "teacher_logits", "peer_logits", "target")
+
+
+def merged(ctxs: list[TargetContext]) -> TargetContext:
+    """S seeds' contexts at one step (equal batches, no model, inputs or features: a stack's) as
+    one context of their rows in seed order, each seed's generator kept for its own rows
+    (``uniform``). A ``Component.row_wise`` component gives on it each seed's result, stacked."""
+    first = ctxs[0]
+    if any(c.models or c.inputs is not None or c.features is not None or c.generators for c in ctxs):
+        raise ValueError("only a stack's contexts merge: no models, inputs, features or merged contexts")
+    rows = {f: None if getattr(first, f) is None else torch.cat([getattr(c, f) for c in ctxs]) for f in PER_ROW}
+    return dataclasses.replace(first, **rows, generator=None, generators=tuple(c.generator for c in ctxs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +133,10 @@ class Component(abc.ABC):
     ``static`` components are a fixed function of (labels, cached teacher logits, T,
     class_groups) per sample, so the trainer may build their target once per epoch.
     ``reads_model`` components read a model (explanations): their arms train unstacked.
+    ``row_wise`` components give each row a value from that row of the context alone (and its
+    seed's draws, through ``TargetContext.uniform``) and keep no state or statistics, so a
+    stack may build every seed's part in one call on the ``merged`` context. Off unless a
+    component says so (``tests/test_stacked.py`` checks each one that does).
     """
 
     needs: Need = Need.NONE
@@ -118,6 +145,7 @@ class Component(abc.ABC):
     # Reads a model, the inputs or the features (explanations). A stacked step hands its
     # components none of these, so one that reads them without saying so fails loudly there.
     reads_model: bool = False
+    row_wise: bool = False
 
     def __init__(self, params: object) -> None:
         self.params = params

@@ -39,7 +39,7 @@ def virtual_teacher_mass(a: float, temperature: float, num_classes: int) -> floa
 class NoMass(Component):
     """m = 0: the one-hot label."""
 
-    static = True
+    static = row_wise = True
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return per_sample(ctx, 0.0)
@@ -49,7 +49,7 @@ class NoMass(Component):
 class ConstantMass(Component):
     """m = eps for every sample."""
 
-    static = True
+    static = row_wise = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -67,7 +67,7 @@ class ConstantMass(Component):
 class VirtualTeacherMass(Component):
     """Tf-KD-reg: the mass of softmax(p^d / T), p^d = a on y and (1-a)/(K-1) elsewhere."""
 
-    static = True
+    static = row_wise = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -83,6 +83,8 @@ class VirtualTeacherMass(Component):
 
 class SourceMass(SourceComponent):
     """m = 1 - softmax(z_source / T)[y], per sample, never differentiated."""
+
+    row_wise = True
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return mass_from_probs(ctx.probs(self.source).detach(), ctx.labels)

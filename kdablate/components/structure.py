@@ -46,14 +46,19 @@ def permute_nongt(
     r: (B, K); the true-class entry stays where it is. One fresh permutation per
     row, drawn from ``generator``.
     """
-    b, k = r.shape
+    # Drawn on the CPU generator (reproducible on any device), then moved.
+    return permute_with(r, labels, torch.rand(r.shape[0], r.shape[1] - 1, generator=generator))
+
+
+def permute_with(r: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``permute_nongt`` with its draws given: (B, K) r, (B,) labels, (B, K-1) uniforms whose
+    per-row argsort is the row's permutation of its non-ground-truth classes."""
+    k = r.shape[1]
     # (B, K-1) column indices of the non-ground-truth classes, in class order: j, or j + 1 from
     # the label on (arithmetic, not a boolean mask, which costs a nonzero: x2.7 here).
     j = torch.arange(k - 1, device=r.device)
     others = j + (j >= labels[:, None])
-    # Drawn on the CPU generator (reproducible on any device), then moved.
-    perm = torch.rand(b, k - 1, generator=generator).argsort(dim=1).to(r.device)
-    shuffled = r.gather(1, others.gather(1, perm))
+    shuffled = r.gather(1, others.gather(1, u.argsort(dim=1).to(r.device)))
     return r.scatter(1, others, shuffled)
 
 
@@ -81,7 +86,7 @@ def class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 class UniformStructure(Component):
     """r_c = 1/(K-1): no class similarity at all."""
 
-    static = True
+    static = row_wise = True
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return uniform_structure(ctx.labels, ctx.num_classes, ctx.student_logits.dtype)
@@ -89,6 +94,8 @@ class UniformStructure(Component):
 
 class SourceStructure(SourceComponent):
     """r = the source's non-ground-truth probabilities at T, renormalised; never differentiated."""
+
+    row_wise = True
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return nongt_distribution(ctx.probs(self.source).detach(), ctx.labels)
@@ -136,9 +143,10 @@ class PermutedStructure(Component):
         self.needs = self.base.needs
         self.differentiable = self.base.differentiable
         self.reads_model = self.base.reads_model
+        self.row_wise = self.base.row_wise  # its own draws are per row, through ctx.uniform
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return permute_nongt(self.base(ctx), ctx.labels, ctx.generator)
+        return permute_with(self.base(ctx), ctx.labels, ctx.uniform(ctx.num_classes - 1))
 
     def check(self, probe: Probe) -> None:
         self.base.check(probe)
@@ -174,7 +182,7 @@ def oracle_structure(labels: torch.Tensor, groups: torch.Tensor, within: float) 
 class OracleStructure(Component):
     """Ground-truth class similarity from a known hierarchy (e.g. CIFAR-100 superclasses)."""
 
-    static = True
+    static = row_wise = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
