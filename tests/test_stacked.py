@@ -269,6 +269,15 @@ def test_a_row_wise_component_gives_merged_seeds_what_each_gets_alone(part):
         assert torch.equal(a.generator.get_state(), m.generator.get_state())
 
 
+def test_a_merged_context_refuses_draws_from_its_generator():
+    """A component that draws from ctx.generator instead of ctx.uniform fails loudly on merged
+    seeds, rather than drawing every seed's rows from the global RNG."""
+    ctx = merged(seed_contexts())
+    with pytest.raises(TypeError):
+        torch.rand(3, generator=ctx.generator)
+    assert ctx.uniform(4).shape == (3 * 6, 4)
+
+
 def test_merging_refuses_what_a_stack_never_hands_its_components():
     ctxs = seed_contexts()
     ctxs[1].inputs = torch.zeros(6, 1, 40)

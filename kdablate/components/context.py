@@ -96,6 +96,15 @@ class TargetContext:
         return self.temperature
 
 
+class MergedSeeds:
+    """The ``generator`` of a ``merged`` context: not a ``torch.Generator``, so torch refuses a draw
+    from it (TypeError) where None would draw from the global RNG and break each seed's stream
+    silently; a row-wise component draws through ``TargetContext.uniform``."""
+
+    def __repr__(self) -> str:
+        return "MergedSeeds(draw through ctx.uniform)"
+
+
 PER_ROW = ("labels", "student_logits", "teacher_logits", "peer_logits", "target")
 
 
@@ -107,7 +116,8 @@ def merged(ctxs: list[TargetContext]) -> TargetContext:
     if any(c.models or c.inputs is not None or c.features is not None or c.generators for c in ctxs):
         raise ValueError("only a stack's contexts merge: no models, inputs, features or merged contexts")
     rows = {f: None if getattr(first, f) is None else torch.cat([getattr(c, f) for c in ctxs]) for f in PER_ROW}
-    return dataclasses.replace(first, **rows, generator=None, generators=tuple(c.generator for c in ctxs))
+    return dataclasses.replace(first, **rows, generator=MergedSeeds(),  # type: ignore[arg-type]
+                               generators=tuple(c.generator for c in ctxs))
 
 
 @dataclasses.dataclass(frozen=True)
