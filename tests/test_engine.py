@@ -128,5 +128,3 @@ def test_every_run_records_its_provenance(mlflow_store, tmp_path):
     assert t["deterministic"] == "true" and t["seed"] in {"0", "1", "2"}
     assert {"git_commit", "git_dirty", "host", "kdablate.worker_pid", "kdablate.heartbeat"} <= set(t)
     assert run.data.metrics["time/wall_s"] > 0
-
-

@@ -14,11 +14,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdablate.attribution import EXPLANATIONS
 from kdablate.bench.core import synthetic
 from kdablate.components import MASSES, STRUCTURES, TargetContext
+from kdablate.components.context import merged
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
 from kdablate.models import MODELS, build_model
 from kdablate.models.vmap_norm import MathBatchNorm, with_math_norm
-from kdablate.components.context import merged
 from kdablate.stacked import StackMismatch, fit_stacked, refusal, step_targets
 from kdablate.storage import Checkpoint
 from kdablate.trainer import CPU, TeacherSignal, fit, make_member
@@ -283,6 +283,10 @@ def test_merging_refuses_what_a_stack_never_hands_its_components():
     ctxs[1].inputs = torch.zeros(6, 1, 40)
     with pytest.raises(ValueError, match="only a stack's contexts merge"):
         merged(ctxs)
+    uneven = seed_contexts()
+    uneven[0].labels = uneven[0].labels[:4]
+    with pytest.raises(ValueError, match="equal batches"):
+        merged(uneven)
 
 
 @pytest.mark.parametrize("arm", ["permuted", "kd", "self"])

@@ -5,8 +5,8 @@ Each side is ``kdablate run components`` in a subprocess of this venv: the refer
 ``git worktree`` of ``BASELINE`` (its own ``kdablate`` first on ``PYTHONPATH``), this code from
 this checkout. Each gets a fresh MLflow store and cache of its own, so each pays the same
 one-time work (MNIST-1D generation, the store's creation, the teacher). They run one after the
-other: this code, the reference, this code again (``baseline_row``). Without git or the commit (a shallow clone, an installed
-package) the row says why and reports nothing.
+other: this code, the reference, this code again (``baseline_row``). Without git or the commit
+(a shallow clone, an installed package) the row says why and reports nothing.
 """
 from __future__ import annotations
 

@@ -115,6 +115,8 @@ def merged(ctxs: list[TargetContext]) -> TargetContext:
     first = ctxs[0]
     if any(c.models or c.inputs is not None or c.features is not None or c.generators for c in ctxs):
         raise ValueError("only a stack's contexts merge: no models, inputs, features or merged contexts")
+    if len({len(c.labels) for c in ctxs}) > 1:  # ``uniform`` splits the rows evenly among the seeds
+        raise ValueError(f"merged contexts need equal batches, got {[len(c.labels) for c in ctxs]}")
     rows = {f: None if getattr(first, f) is None else torch.cat([getattr(c, f) for c in ctxs]) for f in PER_ROW}
     return dataclasses.replace(first, **rows, generator=MergedSeeds(),  # type: ignore[arg-type]
                                generators=tuple(c.generator for c in ctxs))
