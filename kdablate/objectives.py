@@ -165,9 +165,10 @@ class Objective(abc.ABC):
         return None
 
     def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        """(B, K) stop-gradient q of the batch in ``ctx``, built as ``loss`` would build it (drawing
-        from ``ctx.generator`` alike), so a stack can build each seed's with that seed's objective
-        and then take all seeds in one ``stacked_loss``; None where the objective builds none."""
+        """(B, K) stop-gradient q of the batch in ``ctx``, built as ``loss`` would build it (the same
+        draws from the seed's generator), so a stack can build each seed's (all at once on a
+        ``merged`` context where ``row_wise``) and then take all seeds in one ``stacked_loss``; None
+        where the objective builds none."""
         return None
 
     def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],

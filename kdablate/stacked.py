@@ -201,10 +201,12 @@ def step_targets(members: list[Member], ctxs: list[TargetContext]) -> None:
     objective = members[0].objective
     if objective.row_wise:
         q = objective.step_target(merged(ctxs))
+        if q is not None and len(q) != sum(len(c.labels) for c in ctxs):
+            raise RuntimeError(f"a row-wise target gave {len(q)} rows for {len(ctxs)} seeds' batches")
         parts = [None] * len(ctxs) if q is None else q.split(len(ctxs[0].labels))
     else:
         parts = [m.objective.step_target(ctx) for m, ctx in zip(members, ctxs)]
-    for ctx, part in zip(ctxs, parts):
+    for ctx, part in zip(ctxs, parts, strict=True):
         ctx.target = part
 
 

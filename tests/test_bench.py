@@ -101,7 +101,7 @@ def test_bench_study_file_is_a_valid_study(tmp_path):
 def test_peak_rss_counts_the_subprocess():
     code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)"
     _, mem = bench_system.run_measured([sys.executable, "-c", code])
-    assert 200 <= mem["anon"] <= mem["rss"] < 1024 and mem["pss"] <= mem["rss"]
+    assert 200 <= mem["anon"] <= mem["rss"] < 1024 and 0.5 * mem["rss"] <= mem["pss"] <= mem["rss"]
 
 
 def test_the_memory_watcher_reads_the_costly_pss_rarely(monkeypatch):
@@ -118,7 +118,9 @@ def test_the_memory_watcher_reads_the_costly_pss_rarely(monkeypatch):
 
     monkeypatch.setattr(bench_system, "open", counting, raising=False)
     bench_system.run_measured([sys.executable, "-c", "import time; time.sleep(1.0)"])
-    assert reads["status"] >= 10 and reads["smaps_rollup"] <= -(-reads["status"] // bench_system.PSS_EVERY)
+    # about 20 samples of a process whose RSS stops growing once started: PSS read as it starts
+    # (at most every PSS_MIN_S), then every PSS_MAX_S
+    assert reads["status"] >= 10 and 1 <= reads["smaps_rollup"] <= 1.0 / bench_system.PSS_MIN_S + 1
 
 
 def count_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -193,6 +195,28 @@ def test_gpu_check_study_loads_and_cpu_mode_reads_its_runs(tmp_path):
     result = run_mode(study, "cpu", tmp_path, threads=1)
     assert result.failed == 0 or set(result.acc) >= {"ce", "il-cam"}  # kd may meet the teacher gate
     assert len(result.acc["ce"]) == 2 and result.images_per_s > 0
+
+
+def test_the_baseline_row_leaves_no_worktree_when_a_run_fails(monkeypatch):
+    """A study that fails on either side leaves the checkout's worktree list as it was."""
+    import subprocess
+
+    from kdablate.bench import baseline
+    from kdablate.bench.core import QUICK
+
+    def worktrees() -> str:
+        return subprocess.run(["git", "-C", str(baseline.ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the study failed")
+
+    before = worktrees()
+    monkeypatch.setattr(baseline, "run_cli", failing)
+    try:
+        baseline.baseline_row(QUICK)
+    except RuntimeError as e:
+        assert "the study failed" in str(e)
+    assert worktrees() == before
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch, capsys):

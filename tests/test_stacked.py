@@ -254,7 +254,11 @@ def seed_contexts(n: int = 6, k: int = 10) -> list[TargetContext]:
                           temperature=4.0) for s in SEEDS]
 
 
-@pytest.mark.parametrize("part", components())
+PERMUTED_OVER = [pytest.param(STRUCTURES.build("permuted", {"base": b}), id=f"structure-permuted-over-{b}")
+                 for b in ("self", "uniform", "oracle", "peer")]
+
+
+@pytest.mark.parametrize("part", components() + PERMUTED_OVER)
 def test_a_row_wise_component_gives_merged_seeds_what_each_gets_alone(part):
     """What lets a stack build every seed's target in one call (``stacked.step_targets``): a
     component that declares ``row_wise`` gives each seed's rows of the merged context what the
@@ -267,6 +271,23 @@ def test_a_row_wise_component_gives_merged_seeds_what_each_gets_alone(part):
     assert torch.allclose(together, alone, atol=1e-6)
     for a, m in zip(alone_ctxs, merged_ctxs):  # each generator advanced as far as alone
         assert torch.equal(a.generator.get_state(), m.generator.get_state())
+    assert part.state_dict() == {} and part.summary() == {}  # nothing kept that one seed would own
+
+
+def test_a_subclass_that_changes_the_computation_is_not_row_wise_unless_it_says_so():
+    from kdablate.components.structure import SourceStructure
+
+    class Teacherish(SourceStructure):
+        source = "teacher"
+
+    class Counting(SourceStructure):
+        def __call__(self, ctx):
+            return super().__call__(ctx)
+
+    class Declared(Counting):
+        row_wise = True
+
+    assert Teacherish.row_wise and not Counting.row_wise and Declared.row_wise
 
 
 def test_a_merged_context_refuses_draws_from_its_generator():
@@ -287,6 +308,10 @@ def test_merging_refuses_what_a_stack_never_hands_its_components():
     uneven[0].labels = uneven[0].labels[:4]
     with pytest.raises(ValueError, match="equal batches"):
         merged(uneven)
+    partial = seed_contexts()
+    partial[2].teacher_logits = None
+    with pytest.raises(ValueError, match="'teacher_logits' in every seed's or in none"):
+        merged(partial)
 
 
 @pytest.mark.parametrize("arm", ["permuted", "kd", "self"])

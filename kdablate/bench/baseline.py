@@ -49,8 +49,9 @@ def baseline_row(scale: Scale, ref: str = BASELINE, study: str = "components") -
             runs = [(ROOT, "new-before"), (code, "ref-run"), (ROOT, "new-after")]
             before_s, ref_s, after_s = (run_cli(c / "studies" / f"{study}.yaml", Path(tmp) / name, overrides,
                                                 code=c)[0] for c, name in runs)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], capture_output=True)
+        finally:  # prune: a worktree whose folder is gone (a failed remove) leaves no entry behind
+            for git in (["worktree", "remove", "--force", str(code)], ["worktree", "prune"]):
+                subprocess.run(["git", "-C", str(ROOT), *git], capture_output=True)
     new_s = (before_s + after_s) / 2
     speedup = ref_s / new_s
     return Row("study", what, speedup, "x", f">= x{TARGET:g}", speedup >= TARGET,

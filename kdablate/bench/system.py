@@ -3,8 +3,9 @@
 A study runs through the CLI (``python -m kdablate.cli run``) into a temporary
 MLflow store and cache, so it never touches the project's ``mlruns.db``. Peak
 memory is the largest sum over the subprocess and its descendants (workers) of
-RSS and anonymous memory, sampled from /proc every 50 ms, and of PSS every 2 s (its
-read is costly); where /proc is missing, the largest single process's ``ru_maxrss``.
+RSS and anonymous memory, sampled from /proc every 50 ms, and of PSS as the RSS grows and
+every 2 s (its read is costly; ``MemoryWatch``); where /proc is missing, the largest single
+process's ``ru_maxrss``.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def memory_kib(pid: int, pss: bool = True) -> tuple[int, int, int]:
 
     RSS counts shared library pages in full in every process; PSS splits them among the
     processes that map them (so PSS adds up across workers); anonymous is the process's own heap.
-    RSS and anonymous come from ``status`` (counters: ~0.1 ms a read), PSS from ``smaps_rollup``,
-    a walk of the page tables: ~12 ms a read of one torch process here, so sampled rarely.
+    RSS and anonymous come from ``status``: the kernel's counters, ~0.1 ms a read, which proc(5)
+    calls inexact (per-CPU counts are folded in lazily). PSS comes from
+    ``smaps_rollup``, exact but a walk of the page tables: ~12 ms a read of one torch process here.
     """
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -81,28 +83,54 @@ def memory_kib(pid: int, pss: bool = True) -> tuple[int, int, int]:
     return int(fields.get("VmRSS:", 0)), int(fields.get("Pss:", 0)), int(fields.get("RssAnon:", 0))
 
 
-PSS_EVERY = 40  # samples (2 s): polling smaps_rollup every 50 ms took ~25 % of a core per process
-# watched, which slowed a 2-worker study that shares 2 cores with the watcher by a fifth
+# smaps_rollup costs ~12 ms a read of a torch process: read every 50 ms it took a quarter of a core
+# per watched process and slowed a 2-worker study sharing 2 cores with the watcher by a fifth. PSS
+# is read when the summed RSS has grown by 5 % since the last read (at most every PSS_MIN_S, so the
+# rise to a peak is followed) and every PSS_MAX_S otherwise.
+PSS_MIN_S, PSS_MAX_S, PSS_GROWTH = 0.25, 2.0, 1.05
+
+
+class MemoryWatch:
+    """Peaks of the summed (RSS, PSS, anonymous) KiB of a process tree, one ``sample`` at a time."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.peak = root, [0, 0, 0]
+        self.pss_at, self.pss_rss = -float("inf"), 0
+
+    def sample(self) -> None:
+        pids = [self.root, *children(self.root)]
+        usage = [memory_kib(p, pss=False) for p in pids]
+        rss, now = sum(u[0] for u in usage), time.monotonic()
+        since = now - self.pss_at
+        if since >= PSS_MAX_S or (since >= PSS_MIN_S and rss > PSS_GROWTH * self.pss_rss):
+            usage = [memory_kib(p) for p in pids]
+            self.pss_at, self.pss_rss = now, sum(u[0] for u in usage)
+        self.peak = [max(old, sum(u[i] for u in usage)) for i, old in enumerate(self.peak)]
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> tuple[float, dict[str, float]]:
     """Run ``cmd`` to completion: wall seconds, and the peaks of the summed RSS, PSS and anonymous
-    memory (MiB) of it and its descendants, sampled every 50 ms (PSS every ``PSS_EVERY`` samples)."""
+    memory (MiB) of it and its descendants (``MemoryWatch``: RSS every 50 ms, PSS as it grows). The
+    command is killed if this is interrupted, so it never runs on in a folder being deleted."""
     # stderr to a file, not a pipe: a long study's warnings would fill a pipe nobody reads until the end.
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        peak, sample = [0, 0, 0], 0
-        while proc.poll() is None:
-            usage = [memory_kib(p, sample % PSS_EVERY == 0) for p in [proc.pid, *children(proc.pid)]]
-            peak = [max(old, sum(u[i] for u in usage)) for i, old in enumerate(peak)]
-            sample += 1
-            time.sleep(0.05)
+        watch = MemoryWatch(proc.pid)
+        try:
+            while proc.poll() is None:
+                watch.sample()
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed: {err.read()[-2000:]}")
+    peak = watch.peak
     if peak[0] == 0:  # no /proc: the largest single process
         peak[0] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return wall, dict(zip(("rss", "pss", "anon"), (k / 1024 for k in peak)))
@@ -117,8 +145,8 @@ def run_cli(study: Path, store: Path, options: tuple[str, ...] = (),
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlruns.db"}
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), *options, "--no-progress", "--device", "cpu",
-           "--cache-dir", str(store / "cache")]
+    cmd = [sys.executable, "-m", "kdablate.cli", "run", str(study), "--no-progress", "--device", "cpu",
+           "--cache-dir", str(store / "cache"), *options]  # last: an option given twice takes its last value
     return run_measured(cmd, env, cwd=store)
 
 

@@ -58,7 +58,7 @@ class TargetContext:
     num_classes: int
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | MergedSeeds | None = None
     peer_logits: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
     models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
@@ -109,16 +109,22 @@ PER_ROW = ("labels", "student_logits", "teacher_logits", "peer_logits", "target"
 
 
 def merged(ctxs: list[TargetContext]) -> TargetContext:
-    """S seeds' contexts at one step (equal batches, no model, inputs or features: a stack's) as
-    one context of their rows in seed order, each seed's generator kept for its own rows
-    (``uniform``). A ``Component.row_wise`` component gives on it each seed's result, stacked."""
-    first = ctxs[0]
-    if any(c.models or c.inputs is not None or c.features is not None or c.generators for c in ctxs):
-        raise ValueError("only a stack's contexts merge: no models, inputs, features or merged contexts")
+    """S seeds' contexts at one step (equal batches B, no model, inputs or features: a stack's) as
+    one context of their (S*B,) labels and (S*B, K) logits and targets in seed order, each seed's
+    generator kept for its own rows (``uniform``). A ``Component.row_wise`` component gives on it
+    each seed's result, stacked."""
+    if not ctxs or any(c.models or c.inputs is not None or c.features is not None or c.generators for c in ctxs):
+        raise ValueError("only a stack's contexts merge: some, with no models, inputs, features or merged contexts")
     if len({len(c.labels) for c in ctxs}) > 1:  # ``uniform`` splits the rows evenly among the seeds
         raise ValueError(f"merged contexts need equal batches, got {[len(c.labels) for c in ctxs]}")
-    rows = {f: None if getattr(first, f) is None else torch.cat([getattr(c, f) for c in ctxs]) for f in PER_ROW}
-    return dataclasses.replace(first, **rows, generator=MergedSeeds(),  # type: ignore[arg-type]
+    rows: dict[str, torch.Tensor | None] = {}
+    for f in PER_ROW:
+        values = [getattr(c, f) for c in ctxs]
+        if len({v is None for v in values}) > 1:
+            raise ValueError(f"merged contexts need '{f}' in every seed's or in none")
+        rows[f] = None if values[0] is None else torch.cat(values)
+    first = ctxs[0]
+    return dataclasses.replace(first, **rows, generator=MergedSeeds(),
                                generators=tuple(c.generator for c in ctxs))
 
 
@@ -148,7 +154,9 @@ class Component(abc.ABC):
     ``row_wise`` components give each row a value from that row of the context alone (and its
     seed's draws, through ``TargetContext.uniform``) and keep no state or statistics, so a
     stack may build every seed's part in one call on the ``merged`` context. Off unless a
-    component says so (``tests/test_stacked.py`` checks each one that does).
+    component says so, and off again in a subclass that redefines ``__call__``, ``summary`` or
+    ``state_dict`` without restating it (``tests/test_stacked.py`` checks every registered one
+    that says so, at its default parameters).
     """
 
     needs: Need = Need.NONE
@@ -158,6 +166,13 @@ class Component(abc.ABC):
     # components none of these, so one that reads them without saying so fails loudly there.
     reads_model: bool = False
     row_wise: bool = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)  # type: ignore[arg-type]
+        # A subclass that changes what is computed or kept must say again that it is row-wise.
+        own = vars(cls)
+        if "row_wise" not in own and any(name in own for name in ("__call__", "summary", "state_dict")):
+            cls.row_wise = False
 
     def __init__(self, params: object) -> None:
         self.params = params
