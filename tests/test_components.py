@@ -112,10 +112,13 @@ def test_permuted_keeps_values_and_mass_but_moves_them(batch):
 def test_permutation_is_fresh_per_step_and_reproducible_per_seed(batch):
     r = torch.softmax(batch["teacher"], 1)
     y = batch["labels"]
-    g = torch.Generator().manual_seed(3)
-    a, b = permute_nongt(r, y, g), permute_nongt(r, y, g)
+    def ctx(seed: int) -> TargetContext:
+        return TargetContext(y, r.shape[1], r, generator=torch.Generator().manual_seed(seed))
+
+    k, first = r.shape[1], ctx(3)
+    a, b = permute_nongt(r, y, first.uniform(k - 1)), permute_nongt(r, y, first.uniform(k - 1))
     assert not torch.equal(a, b)
-    c = permute_nongt(r, y, torch.Generator().manual_seed(3))
+    c = permute_nongt(r, y, ctx(3).uniform(k - 1))
     assert torch.equal(a, c)
 
 

@@ -38,21 +38,13 @@ def uniform_structure(labels: torch.Tensor, num_classes: int, dtype: torch.dtype
     return r.scatter(1, labels[:, None], 0.0)
 
 
-def permute_nongt(
-    r: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def permute_nongt(r: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Shuffle each row's non-ground-truth entries among the non-ground-truth classes.
 
-    r: (B, K); the true-class entry stays where it is. One fresh permutation per
-    row, drawn from ``generator``.
+    (B, K) r, (B,) labels, (B, K-1) uniforms (``TargetContext.uniform``, drawn on the CPU from the
+    seed's generator, so reproducible on any device) whose per-row argsort is the row's
+    permutation; the true-class entry stays where it is.
     """
-    # Drawn on the CPU generator (reproducible on any device), then moved.
-    return permute_with(r, labels, torch.rand(r.shape[0], r.shape[1] - 1, generator=generator))
-
-
-def permute_with(r: torch.Tensor, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``permute_nongt`` with its draws given: (B, K) r, (B,) labels, (B, K-1) uniforms whose
-    per-row argsort is the row's permutation of its non-ground-truth classes."""
     k = r.shape[1]
     # (B, K-1) column indices of the non-ground-truth classes, in class order: j, or j + 1 from
     # the label on (arithmetic, not a boolean mask, which costs a nonzero: x2.7 here).
@@ -146,7 +138,7 @@ class PermutedStructure(Component):
         self.row_wise = self.base.row_wise  # its own draws are per row, through ctx.uniform
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return permute_with(self.base(ctx), ctx.labels, ctx.uniform(ctx.num_classes - 1))
+        return permute_nongt(self.base(ctx), ctx.labels, ctx.uniform(ctx.num_classes - 1))
 
     def check(self, probe: Probe) -> None:
         self.base.check(probe)
