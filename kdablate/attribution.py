@@ -64,11 +64,14 @@ class AttributionContext:
         None (then a source that wants it runs ``model.features`` itself).
     generator: the RNG of any noise a source draws (SmoothGrad), so a seed reproduces its maps.
     create_graph: keep the graph through the maps, so a loss on them trains the model.
+    generators: for inputs of several seeds (a stack's, seed-major in equal blocks), each seed's
+        RNG; then ``generator`` refuses draws and directions come from ``directions``.
     """
 
     features: torch.Tensor | None = None
     generator: torch.Generator | None = None
     create_graph: bool = False
+    generators: tuple[torch.Generator | None, ...] = ()
 
 
 PLAIN = AttributionContext()  # no features, no RNG, maps detached from the model
@@ -84,12 +87,18 @@ class Explanation(abc.ABC):
         training forward's feature map.
     sketchable: the maps are linear in the input gradient, and ``project`` gives their inner
         products with directions over the input's shape (the module docstring's *Sketches*).
+    stackable: the source reads the model only by calling it on rows of its inputs (or on whole
+        copies of them stacked along dim 0) and each row's maps come from that row alone, so it
+        explains a stack of seeds' models in one call (``kdablate.stacked``); it draws noise
+        only through ``directions``. Checked for every source that says so, against each seed
+        alone, in ``tests/test_stacked.py``.
     """
 
     cost: ClassVar[Cost]
     quick_params: ClassVar[dict] = {}
     needs_features: ClassVar[bool] = False
     sketchable: ClassVar[bool] = False
+    stackable: ClassVar[bool] = False
 
     def __init__(self, params: object) -> None:
         self.params = params
@@ -122,6 +131,8 @@ class SourceRegistry(Registry):
             if not isinstance(vars(cls).get("cost"), Cost):
                 raise TypeError(f"explanation '{name}' ({cls.__name__}) declares no cost: set "
                                 f"cost: ClassVar[Cost] to one of {', '.join(c.name for c in Cost)}")
+            if "stackable" not in vars(cls):  # nor inherit that a stack may share it
+                cls.stackable = False
             add(cls)
             valid = False
             try:
@@ -175,6 +186,16 @@ def rademacher_directions(inputs: torch.Tensor, m: int, generator: torch.Generat
     return v
 
 
+def directions(inputs: torch.Tensor, m: int, ctx: AttributionContext, centre: bool = False) -> torch.Tensor:
+    """(B, *S) inputs -> (m, B, *S) Rademacher directions (``rademacher_directions``) from
+    ``ctx.generator``, or, for several seeds' inputs (``ctx.generators``), each seed's block from its
+    own generator: the directions that seed draws alone."""
+    if not ctx.generators:
+        return rademacher_directions(inputs, m, ctx.generator, centre)
+    blocks = inputs.split(len(inputs) // len(ctx.generators))
+    return torch.cat([rademacher_directions(b, m, g, centre) for b, g in zip(blocks, ctx.generators, strict=True)], 1)
+
+
 def label_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                     create_graph: bool = False) -> torch.Tensor:
     """(B, *S) inputs, (B,) labels -> (B, *S) d z_{labels[b]} / d x_b: one forward, one backward."""
@@ -213,6 +234,7 @@ class Saliency(Explanation):
 
     cost = Cost.PER_CLASS
     sketchable = True
+    stackable = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         x = _leaf(inputs)
@@ -235,6 +257,7 @@ class GradInput(Explanation):
 
     cost = Cost.PER_CLASS
     sketchable = True
+    stackable = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         x = _leaf(inputs)
@@ -268,6 +291,7 @@ class IntegratedGradients(Explanation):
 
     cost = Cost.PER_CLASS_STEPS
     quick_params = {"steps": 8}
+    stackable = True  # the path is whole copies of the inputs, stacked along dim 0
 
     @dataclasses.dataclass(frozen=True)
     class Params:

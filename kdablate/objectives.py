@@ -148,8 +148,14 @@ class Objective(abc.ABC):
     @property
     def stackable(self) -> bool:
         """Whether the loss reads only its seed's own logits, labels, targets, teacher logits and
-        generator: never a model, features or inputs. Only then may the seeds of an arm train as
-        one stacked model (``kdablate.stacked``). Off unless an objective says so."""
+        generator, and a model, if any, only through a stack's ``StackSeat``. Only then may the seeds
+        of an arm train as one stacked model (``kdablate.stacked``). Off unless an objective says so."""
+        return False
+
+    @property
+    def reads_model(self) -> bool:
+        """Whether the loss reads a model (explanations). A stackable objective that does reads it
+        only through its context's ``StackSeat`` in a stack (``Component.shares_stack``)."""
         return False
 
     @property
@@ -218,8 +224,13 @@ class SoftTargetObjective(Objective):
 
     @property
     def stackable(self) -> bool:  # type: ignore[override]
-        """CE alone, or a target whose components read no model (``Component.reads_model``)."""
-        return self.alpha == 0 or not (self.mass.reads_model or self.structure.reads_model)
+        """CE alone, or a target whose components read no model (``Component.reads_model``) or
+        share the stacked one (``Component.shares_stack``)."""
+        return self.alpha == 0 or all(not c.reads_model or c.shares_stack for c in (self.mass, self.structure))
+
+    @property
+    def reads_model(self) -> bool:  # type: ignore[override]
+        return self.alpha != 0 and (self.mass.reads_model or self.structure.reads_model)
 
     @property
     def row_wise(self) -> bool:  # type: ignore[override]

@@ -14,9 +14,12 @@ exactly seed s's gradient, and SGD updates elementwise: each seed follows its un
 trajectory up to float rounding (``tests/test_stacked.py`` checks weights and accuracy).
 
 Only what is per seed by construction is stacked (``refusal``): one student per cell (no
-DML cohort), an objective that never reads a model (``Objective.stackable``: CE, targets
-from labels, logits and the seed's generator, DKD; explanation arms run unstacked), no
-online teacher, no fp16 loss scaling.
+DML cohort), an objective that reads no model (``Objective.stackable``: CE, targets from
+labels, logits and the seed's generator, DKD) or reads the student's own explanations from a
+source that calls it row by row (saliency, grad_input, integrated gradients, sketched or not:
+``Component.shares_stack``), no online teacher, no fp16 loss scaling. Explanations are per
+sample in eval mode, so every seed's rows are explained in one call on ``StackView``, the
+stack as one model over the seeds' rows, each row through its own seed's weights.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from kdablate.components import Need, TargetContext
-from kdablate.components.context import merged
+from kdablate.components.context import StackSeat, merged
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.metrics import evaluate
@@ -59,7 +62,8 @@ def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequenc
     # A stacked step runs no member's own module and hands no model, inputs or features to the
     # components: refuse whatever declares it reads them, whether or not it sets reads_model.
     if not build_objective(knowledge).stackable or knowledge.needs() & (Need.FEATURES | Need.TEACHER_MODEL):
-        return "its target reads the model (explanations)"
+        return ("its target reads a model in a way a stack cannot share (the training forward's features, "
+                "a layer's hooks, the teacher network, or a source not marked stackable)")
     if any(t is not None and t.online for t in teachers):
         return "its teacher runs online"
     if runtime.amp == "fp16":
@@ -116,6 +120,43 @@ class Stack:
         return {"state": state, "param_groups": full["param_groups"]}
 
 
+class StackView(nn.Module):
+    """The stack as one model over every seed's rows, for explanations: (j*S*R, *shape) inputs laid
+    out (j, S, R) -- R rows of each seed in seed order, or whole copies of those stacked along dim
+    0 -- -> (j*S*R, K) logits, each row through its own seed's weights (``Stack.forward``). Any
+    other row count is refused. It owns no parameters, so ``functional_call`` over it and
+    ``jvp`` see only the inputs; its mode is the stack's."""
+
+    def __init__(self, stack: Stack, rows: int) -> None:
+        super().__init__()
+        self.stack, self.rows = stack, rows  # a dataclass, not a submodule: its weights stay unregistered
+
+    def train(self, mode: bool = True) -> StackView:
+        self.training = mode
+        self.stack.base.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, r = len(self.stack.members), self.rows
+        if len(x) % (s * r):
+            raise RuntimeError(f"a stack of {s} seeds explains {r} rows per seed (or whole copies of them), "
+                               f"got {len(x)} rows")
+        j, shape = len(x) // (s * r), x.shape[1:]
+        per_seed = x.reshape(j, s, r, *shape).transpose(0, 1).reshape(s, j * r, *shape)
+        out = self.stack.forward(per_seed)  # (S, j*R, K)
+        return out.reshape(s, j, r, -1).transpose(0, 1).reshape(len(x), -1)
+
+
+def seats(st: Stack, ctxs: list[TargetContext]) -> list[TargetContext]:
+    """The seeds' contexts, each with its ``StackSeat`` over all of them and one cache for the step."""
+    cache: dict = {}
+
+    def view(rows: int) -> nn.Module:
+        return StackView(st, rows)
+
+    return [dataclasses.replace(c, stack=StackSeat(s, ctxs, view, cache)) for s, c in enumerate(ctxs)]
+
+
 # Devices whose batch norm cannot run under vmap (CUDA's asks a memory-format question vmap
 # does not answer): there the stack's structure computes it as plain tensor math instead.
 MATH_NORM_DEVICES = ("cuda",)
@@ -170,10 +211,13 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     runtime = envs[0].runtime
     with runtime.autocast():
         out = st.forward(torch.stack([b.x for b in batches])).float()
-    # No model in the contexts: a stackable objective never reads one (and the member's own
-    # module does not hold the stacked weights).
-    ctxs = [dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=None)
+    # No model in the contexts (a member's own module does not hold the stacked weights): an
+    # objective that reads one reads the stack, through each seed's seat.
+    reads = st.members[0].objective.reads_model
+    ctxs = [dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=b.x if reads else None)
             for s, (m, b, env) in enumerate(zip(st.members, batches, envs))]
+    if reads:
+        ctxs = seats(st, ctxs)
     step_targets(st.members, ctxs)
     # The seeds share their cell's config, so one objective may take them all in one call.
     fused = st.members[0].objective.stacked_loss(out, ctxs)

@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
+from kdablate import attribution as attribution_mod
 from kdablate.attribution import AttributionContext, EXPLANATIONS
 from kdablate.components import STRUCTURES, TargetContext
-from kdablate.components import explanation as explanation_mod
 from kdablate.components.context import Probe
 from kdablate.components.explanation import (explain, explanation_similarity, gram, sketch, sketched_similarity,
                                              structure_from_similarity)
@@ -85,7 +85,7 @@ def test_a_full_basis_gives_the_exact_gram_and_similarity(model_name, source, mo
     model, x, y = model_and_inputs(model_name)
     src = EXPLANATIONS.build(source)
     maps = explain(model, src, x, eval_mode=True, ctx=ctx())
-    monkeypatch.setattr(explanation_mod, "rademacher_directions", full_basis)
+    monkeypatch.setattr(attribution_mod, "rademacher_directions", full_basis)
     for kind in ("cosine", "pearson"):
         centre = kind == "pearson"
         p = sketch(model, src, x, 0, centre=centre, eval_mode=True, ctx=ctx())
@@ -245,7 +245,7 @@ def test_a_differentiable_sketch_has_the_exact_gradient_with_a_full_basis(centre
         return torch.autograd.grad((weights * s).sum(), list(model.parameters()), allow_unused=True)
 
     exact = grads(explanation_similarity(explain(model, src, x, eval_mode=True, ctx=graph), y, kind))
-    monkeypatch.setattr(explanation_mod, "rademacher_directions", full_basis)
+    monkeypatch.setattr(attribution_mod, "rademacher_directions", full_basis)
     sketched = grads(sketched_similarity(model, src, x, y, 0, centre=centre, eval_mode=True, ctx=graph))
     for e, g in zip(exact, sketched):
         if e is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from kdablate.attribution import EXPLANATIONS
+from kdablate.attribution import EXPLANATIONS, AttributionContext
 from kdablate.bench.core import synthetic
 from kdablate.components import MASSES, STRUCTURES, TargetContext
 from kdablate.components.context import merged
@@ -191,18 +191,53 @@ def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path):
         fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3, checkpoints=ckpts())
 
 
+def il(structure: dict) -> KnowledgeConfig:
+    return KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure=structure, alpha=0.9, temperature=4.0)
+
+
 @pytest.mark.parametrize("knowledge, why", [
-    (KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure={"name": "explanation", "source": "saliency"},
-                     alpha=0.9, temperature=4.0), "reads the model"),
+    (il({"name": "explanation", "source": "cam"}), "reads a model"),  # the training forward's features
+    (il({"name": "explanation", "source": "cam", "mode": "eval"}), "reads a model"),  # the model's modules
+    (il({"name": "explanation", "source": "gradcam", "source_params": {"layer": "features"}}), "reads a model"),
+    (il({"name": "explanation", "source": "saliency", "explainer": "teacher"}), "reads a model"),
+    (il({"name": "permuted", "base": "explanation", "base_params": {"source": "cam"}}), "reads a model"),
     (KnowledgeConfig(mass="peer", structure="peer", alpha=0.9), "DML cohort"),
-    (KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, alpha=0.9, temperature=4.0,
-                     structure={"name": "permuted", "base": "explanation", "base_params": {"source": "cam"}}),
-     "reads the model"),
 ])
 def test_what_is_not_per_seed_is_refused(knowledge, why):
     assert why in refusal(ModelSpec(name="mlp"), knowledge, [None], CPU)
     assert refusal(ModelSpec(name="mlp"), KNOWLEDGE["kd"], [None], dataclasses.replace(CPU, amp="fp16"))
     assert refusal(ModelSpec(name="mlp"), KNOWLEDGE["kd"], [None], CPU) == ""
+
+
+STACKED_IL = {  # the student's own explanations, from every stackable source and schedule
+    **{name: {"source": name, "source_params": dict(EXPLANATIONS.get(name).quick_params)}
+       for name in EXPLANATIONS.names() if EXPLANATIONS.get(name).stackable},
+    "saliency sketch=3": {"source": "saliency", "sketch": 3},
+    "grad_input sketch=2 pearson": {"source": "grad_input", "sketch": 2, "similarity": "pearson"},
+    "saliency every=2 fraction=0.5": {"source": "saliency", "every": 2, "fraction": 0.5},
+    "saliency differentiable": {"source": "saliency", "differentiable": True},
+}
+
+
+@pytest.mark.parametrize("spec", [ModelSpec(name="mlp", params={"hidden": 32}),
+                                  ModelSpec(name="cnn1d", params={"channels": 8, "depth": 2})], ids=["mlp", "cnn1d"])
+@pytest.mark.parametrize("arm", [*STACKED_IL, "permuted over saliency"])
+def test_in_float64_an_explanation_stack_is_the_separate_runs(tiny, float64, spec, arm):
+    """Introspective arms stack: every seed's rows are explained in one call on the stacked model
+    (eval-mode BN with each seed's statistics in the CNN), each seed's sketch directions and
+    permutations drawn from its own generator, gradients through the maps when differentiable.
+    In float64 the seeds follow their separate runs to rounding level (1e-16 measured)."""
+    data = dataclasses.replace(tiny, **{f"x_{s}": tiny.split(s)[0].double() for s in ("train", "val", "test")})
+    structure = ({"name": "permuted", "base": "explanation", "base_params": {"source": "saliency"}}
+                 if arm.startswith("permuted") else {"name": "explanation", **STACKED_IL[arm]})
+    knowledge, optim = il(structure), OptimConfig(epochs=2, batch_size=32)
+    assert refusal(spec, knowledge, [None], CPU) == ""
+    alone = [fit(spec, data, optim, knowledge, s) for s in SEEDS[:2]]
+    stacked = fit_stacked(spec, data, optim, knowledge, SEEDS[:2], [None, None])
+    for a, b in zip(alone, stacked):
+        assert a.metrics["report/test_acc"] == b.metrics["report/test_acc"]
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        assert all(torch.allclose(sa[k].double(), sb[k].double(), rtol=0, atol=1e-12) for k in sa)
 
 
 # --- per sample: what makes a flattened (S*B) batch the same as S batches ------------------------
@@ -236,7 +271,8 @@ def test_every_component_a_stack_accepts_is_per_sample(part):
     generator, so even a batch-level component would get what it gets alone; this checks the
     stronger per-sample property a flattened (S*B) batch would need.)"""
     if part.reads_model:
-        pytest.skip(f"{type(part).__name__} reads the model: a stack refuses the arms that use it")
+        pytest.skip(f"{type(part).__name__} reads the model: a stack shares it through ctx.stack (checked "
+                    "against separate runs in float64) or refuses its arms")
     a, b, whole = contexts()
     before = whole.generator.get_state()
     together = part(whole)
@@ -337,13 +373,61 @@ def test_a_stack_builds_row_wise_targets_in_one_call_as_seed_by_seed(tiny, arm, 
 @pytest.mark.parametrize("name", EXPLANATIONS.names())
 def test_every_explanation_source_is_per_sample(name):
     """Each sample's maps depend on that sample only (eval mode), the property a stacked
-    explanation path would rest on; explanation arms run unstacked until it exists."""
+    explanation path rests on."""
     source = EXPLANATIONS.build(name, EXPLANATIONS.get(name).quick_params)
     torch.manual_seed(0)
     model = build_model("cnn1d", {"channels": 8, "depth": 2}, (1, 40), 10).eval()
     x = torch.randn(6, 1, 40)
     parts = torch.cat([source.attribute(model, x[:3]), source.attribute(model, x[3:])])
     assert torch.allclose(parts, source.attribute(model, x), atol=1e-5)
+
+
+def three_seed_stack(name: str):
+    """A stack of 3 freshly built seeds of ``name`` (float64, BN in train mode) and their own modules."""
+    from kdablate.stacked import build_stack
+
+    spec = ModelSpec(name=name, params={"channels": 8, "depth": 2} if name == "cnn1d" else {"hidden": 16})
+    data = synthetic(10, (1, 40), 64)
+    members = [make_member(spec, data, OptimConfig(epochs=1, batch_size=16), KnowledgeConfig(), s, 4) for s in SEEDS]
+    for m in members:
+        m.model.double()
+    return build_stack(members, OptimConfig(epochs=1, batch_size=16), 4), [m.model for m in members]
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("name", [n for n in EXPLANATIONS.names() if EXPLANATIONS.get(n).stackable])
+def test_a_stackable_source_explains_a_stack_as_each_seed_alone(name, model_name):
+    """On ``StackView`` (every seed's rows in one call, seed-major), a source that says ``stackable``
+    gives each seed's rows the maps its own model gives them, in eval mode, and leaves the mode as it
+    was; any other row count is refused, not silently split."""
+    from kdablate.components.explanation import explain
+    from kdablate.stacked import StackView
+
+    source = EXPLANATIONS.build(name, EXPLANATIONS.get(name).quick_params)
+    st, models = three_seed_stack(model_name)
+    x = torch.randn(3 * 4, 1, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    view = StackView(st, 4)
+    together = explain(view, source, x, eval_mode=True, ctx=AttributionContext())
+    alone = torch.cat([explain(m, source, xs, eval_mode=True, ctx=AttributionContext()) for m, xs in zip(models, x.split(4))])
+    torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-12)
+    assert view.training and st.base.training
+    with pytest.raises(RuntimeError, match="rows per seed"):
+        view(x[:10])
+
+
+def test_a_source_subclass_is_not_stackable_unless_it_says_so():
+    """A registered subclass of a stackable source (e.g. one that adds noise) must restate it."""
+    from kdablate.attribution import Cost, Saliency
+
+    name = "test_stacked_noisy_saliency"
+    if name not in EXPLANATIONS:
+        @EXPLANATIONS.register(name)
+        class Noisy(Saliency):
+            cost = Cost.PER_CLASS
+
+    assert EXPLANATIONS.get("saliency").stackable and not EXPLANATIONS.get(name).stackable
+    k = il({"name": "explanation", "source": name})
+    assert "reads a model" in refusal(ModelSpec(name="mlp"), k, [None], CPU)
 
 
 # --- the runner: units of work, child runs per seed, the fallback -----------------------------
@@ -367,7 +451,7 @@ def test_work_units_group_the_seeds_of_a_cell():
     assert all(len(u) == 1 for u in work_units(resnet20, RunOptions(device="cuda")))
 
 
-def test_a_stacked_study_logs_each_seed_as_its_run_and_explanation_arms_run_alone(mlflow_store, tmp_path, capsys):
+def test_a_stacked_study_logs_each_seed_as_its_run_and_cam_arms_run_alone(mlflow_store, tmp_path, capsys):
     from kdablate import tracking
     from kdablate.runner import RunOptions, run_study
     from kdablate.study import load_study
@@ -382,6 +466,7 @@ seeds: [0, 1]
 arms:
   - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, alpha: 1.0}
   - {name: il, mass: {name: constant, eps: 0.2}, structure: {name: explanation, source: saliency}, alpha: 0.9}
+  - {name: cam, mass: {name: constant, eps: 0.2}, structure: {name: explanation, source: cam}, alpha: 0.9}
 """)
     results = {}
     for stack in ("on", "off"):
@@ -392,10 +477,12 @@ arms:
         runs = tracking.search_cells(client, client.get_experiment_by_name(study.name).experiment_id, "FINISHED")
         results[stack] = {r.info.run_name: r for r in runs}
     out = capsys.readouterr().out
-    assert "note: il: seeds train one by one, not stacked" in out and "reads the model" in out
+    assert "note: cam: seeds train one by one, not stacked" in out and "reads a model" in out
+    assert "note: il:" not in out
     on, off = results["on"], results["off"]
-    assert set(on) == set(off) == {"ls/seed0", "ls/seed1", "il/seed0", "il/seed1"}
-    assert on["ls/seed0"].data.tags["kdablate.stacked"] == "2" and "kdablate.stacked" not in on["il/seed0"].data.tags
+    assert set(on) == set(off) == {f"{arm}/seed{s}" for arm in ("ls", "il", "cam") for s in (0, 1)}
+    assert on["ls/seed0"].data.tags["kdablate.stacked"] == on["il/seed1"].data.tags["kdablate.stacked"] == "2"
+    assert "kdablate.stacked" not in on["cam/seed0"].data.tags
     for name in on:
         assert abs(on[name].data.metrics["report/test_acc"] - off[name].data.metrics["report/test_acc"]) <= 0.002
 
@@ -434,7 +521,7 @@ def test_a_component_that_declares_it_reads_features_is_refused():
                 return uniform_structure(ctx.labels, ctx.num_classes)
 
     k = KnowledgeConfig(mass={"name": "constant", "eps": 0.1}, structure="test_stacked_features", alpha=1.0)
-    assert "reads the model" in refusal(ModelSpec(name="mlp"), k, [], CPU)
+    assert "reads a model" in refusal(ModelSpec(name="mlp"), k, [], CPU)
 
 
 def test_a_seed_that_fails_after_the_stack_trained_fails_alone(mlflow_store, tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+from typing import Callable
 
 import torch
 from torch import nn
@@ -70,6 +71,7 @@ class TargetContext:
     target: torch.Tensor | None = None
     temperature: float | None = None
     generators: tuple[torch.Generator | None, ...] = ()  # ``merged``: each seed's, in row order
+    stack: StackSeat | None = None  # a seed's place in a stack, for components that share the model (``StackSeat``)
 
     def uniform(self, cols: int) -> torch.Tensor:
         """(B, cols) U[0, 1) draws on the CPU from the cell's generator; in a ``merged`` context each
@@ -96,6 +98,25 @@ class TargetContext:
         return self.temperature
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackSeat:
+    """Seed ``index``'s place in a stack of S seeds trained as one model (``kdablate.stacked``), for a
+    component that reads the model and says ``shares_stack``: it explains every seed's first R rows
+    in one call and each seed takes its own slice.
+
+    contexts: the S seeds' contexts at this step, in seed order (each with its ``inputs``).
+    model: R -> one module over (S*R, *shape) rows laid out seed-major (R rows of seed 0, then
+        seed 1, ...), each row through its own seed's weights; whole copies of such rows stacked
+        along dim 0, (j*S*R, *shape), are accepted too (a source that tiles its inputs).
+    cache: shared by the S seats of a step, so the first seed's call computes for all.
+    """
+
+    index: int
+    contexts: list[TargetContext]
+    model: Callable[[int], nn.Module]
+    cache: dict
+
+
 class MergedSeeds:
     """The ``generator`` of a ``merged`` context: not a ``torch.Generator``, so torch refuses a draw
     from it (TypeError) where None would draw from the global RNG and break each seed's stream
@@ -113,7 +134,8 @@ def merged(ctxs: list[TargetContext]) -> TargetContext:
     one context of their (S*B,) labels and (S*B, K) logits and targets in seed order, each seed's
     generator kept for its own rows (``uniform``). A ``Component.row_wise`` component gives on it
     each seed's result, stacked."""
-    if not ctxs or any(c.models or c.inputs is not None or c.features is not None or c.generators for c in ctxs):
+    if not ctxs or any(c.models or c.inputs is not None or c.features is not None or c.generators
+                       or c.stack is not None for c in ctxs):
         raise ValueError("only a stack's contexts merge: some, with no models, inputs, features or merged contexts")
     if len({len(c.labels) for c in ctxs}) > 1:  # ``uniform`` splits the rows evenly among the seeds
         raise ValueError(f"merged contexts need equal batches, got {[len(c.labels) for c in ctxs]}")
@@ -150,13 +172,16 @@ class Component(abc.ABC):
     so the study checks it at load and the trainer loads only what a cell uses. ``differentiable`` components let gradients flow through the target.
     ``static`` components are a fixed function of (labels, cached teacher logits, T,
     class_groups) per sample, so the trainer may build their target once per epoch.
-    ``reads_model`` components read a model (explanations): their arms train unstacked.
+    ``reads_model`` components read a model (explanations): their arms train unstacked, unless
+    the component also ``shares_stack``: it then reads the model only through ``ctx.stack`` when
+    one is given (a ``StackSeat``: every seed's rows explained in one call on the stacked model).
     ``row_wise`` components give each row a value from that row of the context alone (and its
     seed's draws, through ``TargetContext.uniform``) and keep no state or statistics, so a
     stack may build every seed's part in one call on the ``merged`` context. Off unless a
     component says so, and off again in a subclass that redefines ``__call__``, ``summary`` or
     ``state_dict`` without restating it (``tests/test_stacked.py`` checks every registered one
-    that says so, at its default parameters).
+    that says so, at its default parameters); ``shares_stack`` likewise (checked against
+    separate runs in float64).
     """
 
     needs: Need = Need.NONE
@@ -166,13 +191,16 @@ class Component(abc.ABC):
     # components none of these, so one that reads them without saying so fails loudly there.
     reads_model: bool = False
     row_wise: bool = False
+    shares_stack: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)  # type: ignore[arg-type]
-        # A subclass that changes what is computed or kept must say again that it is row-wise.
+        # A subclass that changes what is computed or kept must say again what a stack may do with it.
         own = vars(cls)
-        if "row_wise" not in own and any(name in own for name in ("__call__", "summary", "state_dict")):
-            cls.row_wise = False
+        if any(name in own for name in ("__call__", "summary", "state_dict")):
+            for flag in ("row_wise", "shares_stack"):
+                if flag not in own:
+                    setattr(cls, flag, False)
 
     def __init__(self, params: object) -> None:
         self.params = params

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdablate.components.context import Component, Need, Probe, StateDict, TargetContext
+from kdablate.components.context import Component, MergedSeeds, Need, Probe, StackSeat, StateDict, TargetContext
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
-from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, rademacher_directions
+from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions
 from kdablate.registry import ConfigError
 
 SIMILARITIES = ("cosine", "pearson", "neg_l2")
@@ -99,9 +99,9 @@ def sketch(model: nn.Module, source: Explanation, inputs: torch.Tensor, m: int, 
     """(B, *shape) -> (B, K, m) projections P = E V of the maps on m Rademacher directions per
     sample, drawn from ``ctx.generator`` (centred over the input dims if ``centre``: Pearson);
     (1/m) P P^T estimates the (B, K, K) Gram matrix (``gram``). A sketchable source only."""
-    directions = rademacher_directions(inputs, m, ctx.generator, centre)  # (m, B, *shape)
+    v = directions(inputs, m, ctx, centre)  # (m, B, *shape)
     with explaining_mode(model, eval_mode):
-        return source.project(model, inputs, directions, ctx=ctx)
+        return source.project(model, inputs, v, ctx=ctx)
 
 
 def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Tensor, labels: torch.Tensor,
@@ -118,7 +118,7 @@ def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Ten
             e_y = e_y - e_y.mean(dim=tuple(range(1, e_y.dim())), keepdim=True)
         if not ctx.create_graph:
             e_y = e_y.detach()
-        v = rademacher_directions(inputs, m, ctx.generator, centre)  # (m, B, *shape)
+        v = directions(inputs, m, ctx, centre)  # (m, B, *shape)
         p = source.project(model, inputs, torch.cat([e_y[None], v]), ctx=ctx)  # (B, K, m + 1)
     norm = e_y.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,) |E_y|
     a = p[:, :, 0] / norm[:, None]  # (B, K) <E_c, u>, |E_y| at y
@@ -143,6 +143,7 @@ class ExplanationStructure(Component):
     """r from the similarity of per-class explanations; see the module docstring."""
 
     reads_model = True
+    shares_stack = True  # when the instance's explainer and source allow it (``__init__``)
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -195,6 +196,11 @@ class ExplanationStructure(Component):
         self.needs = (Need.TEACHER_MODEL if params.explainer == "teacher" else Need.NONE) | (
             Need.FEATURES if self.reuse else Need.NONE)
         self.differentiable = params.differentiable
+        # A stack explains every seed's rows in one call on its stacked model: the student's own
+        # explanations, recomputed (not the training forward's features), by a source that reads
+        # the model row by row (``Explanation.stackable``).
+        self.shares_stack = (type(self).shares_stack and params.explainer == "self" and not self.reuse
+                             and self.source.stackable)
         self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class
         self._epoch_sums: torch.Tensor | None = None
         self._epoch_counts: torch.Tensor | None = None
@@ -248,25 +254,58 @@ class ExplanationStructure(Component):
 
     def explained_structure(self, ctx: TargetContext, n: int) -> torch.Tensor:
         """(n, K) structure of the first n samples from their explanations."""
-        if ctx.inputs is None:
-            raise RuntimeError("structure 'explanation' needs the batch inputs in its context")
-        model = ctx.models.get(self.params.explainer)
-        if model is None:
-            raise RuntimeError(f"structure 'explanation' explains with '{self.params.explainer}', which is not loaded")
-        features = ctx.features[:n] if self.reuse and ctx.features is not None else None
-        source_ctx = AttributionContext(features=features, generator=ctx.generator,
-                                        create_graph=self.params.differentiable)
-        p, x, y = self.params, ctx.inputs[:n], ctx.labels[:n]
+        if ctx.stack is not None and self.shares_stack:
+            sim = self._stacked_similarity(ctx.stack, n)
+        else:
+            if ctx.inputs is None:
+                raise RuntimeError("structure 'explanation' needs the batch inputs in its context")
+            model = ctx.models.get(self.params.explainer)
+            if model is None:
+                raise RuntimeError(f"structure 'explanation' explains with '{self.params.explainer}', "
+                                   "which is not loaded")
+            features = ctx.features[:n] if self.reuse and ctx.features is not None else None
+            source_ctx = AttributionContext(features=features, generator=ctx.generator,
+                                            create_graph=self.params.differentiable)
+            sim = self.similarity(model, ctx.inputs[:n], ctx.labels[:n], source_ctx)
+        return structure_from_similarity(sim, ctx.labels[:n], self.params.tau)
+
+    def similarity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   source_ctx: AttributionContext) -> torch.Tensor:
+        """(n, *shape) inputs, (n,) labels -> (n, K) s_c = sim(E_y, E_c) of ``model``'s explanations,
+        exact or sketched; detached unless the structure is differentiable."""
+        p = self.params
         if p.sketch:
             sim = sketched_similarity(model, self.source, x, y, p.sketch, centre=p.similarity == "pearson",
                                       eval_mode=not self.reuse, ctx=source_ctx)
         else:
             maps = explain(model, self.source, x, eval_mode=not self.reuse, ctx=source_ctx)
             sim = explanation_similarity(maps if p.differentiable else maps.detach(), y, p.similarity)
-        return structure_from_similarity(sim if p.differentiable else sim.detach(), y, p.tau)
+        return sim if p.differentiable else sim.detach()
+
+    def _stacked_similarity(self, seat: StackSeat, n: int) -> torch.Tensor:
+        """(n, K) this seed's similarities, from one call over every seed's first n rows on the
+        stacked model: the first seed to ask computes them all (each seed's draws from its own
+        generator), the others read the seat's cache."""
+        key = ("explanation", repr(self.params), n)  # the seeds of a stack share their config
+        made_here = key not in seat.cache
+        if made_here:
+            t0 = time.perf_counter()
+            ctxs = seat.contexts
+            if any(c.inputs is None for c in ctxs):
+                raise RuntimeError("structure 'explanation' needs every stacked seed's inputs in its context")
+            source_ctx = AttributionContext(generator=MergedSeeds(), generators=tuple(c.generator for c in ctxs),
+                                            create_graph=self.params.differentiable)
+            sim = self.similarity(seat.model(n), torch.cat([c.inputs[:n] for c in ctxs]),
+                                  torch.cat([c.labels[:n] for c in ctxs]), source_ctx)
+            seat.cache[key] = (sim.split(n), time.perf_counter() - t0)
+        parts, seconds = seat.cache[key]
+        # Each seed is charged its share of the one call ('explain_ms'); the seed that made it
+        # is timed around all of it by ``__call__``.
+        self._seconds += seconds / len(seat.contexts) - (seconds if made_here else 0.0)
+        return parts[seat.index]
 
     def _update(self, r: torch.Tensor, labels: torch.Tensor, k: int) -> None:
-        sums = torch.zeros(k, k, device=r.device).index_add_(0, labels, r.float())
+        sums = torch.zeros(k, k, device=r.device, dtype=torch.float32).index_add_(0, labels, r.float())
         counts = torch.bincount(labels, minlength=k).float()
         self._epoch_sums += sums
         self._epoch_counts += counts

@@ -118,6 +118,9 @@ class PeerStructure(SourceStructure):
 class PermutedStructure(Component):
     """Another structure's values, re-assigned to random classes per sample and step."""
 
+    # What a stack may do with it follows its base (``__init__``), unless a subclass says otherwise.
+    row_wise = shares_stack = True
+
     @dataclasses.dataclass(frozen=True)
     class Params:
         base: str = "teacher"
@@ -135,7 +138,8 @@ class PermutedStructure(Component):
         self.needs = self.base.needs
         self.differentiable = self.base.differentiable
         self.reads_model = self.base.reads_model
-        self.row_wise = self.base.row_wise  # its own draws are per row, through ctx.uniform
+        self.row_wise = type(self).row_wise and self.base.row_wise  # its own draws are per row (ctx.uniform)
+        self.shares_stack = type(self).shares_stack and self.base.shares_stack
 
     def __call__(self, ctx: TargetContext) -> torch.Tensor:
         return permute_nongt(self.base(ctx), ctx.labels, ctx.uniform(ctx.num_classes - 1))

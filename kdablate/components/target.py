@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 def assemble_target(mass: torch.Tensor, structure: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) mass, (B, K) structure, (B,) labels -> (B, K) q with q_y = 1 - m, q_c = m r_c."""
-    q = mass[:, None] * structure
-    return q.scatter(1, labels[:, None], (1.0 - mass)[:, None])
+    q = mass[:, None] * structure  # promoted: a mass and a structure may come at different precisions
+    return q.scatter(1, labels[:, None], (1.0 - mass)[:, None].to(q.dtype))
 
 
 def soft_target_loss(
