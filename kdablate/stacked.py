@@ -61,9 +61,13 @@ def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequenc
         return "a DML cohort trains two students per cell"
     # A stacked step runs no member's own module and hands no model, inputs or features to the
     # components: refuse whatever declares it reads them, whether or not it sets reads_model.
-    if not build_objective(knowledge).stackable or knowledge.needs() & (Need.FEATURES | Need.TEACHER_MODEL):
-        return ("its target reads a model in a way a stack cannot share (the training forward's features, "
-                "a layer's hooks, the teacher network, or a source not marked stackable)")
+    if Need.FEATURES in knowledge.needs():
+        return "its target reads a model: the training forward's features (CAM's default mode)"
+    if Need.TEACHER_MODEL in knowledge.needs():
+        return "its target reads a model: the teacher network's explanations"
+    if not build_objective(knowledge).stackable:
+        return ("its target reads a model in a way a stack cannot share (an explanation source not "
+                "marked stackable, e.g. CAM's or Grad-CAM's modules and hooks)")
     if any(t is not None and t.online for t in teachers):
         return "its teacher runs online"
     if runtime.amp == "fp16":

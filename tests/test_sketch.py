@@ -14,15 +14,15 @@ import math
 import pytest
 import torch
 
-from kdablate import attribution as attribution_mod
-from kdablate.attribution import AttributionContext, EXPLANATIONS
+from kdablate import attribution as attribution_mod, linearized
+from kdablate.attribution import EXPLANATIONS, AttributionContext, directional_derivatives, linearization_holds
 from kdablate.components import STRUCTURES, TargetContext
 from kdablate.components.context import Probe
 from kdablate.components.explanation import (explain, explanation_similarity, gram, sketch, sketched_similarity,
                                              structure_from_similarity)
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
-from kdablate.models import build_model
+from kdablate.models import MODELS, build_model
 from kdablate.registry import ConfigError
 from kdablate.trainer import fit
 
@@ -271,3 +271,76 @@ def test_the_agreement_measurement_runs():
     assert [(a.m, a.exact_row) for a in rows] == [(8, True), (8, False)]
     assert all(-1 <= a.classes <= 1 and -1 <= a.rows <= 1 for a in rows)
     assert "| mlp | 10 | structure (row exact) |" in agreement_table(rows)
+
+
+# --- the linearized products of piecewise-linear networks (kdablate.linearized) ---------------------
+
+LINEAR_GLUE = [n for n in MODELS.names() if vars(MODELS.get(n)).get("linear_glue") is True]
+
+
+@pytest.mark.parametrize("name", LINEAR_GLUE)
+def test_linearized_products_are_forward_mode_products_for_every_model_that_allows_them(name):
+    """Every registered model that declares ``linear_glue``: in eval mode, one forward over [x; V]
+    gives the forward-mode J v to rounding, a direction a million times smaller than the biases
+    included, with batch norm's running statistics away from their init."""
+    from tests.test_registry import input_shape_for
+
+    shape = input_shape_for(name)
+    torch.manual_seed(0)
+    model = build_model(name, {}, shape, K).double()
+    model(torch.randn(16, *shape, dtype=torch.float64) + 0.5)  # BN statistics away from their init
+    assert linearized.supported(model.eval())
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, *shape, dtype=torch.float64, generator=g), torch.randn(4, 3, *shape, dtype=torch.float64, generator=g)
+    t[0] *= 1e-6
+    exact = directional_derivatives(model, x, t, linearize=False)
+    torch.testing.assert_close(directional_derivatives(model, x, t), exact, rtol=1e-9, atol=1e-18)
+
+
+def test_which_models_are_linearized():
+    """The MNIST-1D models are; the image zoo is not (a torch.relu in its blocks' forward), so its
+    products come from torch.func.jvp."""
+    from tests.test_registry import input_shape_for
+
+    assert set(LINEAR_GLUE) == {"mlp", "cnn1d"}
+    for name in MODELS.names():
+        model = build_model(name, {}, input_shape_for(name), K).eval()
+        assert linearized.supported(model) == (name in LINEAR_GLUE), name
+
+
+class _ReluInForward(torch.nn.Module):
+    def __init__(self, declares: bool) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(40, 16), torch.nn.Linear(16, K)
+        if declares:
+            self.linear_glue = True  # an instance attribute: only the class's own declaration counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x.flatten(1))))
+
+
+class _LyingGlue(_ReluInForward):
+    linear_glue = True  # wrong: its forward applies torch.relu
+
+    def __init__(self) -> None:
+        super().__init__(False)
+
+
+def test_what_the_hooks_cannot_see_is_not_linearized():
+    """A nonlinearity in a forward, an in-place ReLU, batch norm in train mode: not linearized."""
+    assert not linearized.supported(_ReluInForward(True))
+    assert linearized.supported(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, K), torch.nn.ReLU()))
+    assert not linearized.supported(torch.nn.Sequential(torch.nn.Linear(40, K), torch.nn.ReLU(inplace=True)))
+    bn = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.BatchNorm1d(4))
+    assert not linearized.supported(bn) and linearized.supported(bn.eval())
+    assert not linearized.supported(torch.nn.Sequential(torch.nn.BatchNorm1d(4, track_running_stats=False)).eval())
+
+
+def test_a_wrong_linear_glue_declaration_is_refused_at_load():
+    model = _LyingGlue()
+    assert linearized.supported(model.eval()) and not linearization_holds(model, torch.randn(4, 1, 40))
+    probe = Probe(torch.randn(4, 1, 40), K, {"self": model.train()}, {"self": "lying"})
+    STRUCTURES.build("explanation", {}).check(probe)  # the exact path is fine
+    with pytest.raises(ConfigError, match="declares linear_glue") as e:
+        STRUCTURES.build("explanation", {"sketch": 4}).check(probe)
+    assert "\n" not in str(e.value) and model.training

@@ -166,10 +166,13 @@ def test_the_stacked_loss_is_each_seeds_loss_summed(alpha):
         assert torch.allclose(grad[s], torch.autograd.grad(alone["loss"], zs)[0], atol=1e-7), s
 
 
-def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path):
+@pytest.mark.parametrize("arm", ["ls", "il"])
+def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path, arm):
     """Each seed's checkpoint is in the unstacked format: a stopped stack resumes as a stack
-    bit for bit, or a seed resumes alone; seeds at different epochs refuse to stack."""
-    spec, optim, k = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32), KNOWLEDGE["ls"]
+    bit for bit, or a seed resumes alone; seeds at different epochs refuse to stack. 'il': a
+    sketched, scheduled explanation arm, whose class EMA and draws resume per seed."""
+    k = KNOWLEDGE["ls"] if arm == "ls" else il({"name": "explanation", "every": 2, "fraction": 0.5, "sketch": 2})
+    spec, optim = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32)
     ckpts = lambda: [Checkpoint(tmp_path / f"{s}.pt", every=1) for s in SEEDS]  # noqa: E731
     whole = fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3)
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from kdablate.components.context import Component, MergedSeeds, Need, Probe, StackSeat, StateDict, TargetContext
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
-from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions
+from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions, linearization_holds
 from kdablate.registry import ConfigError
 
 SIMILARITIES = ("cosine", "pearson", "neg_l2")
@@ -243,14 +243,21 @@ class ExplanationStructure(Component):
                               "every similarity is +-1; use saliency or grad_input, or a layer with spatial dims")
         if not torch.isfinite(maps).all():
             raise ConfigError(f"{what} gives non-finite maps on the first training inputs")
-        if self.params.sketch:  # forward-mode products must go through every layer of the model
-            try:
-                labels = torch.zeros(len(probe.inputs), dtype=torch.long, device=probe.inputs.device)
-                sketched_similarity(model, self.source, probe.inputs, labels, 2, centre=False, eval_mode=True,
-                                    ctx=probe_ctx)
-            except (ValueError, RuntimeError, NotImplementedError) as e:
-                raise ConfigError(f"{what} cannot be sketched (sketch={self.params.sketch}): "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if self.params.sketch:
+            self._check_sketch(model, probe.inputs, what, probe_ctx)
+
+    def _check_sketch(self, model: nn.Module, inputs: torch.Tensor, what: str, probe_ctx: AttributionContext) -> None:
+        """Forward-mode products must go through every layer of the model, and a model that says its
+        forward is linear glue (``kdablate.linearized``) must give the forward-mode products."""
+        try:
+            labels = torch.zeros(len(inputs), dtype=torch.long, device=inputs.device)
+            sketched_similarity(model, self.source, inputs, labels, 2, centre=False, eval_mode=True, ctx=probe_ctx)
+        except (ValueError, RuntimeError, NotImplementedError) as e:
+            raise ConfigError(f"{what} cannot be sketched (sketch={self.params.sketch}): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not linearization_holds(model, inputs):
+            raise ConfigError(f"{what}: the model declares linear_glue, but its linearized products differ "
+                              "from forward-mode ones (a nonlinearity in a forward?); remove the declaration")
 
     def explained_structure(self, ctx: TargetContext, n: int) -> torch.Tensor:
         """(n, K) structure of the first n samples from their explanations."""

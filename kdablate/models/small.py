@@ -18,6 +18,8 @@ from kdablate.models.factory import MODELS
 class MLP(nn.Module):
     """Fully connected ReLU network on the flattened input."""
 
+    linear_glue = True  # forward only composes its modules (``kdablate.linearized``)
+
     @dataclasses.dataclass(frozen=True)
     class Params:
         hidden: int = 100
@@ -52,6 +54,8 @@ class MLP(nn.Module):
 @MODELS.register("cnn1d")
 class CNN1D(nn.Module):
     """Conv-BN-ReLU blocks over a (B, C, L) signal, then global average pooling."""
+
+    linear_glue = True  # forward composes its modules and a mean (``kdablate.linearized``)
 
     @dataclasses.dataclass(frozen=True)
     class Params:
