@@ -272,3 +272,37 @@ def test_models_for_cam_expose_features_and_head():
     for name in MODELS.names():
         model = build_model(name, {}, input_shape_for(name), K)
         assert isinstance(model.head, torch.nn.Linear) and isinstance(model.features, torch.nn.Module)
+
+
+def test_a_frozen_teachers_similarities_are_computed_once_per_row_and_label():
+    """The teacher explainer memoises its similarities per (input row, label): over steps that
+    repeat rows, the structure gives what explaining every row afresh gives (to float rounding:
+    a row's batch differs), explains each row once, and forgets when the teacher changes."""
+    torch.manual_seed(0)
+    teacher = build_model("cnn1d", {"channels": 8, "depth": 2}, (1, 40), K).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 1, 40, generator=g), torch.randint(0, K, (12,), generator=g)
+    calls: list[int] = []
+
+    def step(structure, rows: list[int]) -> torch.Tensor:
+        ctx = TargetContext(labels=y[rows], num_classes=K, student_logits=torch.zeros(len(rows), K),
+                            inputs=x[rows], models={"teacher": teacher}, step=0, temperature=4.0)
+        return structure(ctx)
+
+    memo = STRUCTURES.build("explanation", {"explainer": "teacher"})
+    fresh = STRUCTURES.build("explanation", {"explainer": "teacher"})
+    fresh.memoizes = False
+    assert memo.memoizes
+    original = memo.similarity
+    memo.similarity = lambda model, xs, ys, c: calls.append(len(xs)) or original(model, xs, ys, c)
+    for rows in ([0, 1, 2, 3], [2, 3, 4, 5, 6], [6, 0, 5, 1], list(range(12))):
+        torch.testing.assert_close(step(memo, rows), step(fresh, rows), rtol=1e-5, atol=1e-6)
+    assert calls == [4, 3, 5]  # each row explained once; the third step explained nothing
+    y[0] = (y[0] + 1) % K  # the same input row with another label is another entry
+    step(memo, [0])
+    with torch.no_grad():
+        teacher.head.bias.add_(1.0)  # a changed teacher: everything is explained again
+    step(memo, [1, 2])
+    assert calls == [4, 3, 5, 1, 2]
+    for params in ({"explainer": "teacher", "sketch": 2}, {"explainer": "self"}):
+        assert not STRUCTURES.build("explanation", params).memoizes
