@@ -27,19 +27,23 @@ from torch import nn
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Linear without an offset (in eval mode, for dropout).
-PLAIN = (nn.Flatten, nn.Identity, nn.Dropout, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+# Linear, without an offset (and dropout in eval mode, ``_known``).
+PLAIN = (nn.Flatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
 def _known(module: nn.Module) -> bool:
     kind = type(module)
+    if kind is nn.Dropout:  # the identity only in eval mode
+        return not module.training
     if kind in AFFINE or kind in PLAIN or kind is nn.Sequential:
         return True
     if kind is nn.ReLU:  # in place, it would overwrite the direction rows before the hook sees them
         return not module.inplace
     if kind in NORMS:  # per row only with running statistics, in eval mode
         return module.track_running_stats and not module.training
-    return vars(kind).get("linear_glue", False) is True
+    # Glue owns no tensors: a parameter its forward added would be an offset no hook removes.
+    owns = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+    return vars(kind).get("linear_glue", False) is True and not owns
 
 
 def supported(model: nn.Module) -> bool:
@@ -64,7 +68,8 @@ def _linearizing(model: nn.Module, primal: int) -> Iterator[None]:
         c = offset(module)
         if c is None:
             return out
-        shape = (1, -1) + (1,) * (out.dim() - 2)
+        # A linear layer's features are the last dim; a convolution's and a norm's channels dim 1.
+        shape = (-1,) if type(module) is nn.Linear else (-1,) + (1,) * (out.dim() - 2)
         return torch.cat([out[:primal], out[primal:] - c.view(shape)])
 
     def relu(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,7 @@ class StackView(nn.Module):
     def __init__(self, stack: Stack, rows: int) -> None:
         super().__init__()
         self.stack, self.rows = stack, rows  # a dataclass, not a submodule: its weights stay unregistered
+        self.training = stack.base.training
 
     def train(self, mode: bool = True) -> StackView:
         self.training = mode

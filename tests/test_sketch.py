@@ -334,6 +334,32 @@ def test_what_the_hooks_cannot_see_is_not_linearized():
     bn = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.BatchNorm1d(4))
     assert not linearized.supported(bn) and linearized.supported(bn.eval())
     assert not linearized.supported(torch.nn.Sequential(torch.nn.BatchNorm1d(4, track_running_stats=False)).eval())
+    drop = torch.nn.Sequential(torch.nn.Linear(40, K), torch.nn.Dropout(0.5))
+    assert not linearized.supported(drop) and linearized.supported(drop.eval())
+    # Glue that owns a tensor could add it in its forward, an offset no hook removes (a zero
+    # at init would even pass the load-time comparison), so it is refused outright.
+    assert not linearized.supported(_GlueWithShift())
+
+
+class _GlueWithShift(torch.nn.Module):
+    linear_glue = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.shift = torch.nn.Linear(40, 16), torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.flatten(1)) + self.shift
+
+
+def test_a_linear_layer_on_sequence_inputs_loses_its_bias_on_the_feature_dim():
+    """nn.Linear on (B, L, C) rows (L == C, where a wrong broadcast would not even fail)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(36, K)).double()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 6, 6, dtype=torch.float64, generator=g), torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(directional_derivatives(model, x, t),
+                               directional_derivatives(model, x, t, linearize=False), rtol=1e-9, atol=1e-12)
 
 
 def test_a_wrong_linear_glue_declaration_is_refused_at_load():

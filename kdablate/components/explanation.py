@@ -259,10 +259,11 @@ class ExplanationStructure(Component):
         try:
             labels = torch.zeros(len(inputs), dtype=torch.long, device=inputs.device)
             sketched_similarity(model, self.source, inputs, labels, 2, centre=False, eval_mode=True, ctx=probe_ctx)
+            holds = linearization_holds(model, inputs)
         except (ValueError, RuntimeError, NotImplementedError) as e:
             raise ConfigError(f"{what} cannot be sketched (sketch={self.params.sketch}): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        if not linearization_holds(model, inputs):
+        if not holds:
             raise ConfigError(f"{what}: the model declares linear_glue, but its linearized products differ "
                               "from forward-mode ones (a nonlinearity in a forward?); remove the declaration")
 
@@ -325,7 +326,7 @@ class ExplanationStructure(Component):
         """(n, K) this seed's similarities, from one call over every seed's first n rows on the
         stacked model: the first seed to ask computes them all (each seed's draws from its own
         generator), the others read the seat's cache."""
-        key = ("explanation", repr(self.params), n)  # the seeds of a stack share their config
+        key = ("explanation", repr(self.params), n)  # the seeds share their config; one such structure per objective
         made_here = key not in seat.cache
         if made_here:
             t0 = time.perf_counter()
