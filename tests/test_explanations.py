@@ -8,6 +8,7 @@ registered source without one fails, naming what to add. ``check_matches_captum`
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Callable
@@ -306,3 +307,45 @@ def test_a_frozen_teachers_similarities_are_computed_once_per_row_and_label():
     assert calls == [4, 3, 5, 1, 2]
     for params in ({"explainer": "teacher", "sketch": 2}, {"explainer": "self"}):
         assert not STRUCTURES.build("explanation", params).memoizes
+
+
+def test_a_teacher_explainer_cell_resumes_bit_for_bit_with_its_memo(tmp_path, monkeypatch):
+    """The memo is checkpointed with the structure (tensors only) and kept across the teacher's
+    reload (its values' digest, not its tensors' identity), so a resumed cell explains exactly the
+    rows an uninterrupted one explains and ends with the same weights, bit for bit."""
+    from kdablate.components.explanation import ExplanationStructure
+    from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
+    from kdablate.data import load_dataset
+    from kdablate.storage import Checkpoint
+    from kdablate.trainer import TeacherSignal, fit
+
+    data = load_dataset("mnist1d", {"num_samples": 400})
+    torch.manual_seed(0)
+    teacher = build_model("cnn1d", {"channels": 8, "depth": 2}, (1, 40), 10).eval().requires_grad_(False)
+    with torch.no_grad():
+        signal = TeacherSignal({s: teacher(data.split(s)[0]) for s in ("train", "val", "test")}, model=teacher)
+    k = KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, temperature=4.0, alpha=0.9,
+                        structure={"name": "explanation", "explainer": "teacher", "every": 2})
+    spec, optim = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32)
+    rows: list[int] = []  # rows explained afresh, call by call
+    original = ExplanationStructure.similarity
+    monkeypatch.setattr(ExplanationStructure, "similarity",
+                        lambda self, model, x, y, c: rows.append(len(x)) or original(self, model, x, y, c))
+    by_epoch: dict[int, int] = {}
+    whole = fit(spec, data, optim, k, 0, teacher=signal, on_epoch=lambda e, m: by_epoch.setdefault(e, sum(rows)))
+
+    def stop(epoch, metrics):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(spec, data, optim, k, 0, teacher=signal, on_epoch=stop, checkpoint=Checkpoint(tmp_path / "c.pt", every=1))
+    saved = Checkpoint(tmp_path / "c.pt", every=1).load()["members"][0]["method"]
+    assert saved["structure.memo_keys"].shape[0] > 0 and saved["structure.memo_values"].shape[1] == 10
+    reloaded = copy.deepcopy(teacher)  # new tensors, same values: the memo is kept
+    rows.clear()
+    resumed = fit(spec, data, optim, k, 0, teacher=dataclasses.replace(signal, model=reloaded),
+                  checkpoint=Checkpoint(tmp_path / "c.pt", every=1))
+    assert sum(rows) == by_epoch[4] - by_epoch[2] > 0  # epochs 3 and 4 explain only what they would have
+    assert all(torch.equal(v, whole.model.state_dict()[key]) for key, v in resumed.model.state_dict().items())
+    assert resumed.metrics == whole.metrics

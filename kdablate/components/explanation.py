@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
 from typing import Iterator
 
@@ -130,6 +131,36 @@ def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Ten
     return a / (a.square() + rest.scatter(1, labels[:, None], 0.0)).clamp_min(1e-24).sqrt()
 
 
+MEMO_KEYS = ("memo_keys", "memo_values", "memo_digest")
+
+
+def weights_digest(model: nn.Module) -> bytes:
+    """sha256 over the values of ``model``'s parameters and buffers, in order."""
+    h = hashlib.sha256()
+    for t in (*model.parameters(), *model.buffers()):
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def memo_state(memo: dict[bytes, torch.Tensor], digest: bytes) -> StateDict:
+    """A memo of (row bytes -> (K,) similarities) as tensors a checkpoint holds; Nones for none
+    (or for keys of unequal lengths, which one dataset never makes)."""
+    if not memo or len({len(k) for k in memo}) > 1:
+        return dict.fromkeys(MEMO_KEYS)
+    keys = torch.frombuffer(bytearray(b"".join(memo)), dtype=torch.uint8).view(len(memo), -1)
+    return {"memo_keys": keys, "memo_values": torch.stack(list(memo.values())),
+            "memo_digest": torch.frombuffer(bytearray(digest), dtype=torch.uint8)}
+
+
+def memo_from_state(state: StateDict) -> tuple[dict[bytes, torch.Tensor], bytes]:
+    """``memo_state``'s inverse: (memo, digest), empty where the state holds none."""
+    keys, values, digest = (state.get(k) for k in MEMO_KEYS)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or \
+            not isinstance(digest, torch.Tensor):
+        return {}, b""
+    return {k.numpy().tobytes(): v.clone() for k, v in zip(keys, values)}, digest.numpy().tobytes()
+
+
 def gram(maps: torch.Tensor, centre: bool = False) -> torch.Tensor:
     """(B, K, *S) maps -> (B, K, K) E E^T over the flattened S, of the maps centred over S if
     ``centre``; for (B, K, m) projections of ``sketch``, (1/m) of it is the sketched estimate."""
@@ -207,7 +238,8 @@ class ExplanationStructure(Component):
         # unless the sketch's draws or gradients through the maps are asked for.
         self.memoizes = params.explainer == "teacher" and not (params.sketch or params.differentiable or self.reuse)
         self._memo: dict[bytes, torch.Tensor] = {}
-        self._memo_owner: tuple = ()
+        self._memo_owner: tuple = ()  # (id, version) of the explainer's tensors: the cheap check
+        self._memo_digest = b""  # sha256 of their values: survives a reload, so a resumed cell keeps its memo
         self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class
         self._epoch_sums: torch.Tensor | None = None
         self._epoch_counts: torch.Tensor | None = None
@@ -294,10 +326,14 @@ class ExplanationStructure(Component):
         has not explained before; forgotten when any of its weights or buffers is replaced or
         changed in place (tensor versions), and never more than ``MEMO_ROWS`` rows (augmented
         inputs never repeat). Measured on the introspective study's teacher-explainer arm: ~58 s
-        a seed, nearly all of it explaining rows it had explained in earlier epochs."""
+        a seed, nearly all of it explaining rows it had explained in earlier epochs. Checkpointed
+        with the structure's state, so a resumed cell explains what an uninterrupted one would."""
         owner = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
         if owner != self._memo_owner:
-            self._memo, self._memo_owner = {}, owner
+            digest = weights_digest(model)
+            if digest != self._memo_digest:
+                self._memo = {}
+            self._memo_owner, self._memo_digest = owner, digest
         keys = [row.tobytes() + label.to_bytes(8, "little", signed=True)
                 for row, label in zip(x.detach().reshape(len(x), -1).numpy(), y.tolist())]
         found = {i: self._memo[k] for i, k in enumerate(keys) if k in self._memo}
@@ -357,16 +393,19 @@ class ExplanationStructure(Component):
 
     def state_dict(self) -> StateDict:
         """The class EMA 'class_matrix' (K, K), this epoch's per-class sums of r 'epoch_sums' (K, K)
-        and sample counts 'epoch_counts' (K,) (all None before the first step), and the epoch's
-        explanation time and step count; the EMA makes an ``every``/``fraction`` schedule resume
-        bit for bit."""
-        return {"class_matrix": self.class_matrix, "epoch_sums": self._epoch_sums,
-                "epoch_counts": self._epoch_counts, "seconds": self._seconds, "steps": self._steps}
+        and sample counts 'epoch_counts' (K,) (all None before the first step), the epoch's
+        explanation time and step count, and a frozen explainer's memo ('memo_keys' (N, L) uint8,
+        'memo_values' (N, K), 'memo_digest' (32,) uint8; None while empty); the EMA and the memo
+        make a schedule and a teacher explainer resume bit for bit."""
+        state: StateDict = {"class_matrix": self.class_matrix, "epoch_sums": self._epoch_sums,
+                            "epoch_counts": self._epoch_counts, "seconds": self._seconds, "steps": self._steps}
+        return {**state, **memo_state(self._memo, self._memo_digest)} if self.memoizes else state
 
     def load_state_dict(self, state: StateDict) -> None:
-        """Restore ``state_dict()``'s output (tensors cloned: they are updated in place)."""
+        """Restore ``state_dict()``'s output (tensors cloned: they are updated in place); a state
+        saved before the memo existed loads without one."""
         want = {"class_matrix", "epoch_sums", "epoch_counts", "seconds", "steps"}
-        if set(state) != want:
+        if not want <= set(state) <= want | set(MEMO_KEYS):
             raise ValueError(f"explanation structure state has keys {sorted(state)}, expected {sorted(want)}")
 
         def own(t: torch.Tensor | float | int | None) -> torch.Tensor | None:
@@ -375,6 +414,8 @@ class ExplanationStructure(Component):
         self.class_matrix, self._epoch_sums = own(state["class_matrix"]), own(state["epoch_sums"])
         self._epoch_counts = own(state["epoch_counts"])
         self._seconds, self._steps = float(state["seconds"] or 0.0), int(state["steps"] or 0)
+        self._memo, self._memo_digest = memo_from_state(state)
+        self._memo_owner = ()
 
     def summary(self) -> dict[str, torch.Tensor]:
         """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""
