@@ -94,6 +94,8 @@ class Explanation(abc.ABC):
         explains a stack of seeds' models in one call (``kdablate.stacked``); it draws noise
         only through ``directions``. Checked for every source that says so, against each seed
         alone, in ``tests/test_stacked.py``.
+    deterministic: the maps are a function of the model and the inputs alone (no draws), so a
+        frozen explainer's results may be kept per row (``kdablate.components.memo``).
     """
 
     cost: ClassVar[Cost]
@@ -101,6 +103,7 @@ class Explanation(abc.ABC):
     needs_features: ClassVar[bool] = False
     sketchable: ClassVar[bool] = False
     stackable: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = False
 
     def __init__(self, params: object) -> None:
         self.params = params
@@ -133,8 +136,9 @@ class SourceRegistry(Registry):
             if not isinstance(vars(cls).get("cost"), Cost):
                 raise TypeError(f"explanation '{name}' ({cls.__name__}) declares no cost: set "
                                 f"cost: ClassVar[Cost] to one of {', '.join(c.name for c in Cost)}")
-            if "stackable" not in vars(cls):  # nor inherit that a stack may share it
-                cls.stackable = False
+            for flag in ("stackable", "deterministic"):  # nor inherit what a stack or a memo may do with it
+                if flag not in vars(cls):
+                    setattr(cls, flag, False)
             add(cls)
             valid = False
             try:
@@ -259,6 +263,7 @@ class Saliency(Explanation):
     cost = Cost.PER_CLASS
     sketchable = True
     stackable = True
+    deterministic = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         x = _leaf(inputs)
@@ -282,6 +287,7 @@ class GradInput(Explanation):
     cost = Cost.PER_CLASS
     sketchable = True
     stackable = True
+    deterministic = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         x = _leaf(inputs)
@@ -316,6 +322,7 @@ class IntegratedGradients(Explanation):
     cost = Cost.PER_CLASS_STEPS
     quick_params = {"steps": 8}
     stackable = True  # the path is whole copies of the inputs, stacked along dim 0
+    deterministic = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -366,6 +373,7 @@ class CAM(Explanation):
 
     cost = Cost.FORWARD
     needs_features = True
+    deterministic = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, *, ctx: AttributionContext = PLAIN) -> torch.Tensor:
         feat_mod, head = _feature_head(model)
@@ -395,6 +403,7 @@ class GradCAM(Explanation):
     """
 
     cost = Cost.PER_CLASS
+    deterministic = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import time
 from typing import Iterator
 
@@ -49,12 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdablate.components.context import Component, MergedSeeds, Need, Probe, StackSeat, StateDict, TargetContext
+from kdablate.components.memo import STATE_KEYS as MEMO_STATE, RowMemo, row_keys
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
 from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions, linearization_holds
 from kdablate.registry import ConfigError
 
 SIMILARITIES = ("cosine", "pearson", "neg_l2")
-MEMO_ROWS = 262_144  # a frozen explainer's similarities kept per (input row, label): ~70 MiB at most
 GRAM_SIMILARITIES = ("cosine", "pearson")  # functions of the Gram matrix alone: sketchable
 
 
@@ -129,36 +128,6 @@ def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Ten
     vu = (v.flatten(2) * e_y.flatten(1)).sum(2).t() / norm[:, None]  # (B, m) <v_j, u>
     rest = (p[:, :, 1:] - a[:, :, None] * vu[:, None, :]).pow(2).mean(2)  # (B, K) ~ |P E_c|^2, 0 at y
     return a / (a.square() + rest.scatter(1, labels[:, None], 0.0)).clamp_min(1e-24).sqrt()
-
-
-MEMO_KEYS = ("memo_keys", "memo_values", "memo_digest")
-
-
-def weights_digest(model: nn.Module) -> bytes:
-    """sha256 over the values of ``model``'s parameters and buffers, in order."""
-    h = hashlib.sha256()
-    for t in (*model.parameters(), *model.buffers()):
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
-
-
-def memo_state(memo: dict[bytes, torch.Tensor], digest: bytes) -> StateDict:
-    """A memo of (row bytes -> (K,) similarities) as tensors a checkpoint holds; Nones for none
-    (or for keys of unequal lengths, which one dataset never makes)."""
-    if not memo or len({len(k) for k in memo}) > 1:
-        return dict.fromkeys(MEMO_KEYS)
-    keys = torch.frombuffer(bytearray(b"".join(memo)), dtype=torch.uint8).view(len(memo), -1)
-    return {"memo_keys": keys, "memo_values": torch.stack(list(memo.values())),
-            "memo_digest": torch.frombuffer(bytearray(digest), dtype=torch.uint8)}
-
-
-def memo_from_state(state: StateDict) -> tuple[dict[bytes, torch.Tensor], bytes]:
-    """``memo_state``'s inverse: (memo, digest), empty where the state holds none."""
-    keys, values, digest = (state.get(k) for k in MEMO_KEYS)
-    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or \
-            not isinstance(digest, torch.Tensor):
-        return {}, b""
-    return {k.numpy().tobytes(): v.clone() for k, v in zip(keys, values)}, digest.numpy().tobytes()
 
 
 def gram(maps: torch.Tensor, centre: bool = False) -> torch.Tensor:
@@ -236,10 +205,9 @@ class ExplanationStructure(Component):
         # The teacher is frozen, and in eval mode a row's maps do not depend on its batch: its
         # similarities for an input row and label are computed once (``_memoized_similarity``),
         # unless the sketch's draws or gradients through the maps are asked for.
-        self.memoizes = params.explainer == "teacher" and not (params.sketch or params.differentiable or self.reuse)
-        self._memo: dict[bytes, torch.Tensor] = {}
-        self._memo_owner: tuple = ()  # (id, version) of the explainer's tensors: the cheap check
-        self._memo_digest = b""  # sha256 of their values: survives a reload, so a resumed cell keeps its memo
+        self.memoizes = (params.explainer == "teacher" and self.source.deterministic
+                         and not (params.sketch or params.differentiable or self.reuse))
+        self._memo = RowMemo()
         self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class
         self._epoch_sums: torch.Tensor | None = None
         self._epoch_counts: torch.Tensor | None = None
@@ -315,35 +283,30 @@ class ExplanationStructure(Component):
                                             create_graph=self.params.differentiable)
             x, y = ctx.inputs[:n], ctx.labels[:n]
             if self.memoizes and x.device.type == "cpu":
-                sim = self._memoized_similarity(model, x, y, source_ctx)
+                sim = self._memoized_similarity(model, x, y, source_ctx, ctx.epoch)
             else:
                 sim = self.similarity(model, x, y, source_ctx)
         return structure_from_similarity(sim, ctx.labels[:n], self.params.tau)
 
     def _memoized_similarity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                             source_ctx: AttributionContext) -> torch.Tensor:
-        """(n, K) similarities of a frozen explainer, explaining only the rows (with their labels) it
-        has not explained before; forgotten when any of its weights or buffers is replaced or
-        changed in place (tensor versions), and never more than ``MEMO_ROWS`` rows (augmented
-        inputs never repeat). Measured on the introspective study's teacher-explainer arm: ~58 s
-        a seed, nearly all of it explaining rows it had explained in earlier epochs. Checkpointed
-        with the structure's state, so a resumed cell explains what an uninterrupted one would."""
-        owner = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
-        if owner != self._memo_owner:
-            digest = weights_digest(model)
-            if digest != self._memo_digest:
-                self._memo = {}
-            self._memo_owner, self._memo_digest = owner, digest
-        keys = [row.tobytes() + label.to_bytes(8, "little", signed=True)
-                for row, label in zip(x.detach().reshape(len(x), -1).numpy(), y.tolist())]
-        found = {i: self._memo[k] for i, k in enumerate(keys) if k in self._memo}
-        missing = [i for i in range(len(keys)) if i not in found]
-        if missing:
-            fresh = self.similarity(model, x[missing], y[missing], source_ctx)
-            found.update(zip(missing, fresh))
-            if len(self._memo) + len(missing) <= MEMO_ROWS:
-                self._memo.update((keys[i], found[i]) for i in missing)
-        return torch.stack([found[i] for i in range(len(keys))])
+                             source_ctx: AttributionContext, epoch: int) -> torch.Tensor:
+        """(n, K) similarities of a frozen explainer, explaining only the rows (with their labels)
+        it has not explained before (``kdablate.components.memo``)."""
+        self._memo.follow(model, epoch)
+        if self._memo.off:
+            return self.similarity(model, x, y, source_ctx)
+        keys = row_keys(x, y)
+        at, rows = self._memo.lookup(keys)
+        if len(at) == len(keys):
+            return self._memo.values[rows]
+        missing = sorted(set(range(len(keys))) - set(at))
+        fresh = self.similarity(model, x[missing], y[missing], source_ctx)
+        self._memo.add([keys[i] for i in missing], fresh)
+        if not at:
+            return fresh
+        out = torch.empty(len(keys), fresh.shape[1], dtype=fresh.dtype)
+        out[missing], out[at] = fresh, self._memo.values[rows].to(fresh.dtype)
+        return out
 
     def similarity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    source_ctx: AttributionContext) -> torch.Tensor:
@@ -399,14 +362,15 @@ class ExplanationStructure(Component):
         make a schedule and a teacher explainer resume bit for bit."""
         state: StateDict = {"class_matrix": self.class_matrix, "epoch_sums": self._epoch_sums,
                             "epoch_counts": self._epoch_counts, "seconds": self._seconds, "steps": self._steps}
-        return {**state, **memo_state(self._memo, self._memo_digest)} if self.memoizes else state
+        return {**state, **self._memo.state()} if self.memoizes else state
 
     def load_state_dict(self, state: StateDict) -> None:
         """Restore ``state_dict()``'s output (tensors cloned: they are updated in place); a state
         saved before the memo existed loads without one."""
         want = {"class_matrix", "epoch_sums", "epoch_counts", "seconds", "steps"}
-        if not want <= set(state) <= want | set(MEMO_KEYS):
-            raise ValueError(f"explanation structure state has keys {sorted(state)}, expected {sorted(want)}")
+        if not want <= set(state) <= want | set(MEMO_STATE):
+            raise ValueError(f"explanation structure state has keys {sorted(state)}, expected {sorted(want)} "
+                             f"(and, for a frozen explainer, {', '.join(MEMO_STATE)})")
 
         def own(t: torch.Tensor | float | int | None) -> torch.Tensor | None:
             return t.clone() if isinstance(t, torch.Tensor) else None
@@ -414,8 +378,7 @@ class ExplanationStructure(Component):
         self.class_matrix, self._epoch_sums = own(state["class_matrix"]), own(state["epoch_sums"])
         self._epoch_counts = own(state["epoch_counts"])
         self._seconds, self._steps = float(state["seconds"] or 0.0), int(state["steps"] or 0)
-        self._memo, self._memo_digest = memo_from_state(state)
-        self._memo_owner = ()
+        self._memo.load(state)
 
     def summary(self) -> dict[str, torch.Tensor]:
         """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""
