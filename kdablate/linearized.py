@@ -87,13 +87,14 @@ def _linearizing(model: nn.Module, primal: int) -> Iterator[None]:
             h.remove()
 
 
-def jvp_rows(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """(B, *S) inputs, (m, B, *S) tangents -> (B, K, m) J_b t_jb for a ``supported`` model (eval
-    mode), in one forward over (1 + m) B rows. Each direction is scaled to norm sqrt(D) for the
-    pass and the product scaled back (J is linear), so removing an offset never swamps a small
-    direction (the true class's gradient can be tiny next to a bias)."""
-    if not supported(model):
-        raise ValueError(f"{type(model).__name__} is not a network of known piecewise-linear modules")
+def jvp_rows(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor | None:
+    """(B, *S) inputs, (m, B, *S) tangents -> (B, K, m) J_b t_jb in one forward over (1 + m) B rows,
+    or None where ``model`` (as it is now, eval mode) is not ``supported``: the caller then takes
+    forward mode. Each direction is scaled to norm sqrt(D) for the pass and the product scaled
+    back (J is linear), so removing an offset never swamps a small direction (the true class's
+    gradient can be tiny next to a bias)."""
+    if not supported(model):  # checked here only: the one walk over the modules a call pays
+        return None
     m, b = tangents.shape[:2]
     norms = tangents.flatten(2).norm(dim=2).clamp_min(1e-30) / math.sqrt(inputs[0].numel())  # (m, B)
     unit = tangents / norms.view(m, b, *[1] * (tangents.dim() - 2))

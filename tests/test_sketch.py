@@ -329,6 +329,8 @@ class _LyingGlue(_ReluInForward):
 def test_what_the_hooks_cannot_see_is_not_linearized():
     """A nonlinearity in a forward, an in-place ReLU, batch norm in train mode: not linearized."""
     assert not linearized.supported(_ReluInForward(True))
+    x = torch.randn(2, 1, 40)
+    assert linearized.jvp_rows(_ReluInForward(True), x, x[None]) is None  # the caller takes forward mode
     assert linearized.supported(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, K), torch.nn.ReLU()))
     assert not linearized.supported(torch.nn.Sequential(torch.nn.Linear(40, K), torch.nn.ReLU(inplace=True)))
     bn = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.BatchNorm1d(4))
