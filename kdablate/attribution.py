@@ -21,7 +21,8 @@ gradient at all: one einsum over the last feature map.
 ``project``: <E_c, v_j> for m directions v_j without forming E, as m forward-mode
 Jacobian-vector products J (a ⊙ v_j) (``torch.func.jvp`` under ``vmap``, one primal
 forward and m tangents, whatever K is; for a piecewise-linear network, one forward over the
-rows [x; v_1; ...; v_m] with its ReLUs masked at x, ``kdablate.linearized``). With Rademacher directions (E[v v^T] = I),
+rows [v_1; ...; v_m] with its ReLUs masked at x, the mask from a forward the step ran anyway,
+``kdablate.linearized``). With Rademacher directions (E[v v^T] = I),
 (1/m) P P^T is an unbiased estimate of the Gram matrix E E^T (Johnson & Lindenstrauss
 1984; Achlioptas 2003 for ±1 entries; Halko, Martinsson & Tropp 2011 and Woodruff 2014
 on randomized sketching), so a similarity that depends only on the Gram matrix
@@ -68,12 +69,16 @@ class AttributionContext:
     create_graph: keep the graph through the maps, so a loss on them trains the model.
     generators: for inputs of several seeds (a stack's, seed-major in equal blocks), each seed's
         RNG; then ``generator`` refuses draws and directions come from ``directions``.
+    pattern: the activation pattern of a forward this step already ran on the inputs
+        (``linearized.recording``), so a piecewise-linear model's products need no forward of
+        their own; used only where it is the model's pattern at exactly these inputs.
     """
 
     features: torch.Tensor | None = None
     generator: torch.Generator | None = None
     create_graph: bool = False
     generators: tuple[torch.Generator | None, ...] = ()
+    pattern: linearized.Pattern | None = None
 
 
 PLAIN = AttributionContext()  # no features, no RNG, maps detached from the model
@@ -212,10 +217,12 @@ def label_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
 
 
 def directional_derivatives(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor,
-                            create_graph: bool = False, linearize: bool = True) -> torch.Tensor:
+                            create_graph: bool = False, linearize: bool = True,
+                            pattern: linearized.Pattern | None = None) -> torch.Tensor:
     """(B, *S) inputs, (m, B, *S) tangents -> (B, K, m) J_b t_jb, the model's (K, D) input Jacobian
-    times each tangent: for a piecewise-linear network (``linearized.jvp_rows``, unless not
-    ``linearize``) one forward over (1 + m) B rows, else one primal forward and m forward-mode
+    times each tangent: for a piecewise-linear network (``kdablate.linearized``, unless not
+    ``linearize``) one forward over the m B tangent rows at the inputs' ``pattern`` where one was
+    recorded (else a forward of the inputs first), else one primal forward and m forward-mode
     tangents (``vmap`` over ``jvp``).
 
     Per sample only when samples do not interact (eval-mode BN), as for ``class_gradients``.
@@ -224,6 +231,8 @@ def directional_derivatives(model: nn.Module, inputs: torch.Tensor, tangents: to
     """
     if linearize:  # one batched forward, no per-op forward-mode overhead, where the model allows it
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            if pattern is not None and pattern.holds_for(model, inputs):
+                return linearized.jvp_at(pattern, tangents)
             rows = linearized.jvp_rows(model, inputs.detach(), tangents)
         if rows is not None:
             return rows
@@ -275,7 +284,7 @@ class Saliency(Explanation):
     def project(self, model: nn.Module, inputs: torch.Tensor, directions: torch.Tensor, *,
                 ctx: AttributionContext = PLAIN) -> torch.Tensor:
         """(B, K, m) <dz_c/dx, v_j> = J v_j."""
-        return directional_derivatives(model, inputs, directions, ctx.create_graph)
+        return directional_derivatives(model, inputs, directions, ctx.create_graph, pattern=ctx.pattern)
 
     def attribute_labels(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                          ctx: AttributionContext = PLAIN) -> torch.Tensor:
@@ -299,7 +308,8 @@ class GradInput(Explanation):
     def project(self, model: nn.Module, inputs: torch.Tensor, directions: torch.Tensor, *,
                 ctx: AttributionContext = PLAIN) -> torch.Tensor:
         """(B, K, m) <x ⊙ dz_c/dx, v_j> = J (x ⊙ v_j)."""
-        return directional_derivatives(model, inputs, inputs.detach()[None] * directions, ctx.create_graph)
+        return directional_derivatives(model, inputs, inputs.detach()[None] * directions, ctx.create_graph,
+                                       pattern=ctx.pattern)
 
     def attribute_labels(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                          ctx: AttributionContext = PLAIN) -> torch.Tensor:

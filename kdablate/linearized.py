@@ -4,10 +4,12 @@ A network built of affine layers (linear, convolution, eval-mode batch norm), Re
 linear glue (reshapes, sums, means, average pooling) is piecewise linear: on the activation
 pattern of x, J(x) v is the same network applied to v with every offset (bias, batch norm's
 shift) removed and every ReLU replaced by its mask at x (the linear regions of ReLU networks:
-Montúfar et al. 2014; the products themselves: Pearlmutter 1994). ``jvp_rows`` computes J v
-for m directions in one forward over the rows [x; v_1; ...; v_m], with hooks that take the
-offsets off the direction rows and mask them at each ReLU by the x rows' signs: one batched
-pass, where ``torch.func.jvp`` under ``vmap`` pays its per-op dispatch overhead on every op.
+Montúfar et al. 2014; the products themselves: Pearlmutter 1994). ``recording`` takes x's
+pattern (each ReLU call's mask) from a forward the caller runs anyway, the true class's map's for
+the sketch, and ``jvp_at`` computes J v for m directions in one forward over the m B direction
+rows alone, each affine leaf run without its offset and each ReLU call as its recorded mask:
+one batched pass, where ``torch.func.jvp`` under ``vmap`` pays its per-op dispatch overhead on
+every op. ``jvp_rows`` runs the pattern's forward itself, for callers that have none.
 
 Only networks whose every module is known are linearized (``supported``): leaf modules of the
 exact types below, and containers whose own ``forward`` is linear glue, which is
@@ -19,10 +21,10 @@ paths on the first training inputs, so a wrong declaration fails before any cell
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,15 +35,17 @@ PLAIN = (nn.Flatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool
 
 def _known(module: nn.Module) -> bool:
     kind = type(module)
+    if "forward" in vars(module):  # a forward set on the instance is code of its own, not its type's
+        return False
     if kind is nn.Dropout:  # the identity only in eval mode
         return not module.training
     if kind in AFFINE or kind in PLAIN or kind is nn.Sequential:
         return True
-    if kind is nn.ReLU:  # in place, it would overwrite the direction rows before the hook sees them
+    if kind is nn.ReLU:  # in place, it would overwrite the input the recording reads its mask from
         return not module.inplace
     if kind in NORMS:  # per row only with running statistics, in eval mode
         return module.track_running_stats and not module.training
-    # Glue owns no tensors: a parameter its forward added would be an offset no hook removes.
+    # Glue owns no tensors: a parameter its forward added would be an offset the pass keeps.
     owns = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
     return vars(kind).get("linear_glue", False) is True and not owns
 
@@ -51,53 +55,104 @@ def supported(model: nn.Module) -> bool:
     return all(_known(m) for m in model.modules())
 
 
-def offset(module: nn.Module) -> torch.Tensor | None:
-    """(C,) the constant term of an affine leaf (its bias; batch norm's beta - gamma mu / sigma), or None."""
-    if type(module) in NORMS:
-        shift = -module.running_mean / torch.sqrt(module.running_var + module.eps)
-        return shift if module.weight is None else module.bias + module.weight * shift
-    return getattr(module, "bias", None) if type(module) in AFFINE else None
+class Pattern:
+    """The activation pattern of one forward of ``model`` over B rows: each ReLU call's mask, in call
+    order (a ReLU module called twice gives two), and the rows it was taken at, so that a later
+    pass over directions is linearized at exactly those rows or not at all (``jvp_at``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.masks, self.calls = model, [], 0
+        self.inputs: torch.Tensor | None = None
+
+    def holds_for(self, model: nn.Module, inputs: torch.Tensor) -> bool:
+        """Whether this is ``model``'s pattern at ``inputs``: one recorded forward, of these very rows."""
+        return (model is self.model and self.calls == 1 and self.inputs is not None
+                and self.inputs.shape == inputs.shape and torch.equal(self.inputs, inputs.detach()))
 
 
 @contextlib.contextmanager
-def _linearizing(model: nn.Module, primal: int) -> Iterator[None]:
-    """Hooks on ``model``'s leaves: rows past the first ``primal`` lose each offset and take each
-    ReLU's mask of the primal row they are a direction of (rows laid out (1 + m, primal))."""
+def recording(model: nn.Module) -> Iterator[Pattern | None]:
+    """Within: the forwards of ``model`` record its ``Pattern`` (yielded), or None where ``model`` is not
+    ``supported``. The forward itself is left as it is (the hooks only read), so the pattern comes
+    free with a forward the caller needs anyway, such as the true class's map's."""
+    if not supported(model):
+        yield None
+        return
+    pattern = Pattern(model)
 
-    def affine(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        c = offset(module)
-        if c is None:
-            return out
-        # A linear layer's features are the last dim; a convolution's and a norm's channels dim 1.
-        shape = (-1,) if type(module) is nn.Linear else (-1,) + (1,) * (out.dim() - 2)
-        return torch.cat([out[:primal], out[primal:] - c.view(shape)])
+    def top(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        pattern.calls += 1
+        pattern.inputs = args[0].detach()
 
-    def relu(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        mask = (x[:primal] > 0).to(x.dtype)  # torch's own ReLU derivative: 1 where x > 0
-        tangents = x[primal:].unflatten(0, (-1, primal)) * mask
-        return torch.cat([out[:primal], tangents.flatten(0, 1)])
+    def relu(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        pattern.masks.append((args[0].detach() > 0).to(out.dtype))  # torch's own ReLU derivative: 1 where x > 0
 
-    hooks = [m.register_forward_hook(relu if type(m) is nn.ReLU else affine)
-             for m in model.modules() if type(m) is nn.ReLU or offset(m) is not None]
+    hooks = [model.register_forward_hook(top)] + [m.register_forward_hook(relu) for m in model.modules() if type(m) is nn.ReLU]
     try:
-        yield
+        yield pattern
     finally:
         for h in hooks:
             h.remove()
 
 
-def jvp_rows(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor | None:
-    """(B, *S) inputs, (m, B, *S) tangents -> (B, K, m) J_b t_jb in one forward over (1 + m) B rows,
-    or None where ``model`` (as it is now, eval mode) is not ``supported``: the caller then takes
-    forward mode. Each direction is scaled to norm sqrt(D) for the pass and the product scaled
-    back (J is linear), so removing an offset never swamps a small direction (the true class's
-    gradient can be tiny next to a bias)."""
-    if not supported(model):  # checked here only: the one walk over the modules a call pays
-        return None
+def _linear_part(module: nn.Module, relu: Callable[[torch.Tensor], torch.Tensor]) -> Callable | None:
+    """The forward of ``module``'s linear part at the pattern (``relu`` for a ReLU), or None where the
+    module is linear already (glue, pooling, eval-mode dropout)."""
+    if type(module) is nn.ReLU:
+        return relu
+    if type(module) is nn.Linear:
+        return lambda t: F.linear(t, module.weight)
+    if type(module) in AFFINE:
+        return lambda t: module._conv_forward(t, module.weight, None)
+    if type(module) in NORMS:  # eval mode (``supported``): a per-channel scale once the shift is off
+        scale = torch.rsqrt(module.running_var + module.eps)
+        scale = scale if module.weight is None else scale * module.weight
+        return lambda t: t * scale.view(-1, *[1] * (t.dim() - 2))
+    return None
+
+
+@contextlib.contextmanager
+def _linearized(pattern: Pattern) -> Iterator[None]:
+    """Within: the pattern's model computes J v on rows of directions (laid out (m, B)): each affine
+    leaf runs without its offset and each ReLU call multiplies by the recorded mask of the same call.
+    The leaves' ``forward`` is replaced for the pass, not post-processed by hooks: no offset added and
+    taken off again (which would round a small direction away), and no pass more than a forward's."""
+    rows, calls = len(pattern.inputs), iter(pattern.masks)
+    mismatch = RuntimeError("a linearized pass took another path through the model than its pattern's forward")
+
+    def relu(t: torch.Tensor) -> torch.Tensor:
+        mask, t = next(calls, None), t.unflatten(0, (-1, rows))
+        if mask is None or mask.shape != t.shape[1:]:  # not the recorded forward: never a silent mismatch
+            raise mismatch
+        return (t * mask).flatten(0, 1)
+
+    parts = [(m, f) for m in pattern.model.modules() if (f := _linear_part(m, relu)) is not None]
+    for module, forward in parts:
+        module.forward = forward  # an instance attribute, found before the class's forward
+    try:
+        yield
+        if next(calls, None) is not None:
+            raise mismatch
+    finally:
+        for module, _ in parts:
+            del module.forward
+
+
+def jvp_at(pattern: Pattern, tangents: torch.Tensor) -> torch.Tensor:
+    """(m, B, *S) tangents at the pattern's B rows -> (B, K, m) J_b t_jb in one forward over the m B
+    direction rows alone."""
     m, b = tangents.shape[:2]
-    norms = tangents.flatten(2).norm(dim=2).clamp_min(1e-30) / math.sqrt(inputs[0].numel())  # (m, B)
-    unit = tangents / norms.view(m, b, *[1] * (tangents.dim() - 2))
-    with _linearizing(model, b):
-        out = model(torch.cat([inputs, unit.flatten(0, 1)]))
-    return (out[b:].unflatten(0, (m, b)) * norms[..., None]).permute(1, 2, 0)
+    with _linearized(pattern):
+        out = pattern.model(tangents.flatten(0, 1))
+    return out.unflatten(0, (m, b)).permute(1, 2, 0)
+
+
+def jvp_rows(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor | None:
+    """(B, *S) inputs, (m, B, *S) tangents -> (B, K, m) J_b t_jb: a forward over the B rows for their
+    pattern, then ``jvp_at``; or None where ``model`` (as it is now, eval mode) is not ``supported``:
+    the caller then takes forward mode."""
+    with recording(model) as pattern, torch.no_grad():
+        if pattern is None:  # checked here only: the one walk over the modules a call pays
+            return None
+        model(inputs)
+    return jvp_at(pattern, tangents)

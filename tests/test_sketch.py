@@ -297,6 +297,78 @@ def test_linearized_products_are_forward_mode_products_for_every_model_that_allo
     torch.testing.assert_close(directional_derivatives(model, x, t), exact, rtol=1e-9, atol=1e-18)
 
 
+@pytest.mark.parametrize("name", LINEAR_GLUE)
+def test_products_at_a_recorded_pattern_are_forward_mode_products(name):
+    """The pattern recorded in the true class's map's own forward (with autograd, as the sketch runs
+    it) linearizes the direction rows as a forward of x would: no forward of x of their own."""
+    from tests.test_registry import input_shape_for
+
+    shape = input_shape_for(name)
+    torch.manual_seed(0)
+    model = build_model(name, {}, shape, K).double()
+    model(torch.randn(16, *shape, dtype=torch.float64) + 0.5)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, *shape, dtype=torch.float64, generator=g), torch.randn(4, 3, *shape, dtype=torch.float64, generator=g)
+    with linearized.recording(model) as pattern:
+        attribution_mod.label_gradients(model, x, torch.tensor([0, 1, 2]))
+    exact = directional_derivatives(model, x, t, linearize=False)
+    torch.testing.assert_close(directional_derivatives(model, x, t, pattern=pattern), exact, rtol=1e-9, atol=1e-18)
+    torch.testing.assert_close(linearized.jvp_at(pattern, t), exact, rtol=1e-9, atol=1e-18)
+
+
+def test_a_pattern_is_used_only_at_its_own_inputs_and_model():
+    """Other inputs, another model or two recorded forwards: the products take their own forward,
+    and are still exact."""
+    model, x, y = model_and_inputs("mlp")
+    model.eval()
+    other = x + 1.0
+    t = torch.randn(2, *x.shape, dtype=x.dtype)
+    with linearized.recording(model) as pattern:
+        model(x)
+    assert pattern.holds_for(model, x.clone()) and not pattern.holds_for(model, other)
+    assert not pattern.holds_for(model_and_inputs("mlp")[0], x)
+    exact = directional_derivatives(model, other, t, linearize=False)
+    torch.testing.assert_close(directional_derivatives(model, other, t, pattern=pattern), exact, rtol=1e-9, atol=1e-15)
+    with linearized.recording(model) as twice:
+        model(x), model(x)
+    assert not twice.holds_for(model, x)
+    with linearized.recording(_ReluInForward(True)) as none:
+        assert none is None  # not supported: nothing recorded
+
+
+class _BranchOnRows(torch.nn.Module):
+    """Glue whose ReLU calls depend on the number of rows: a wrong declaration the pass must catch."""
+
+    linear_glue = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = torch.nn.Linear(40, 16), torch.nn.ReLU(), torch.nn.Linear(16, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x.flatten(1)))
+        return self.b(self.act(h) if len(x) < 8 else h)
+
+
+def test_a_pass_that_leaves_its_patterns_path_fails_loudly():
+    model, x = _BranchOnRows().double(), torch.randn(4, 1, 40, dtype=torch.float64)
+    with linearized.recording(model) as pattern:
+        model(x)
+    with pytest.raises(RuntimeError, match="another path"):
+        linearized.jvp_at(pattern, torch.randn(3, *x.shape, dtype=x.dtype))
+
+
+def test_the_sketch_runs_two_forwards_a_step_on_a_linearized_model():
+    """The true class's map's forward (which records x's pattern), then one over the m + 1 direction
+    rows: x is not run through the model a second time."""
+    model, x, y = model_and_inputs("cnn1d")
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    sketched_similarity(model, EXPLANATIONS.build("saliency"), x, y, 4, centre=False, eval_mode=True, ctx=ctx())
+    assert rows == [len(x), 5 * len(x)]
+
+
 def test_which_models_are_linearized():
     """The MNIST-1D models are; the image zoo is not (a torch.relu in its blocks' forward), so its
     products come from torch.func.jvp."""

@@ -16,7 +16,8 @@ default, so one sample's explanation never depends on the rest of the batch
 statistics are not updated by the extra pass.
 
 ``sketch`` = m > 0 replaces the K backward passes of a gradient source (saliency,
-grad_input) by one backward and m + 1 forward-mode products. Cosine and Pearson depend on
+grad_input) by one backward and m + 1 forward-mode products (for a piecewise-linear model, one
+forward over the m + 1 direction rows, at the activation pattern recorded in E_y's forward). Cosine and Pearson depend on
 the maps only through their per-sample (K, K) Gram matrix G = E E^T, and with m Rademacher
 directions V (D x m), P = E V (= J V for saliency: m JVPs, about one forward each whatever
 K is) gives the unbiased sketch G ≈ P P^T / m (``sketch``, ``gram``; Johnson & Lindenstrauss
@@ -50,6 +51,7 @@ from torch import nn
 from kdablate.components.context import Component, MergedSeeds, Need, Probe, StackSeat, StateDict, TargetContext
 from kdablate.components.memo import STATE_KEYS as MEMO_STATE, RowMemo, row_keys
 from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
+from kdablate import linearized
 from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions, linearization_holds
 from kdablate.registry import ConfigError
 
@@ -114,19 +116,22 @@ def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Ten
     |P E_c|^2): the error is in the part orthogonal to E_y alone, so the classes most like y (the
     ones a softmax at a small tau weighs) come out nearly exact, and |s_c| <= 1 by construction."""
     with explaining_mode(model, eval_mode):
-        e_y = source.attribute_labels(model, inputs, labels, ctx=ctx)  # (B, *shape)
+        with linearized.recording(model) as pattern:  # x's activation pattern, from E_y's forward
+            e_y = source.attribute_labels(model, inputs, labels, ctx=ctx)  # (B, *shape)
         if centre:
             e_y = e_y - e_y.mean(dim=tuple(range(1, e_y.dim())), keepdim=True)
         if not ctx.create_graph:
             e_y = e_y.detach()
         v = directions(inputs, m, ctx, centre)  # (m, B, *shape)
-        p = source.project(model, inputs, torch.cat([e_y[None], v]), ctx=ctx)  # (B, K, m + 1)
+        both = torch.cat([e_y[None], v])
+        p = source.project(model, inputs, both, ctx=dataclasses.replace(ctx, pattern=pattern))  # (B, K, m + 1)
+    p = p.permute(2, 0, 1)  # (m + 1, B, K): the products' own layout, contiguous (x1.5 faster below)
     norm = e_y.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,) |E_y|
-    a = p[:, :, 0] / norm[:, None]  # (B, K) <E_c, u>, |E_y| at y
+    a = p[0] / norm[:, None]  # (B, K) <E_c, u>, |E_y| at y
     # <E_c, P v_j> = <E_c, v_j> - a_c <v_j, u>: the projection applied after the products, with u
     # live, so that a differentiable sketch (create_graph) also differentiates through u = E_y / |E_y|.
-    vu = (v.flatten(2) * e_y.flatten(1)).sum(2).t() / norm[:, None]  # (B, m) <v_j, u>
-    rest = (p[:, :, 1:] - a[:, :, None] * vu[:, None, :]).pow(2).mean(2)  # (B, K) ~ |P E_c|^2, 0 at y
+    vu = (v.flatten(2) * e_y.flatten(1)).sum(2) / norm  # (m, B) <v_j, u>
+    rest = (p[1:] - a * vu[:, :, None]).square().mean(0)  # (B, K) ~ |P E_c|^2, 0 at y
     return a / (a.square() + rest.scatter(1, labels[:, None], 0.0)).clamp_min(1e-24).sqrt()
 
 
