@@ -13,10 +13,11 @@ every op. ``jvp_rows`` runs the pattern's forward itself, for callers that have 
 
 Only networks whose every module is known are linearized (``supported``): leaf modules of the
 exact types below, and containers whose own ``forward`` is linear glue, which is
-``nn.Sequential`` or a class that declares ``linear_glue = True`` itself. A ``torch.relu``
-written in a ``forward`` would be invisible to the hooks, so an undeclared container is refused
-(the CIFAR ResNets' blocks), and the explanation structure's load-time check compares the two
-paths on the first training inputs, so a wrong declaration fails before any cell trains.
+``nn.Sequential`` or a class whose ``forward`` is declared ``linear_glue = True``
+(``declares_glue``). A ``torch.relu`` written in a ``forward`` would be invisible to the pass,
+so an undeclared container is refused (the zoo's MobileNetV2 and ShuffleNets; VGG for its max
+pooling), and the explanation structure's load-time check compares the two paths on the first
+training inputs, so a wrong declaration fails before any cell trains.
 """
 from __future__ import annotations
 
@@ -47,7 +48,19 @@ def _known(module: nn.Module) -> bool:
         return module.track_running_stats and not module.training
     # Glue owns no tensors: a parameter its forward added would be an offset the pass keeps.
     owns = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
-    return vars(kind).get("linear_glue", False) is True and not owns
+    return declares_glue(kind) and not owns
+
+
+def declares_glue(kind: type) -> bool:
+    """Whether ``kind``'s ``forward`` is declared linear glue: the nearest ``linear_glue`` in its MRO,
+    looking no further up than the class that writes that ``forward``, so a subclass inherits the
+    declaration with the forward (or makes one for it), and loses it by writing a forward of its own."""
+    for c in kind.__mro__:
+        if "linear_glue" in vars(c):
+            return vars(c)["linear_glue"] is True
+        if "forward" in vars(c):
+            return False
+    return False
 
 
 def supported(model: nn.Module) -> bool:
@@ -87,7 +100,8 @@ def recording(model: nn.Module) -> Iterator[Pattern | None]:
     def relu(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         pattern.masks.append((args[0].detach() > 0).to(out.dtype))  # torch's own ReLU derivative: 1 where x > 0
 
-    hooks = [model.register_forward_hook(top)] + [m.register_forward_hook(relu) for m in model.modules() if type(m) is nn.ReLU]
+    relus = [m for m in model.modules() if type(m) is nn.ReLU]
+    hooks = [model.register_forward_hook(top)] + [m.register_forward_hook(relu) for m in relus]
     try:
         yield pattern
     finally:

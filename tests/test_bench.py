@@ -51,6 +51,8 @@ def test_quick_bench_reports_every_row(quick_record):
         expected = set(EXPLANATIONS.names()) - (offline if "ResNet" in setting else set())
         assert {f"il {src} step vs CE step" for src in expected} <= sources
     assert ("compute", "ResNet-20 step GFLOP/s / conv peak") in names
+    for section in ("IL sketch, mlp, MNIST-1D-shaped", "IL sketch, cnn1d, MNIST-1D-shaped", "IL sketch, resnet20, 32x32x3"):
+        assert (section, "saliency step vs CE step, K = 100, sketch m = 4") in names, section
     assert sum(s == "levers" for s, _ in names) == 4
     assert quick_record["machine"]["torch"] == torch.__version__
 

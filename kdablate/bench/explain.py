@@ -14,8 +14,9 @@ on one core) and the fractional schedules.
 Sketched saliency (``sketch`` = m in the explanation structure: m forward-mode products
 instead of K backward passes; Johnson & Lindenstrauss 1984, Achlioptas 2003, Woodruff 2014):
 ``sketch_rows`` times the saliency IL step, exact and sketched at m = ``SKETCH``, as a multiple
-of a CE step at K = 10 and K = 100 on MNIST-1D-shaped inputs, for the MLP and the 1-D CNN.
-Target: sketched at K = 100 <= x3.0. ``sketch_agreement`` measures how well the sketch keeps
+of a CE step: the MLP at K = 10 and 100 and the 1-D CNN at K = 100 on MNIST-1D-shaped inputs,
+and ResNet-20 at K = 100 on 32x32x3 images (sketched only: its exact step is K backward passes,
+seconds on a CPU). Target: sketched at K = 100 <= x3.0. ``sketch_agreement`` measures how well the sketch keeps
 the exact class-similarity ranking (Spearman), the table behind the choice of ``SKETCH``:
 ``python -m kdablate.bench.explain`` prints it.
 """
@@ -102,34 +103,42 @@ def explanation_rows(setting: Setting, scale: Scale) -> list[Row]:
     return rows
 
 
-def sketch_rows(student: str, scale: Scale, ks: tuple[int, ...] = (10, 100), m: int = SKETCH) -> list[Row]:
-    """Per K: the saliency IL step, exact and sketched with m directions, as a multiple of a CE step,
-    on MNIST-1D-shaped inputs; target: sketched at K = 100 <= x``SKETCH_TARGET``."""
+def sketch_rows(student: str, scale: Scale, ks: tuple[int, ...] = (10, 100), m: int = SKETCH,
+                exact: bool = True) -> list[Row]:
+    """Per K: the saliency IL step, exact (if ``exact``) and sketched with m directions, as a multiple
+    of a CE step, on inputs of the student's data shape (MNIST-1D or 32x32x3 images); target:
+    sketched at K = 100 <= x``SKETCH_TARGET``."""
     il = dict(mass={"name": "constant", "eps": 0.2}, temperature=4.0, alpha=0.9)
-    optim = OptimConfig(epochs=1000, batch_size=scale.batch)
+    setting = RESNET if student == RESNET.student else DEFAULT
+    shape, batch = shape_of(setting, scale), scale.batch // 2 if setting.images else scale.batch
+    optim = OptimConfig(epochs=1000, batch_size=batch)
     # An MLP step is milliseconds: CYCLE steps a call; a CNN saliency step at K = 100 is seconds: one.
     rounds, per_call = (scale.rounds, CYCLE) if student == "mlp" else (scale.il_rounds + 1, 1)
     rows = []
     for k in ks:
-        data = synthetic(k, (1, 40), 4 * scale.batch)
+        data = synthetic(k, shape, 4 * batch)
         arms = {"ce": KnowledgeConfig(), "exact": KnowledgeConfig(structure={"name": "explanation"}, **il),
                 "sketch": KnowledgeConfig(structure={"name": "explanation", "sketch": m}, **il)}
-        fns = {name: steps_fn(make_member(ModelSpec(name=student), data, optim, cfg, 0, 4), data, scale.batch)
+        arms = arms if exact else {n: c for n, c in arms.items() if n != "exact"}
+        fns = {name: steps_fn(make_member(ModelSpec(name=student), data, optim, cfg, 0, 4), data, batch)
                for name, cfg in arms.items()}
         times = interleave({name: lambda fn=fn: fn(per_call) for name, fn in fns.items()}, rounds)
-        ce_ms = 1000 * median(times["ce"]) / per_call
-        for arm, what in (("exact", "exact"), ("sketch", f"sketch m = {m}")):
+        note = f"CE step {1000 * median(times['ce']) / per_call:.3g} ms"
+        for i, arm in enumerate(a for a in ("exact", "sketch") if a in arms):
             r = ratio(times, arm, "ce")
             target, ok = (f"≤ {SKETCH_TARGET:.2f}", r <= SKETCH_TARGET) if arm == "sketch" and k == max(ks) \
                 else ("reported", None)
-            rows.append(Row(f"IL sketch, {student}, MNIST-1D-shaped", f"saliency step vs CE step, K = {k}, {what}",
-                            r, "x", target, ok, f"CE step {ce_ms:.3g} ms" if arm == "exact" else ""))
+            what = "exact" if arm == "exact" else f"sketch m = {m}"
+            rows.append(Row(f"IL sketch, {student}, {'32x32x3' if setting.images else 'MNIST-1D-shaped'}",
+                            f"saliency step vs CE step, K = {k}, {what}", r, "x", target, ok,
+                            "" if i else note))
     return rows
 
 
 def all_rows(scale: Scale) -> list[Row]:
     return (explanation_rows(DEFAULT, scale) + explanation_rows(RESNET, scale)
-            + sketch_rows("mlp", scale) + sketch_rows("cnn1d", scale))
+            + sketch_rows("mlp", scale) + sketch_rows("cnn1d", scale, (100,))
+            + sketch_rows("resnet20", scale, (100,), exact=False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,6 +81,7 @@ class _GapNet(nn.Module):
 
     features: nn.Module
     head: nn.Linear
+    linear_glue = True  # forward composes its modules and a mean (``kdablate.linearized``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
@@ -90,15 +91,18 @@ class _GapNet(nn.Module):
 
 
 class _BasicBlock(nn.Module):
+    linear_glue = True  # its modules, a sum and its ReLU module (``kdablate.linearized``)
+
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(_conv_bn(c_in, c_out, 3, stride), _conv_bn(c_out, c_out, 3, relu=False))
         # Projection shortcut ("option B"), as in CRD, rather than He et al.'s zero padding.
         same = stride == 1 and c_in == c_out
         self.shortcut = nn.Identity() if same else _conv_bn(c_in, c_out, 1, stride, relu=False)
+        self.act = nn.ReLU()  # a module, not torch.relu: the linearized pass masks it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        return self.act(self.body(x) + self.shortcut(x))
 
 
 class _CifarResNet(_GapNet):
@@ -178,6 +182,8 @@ class ResNet32x4(_CifarResNet):
 class _Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (carrying the stride), 1x1 expand to ``4 * planes``; projection shortcut."""
 
+    linear_glue = True  # its modules, a sum and its ReLU module (``kdablate.linearized``)
+
     def __init__(self, c_in: int, planes: int, stride: int) -> None:
         super().__init__()
         c_out = 4 * planes
@@ -188,10 +194,11 @@ class _Bottleneck(nn.Module):
         )
         same = stride == 1 and c_in == c_out
         self.shortcut = nn.Identity() if same else _conv_bn(c_in, c_out, 1, stride, relu=False)
+        self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c_in, H, W) -> (B, 4 * planes, H / stride, W / stride)."""
-        return torch.relu(self.body(x) + self.shortcut(x))
+        return self.act(self.body(x) + self.shortcut(x))
 
 
 @MODELS.register("resnet50")
@@ -225,6 +232,8 @@ class ResNet50(_GapNet):
 
 class _WideBlock(nn.Module):
     """Pre-activation block; a projection shortcut reads the activated input, as in WRN."""
+
+    linear_glue = True  # its modules and a sum (``kdablate.linearized``)
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
