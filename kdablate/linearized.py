@@ -52,14 +52,15 @@ def _known(module: nn.Module) -> bool:
 
 
 def declares_glue(kind: type) -> bool:
-    """Whether ``kind``'s ``forward`` is declared linear glue: the nearest ``linear_glue`` in its MRO,
-    looking no further up than the class that writes that ``forward``, so a subclass inherits the
-    declaration with the forward (or makes one for it), and loses it by writing a forward of its own."""
+    """Whether ``kind``'s ``forward`` is declared linear glue: the nearest ``linear_glue`` among the
+    class that writes that ``forward`` and its subclasses in ``kind``'s MRO. So a subclass inherits
+    the declaration with the forward (or makes one for it) and loses it by writing a forward of its
+    own, and a mixin that declares it cannot vouch for a forward it does not derive from. A method
+    the forward calls is part of it: a subclass that overrides one must restate the declaration."""
+    owner = next((c for c in kind.__mro__ if "forward" in vars(c)), None)
     for c in kind.__mro__:
-        if "linear_glue" in vars(c):
+        if owner is not None and issubclass(c, owner) and "linear_glue" in vars(c):
             return vars(c)["linear_glue"] is True
-        if "forward" in vars(c):
-            return False
     return False
 
 
@@ -68,40 +69,64 @@ def supported(model: nn.Module) -> bool:
     return all(_known(m) for m in model.modules())
 
 
+def _state(model: nn.Module) -> tuple:
+    """What a pattern depends on beyond the inputs: the mode, and each weight and buffer by identity
+    and version (an optimiser step or a load bumps the version)."""
+    return model.training, tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
 class Pattern:
     """The activation pattern of one forward of ``model`` over B rows: each ReLU call's mask, in call
-    order (a ReLU module called twice gives two), and the rows it was taken at, so that a later
-    pass over directions is linearized at exactly those rows or not at all (``jvp_at``)."""
+    order (a ReLU module called twice gives two), the rows it was taken at and the model's state, so
+    that a later pass over directions is linearized at exactly those rows or not at all (``jvp_at``).
+    ``linear`` is False where the model is not ``supported``: nothing is recorded, and the products
+    go to forward mode without asking again. Use it within the step that recorded it."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model, self.masks, self.calls = model, [], 0
+        modules = list(model.modules())  # the one walk: whether it is supported, and its leaves
+        self.model, self.linear = model, all(_known(m) for m in modules)
+        self.leaves = [m for m in modules if type(m) in AFFINE or type(m) in NORMS or type(m) is nn.ReLU]
+        self.masks: list[torch.Tensor] = []
+        self.calls, self.depth, self.version = 0, 0, -1
         self.inputs: torch.Tensor | None = None
+        self.state = _state(model) if self.linear else ()
 
     def holds_for(self, model: nn.Module, inputs: torch.Tensor) -> bool:
-        """Whether this is ``model``'s pattern at ``inputs``: one recorded forward, of these very rows."""
-        return (model is self.model and self.calls == 1 and self.inputs is not None
-                and self.inputs.shape == inputs.shape and torch.equal(self.inputs, inputs.detach()))
+        """Whether this is ``model``'s pattern at ``inputs``, as they are now: one recorded forward of
+        these very rows, neither they nor the model changed since."""
+        x = self.inputs
+        return (self.linear and model is self.model and self.calls == 1 and x is not None
+                and x._version == self.version and x.shape == inputs.shape and torch.equal(x, inputs.detach())
+                and _state(model) == self.state)
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module) -> Iterator[Pattern | None]:
-    """Within: the forwards of ``model`` record its ``Pattern`` (yielded), or None where ``model`` is not
-    ``supported``. The forward itself is left as it is (the hooks only read), so the pattern comes
-    free with a forward the caller needs anyway, such as the true class's map's."""
-    if not supported(model):
-        yield None
-        return
+def recording(model: nn.Module) -> Iterator[Pattern]:
+    """Within: the forwards of ``model`` record its ``Pattern`` (yielded; ``linear`` False, and nothing
+    recorded, where ``model`` is not ``supported``). The forward itself is left as it is (the hooks
+    only read), so the pattern comes free with a forward the caller needs anyway, such as the true
+    class's map's. Only ReLU calls inside a call of ``model`` itself count."""
     pattern = Pattern(model)
+    if not pattern.linear:
+        yield pattern
+        return
 
-    def top(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        pattern.calls += 1
-        pattern.inputs = args[0].detach()
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pattern.depth += 1
+
+    def leave(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        pattern.depth, pattern.calls = pattern.depth - 1, pattern.calls + 1
+        x = args[0] if args else None
+        pattern.inputs = x.detach() if isinstance(x, torch.Tensor) else None
+        pattern.version = x._version if isinstance(x, torch.Tensor) else -1
 
     def relu(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        pattern.masks.append((args[0].detach() > 0).to(out.dtype))  # torch's own ReLU derivative: 1 where x > 0
+        if pattern.depth:
+            pattern.masks.append(args[0].detach() > 0)  # torch's own ReLU derivative: 1 where x > 0
 
-    relus = [m for m in model.modules() if type(m) is nn.ReLU]
-    hooks = [model.register_forward_hook(top)] + [m.register_forward_hook(relu) for m in relus]
+    hooks = [model.register_forward_pre_hook(enter, with_kwargs=True),
+             model.register_forward_hook(leave, with_kwargs=True)]
+    hooks += [m.register_forward_hook(relu) for m in pattern.leaves if type(m) is nn.ReLU]
     try:
         yield pattern
     finally:
@@ -138,9 +163,9 @@ def _linearized(pattern: Pattern) -> Iterator[None]:
         mask, t = next(calls, None), t.unflatten(0, (-1, rows))
         if mask is None or mask.shape != t.shape[1:]:  # not the recorded forward: never a silent mismatch
             raise mismatch
-        return (t * mask).flatten(0, 1)
+        return (t * mask.to(t.dtype)).flatten(0, 1)  # bool masks: a quarter of the memory
 
-    parts = [(m, f) for m in pattern.model.modules() if (f := _linear_part(m, relu)) is not None]
+    parts = [(m, f) for m in pattern.leaves if (f := _linear_part(m, relu)) is not None]
     for module, forward in parts:
         module.forward = forward  # an instance attribute, found before the class's forward
     try:
@@ -154,11 +179,17 @@ def _linearized(pattern: Pattern) -> Iterator[None]:
 
 def jvp_at(pattern: Pattern, tangents: torch.Tensor) -> torch.Tensor:
     """(m, B, *S) tangents at the pattern's B rows -> (B, K, m) J_b t_jb in one forward over the m B
-    direction rows alone."""
+    direction rows alone. Each direction runs at norm sqrt(D) and its product is scaled back (J is
+    linear): the true class's map can be ~1e-7 an entry, which half precision would flush to zero."""
+    if tangents.shape[1:] != pattern.inputs.shape:
+        raise ValueError(f"tangents {tuple(tangents.shape)} are not directions at the pattern's rows "
+                         f"{tuple(pattern.inputs.shape)}")
     m, b = tangents.shape[:2]
+    norms = tangents.flatten(2).norm(dim=2).clamp_min(1e-30) * tangents[0, 0].numel() ** -0.5  # (m, B)
+    unit = tangents / norms.view(m, b, *[1] * (tangents.dim() - 2))
     with _linearized(pattern):
-        out = pattern.model(tangents.flatten(0, 1))
-    return out.unflatten(0, (m, b)).permute(1, 2, 0)
+        out = pattern.model(unit.flatten(0, 1))
+    return (out.unflatten(0, (m, b)) * norms[..., None]).permute(1, 2, 0)
 
 
 def jvp_rows(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor | None:
@@ -166,7 +197,7 @@ def jvp_rows(model: nn.Module, inputs: torch.Tensor, tangents: torch.Tensor) -> 
     pattern, then ``jvp_at``; or None where ``model`` (as it is now, eval mode) is not ``supported``:
     the caller then takes forward mode."""
     with recording(model) as pattern, torch.no_grad():
-        if pattern is None:  # checked here only: the one walk over the modules a call pays
+        if not pattern.linear:
             return None
         model(inputs)
     return jvp_at(pattern, tangents)

@@ -322,7 +322,45 @@ def test_a_pattern_is_used_only_at_its_own_inputs_and_model():
         model(x), model(x)
     assert not twice.holds_for(model, x)
     with linearized.recording(_ReluInForward(True)) as none:
-        assert none is None  # not supported: nothing recorded
+        assert not none.linear and not none.holds_for(none.model, x)  # not supported: nothing recorded
+    with pytest.raises(ValueError, match="not directions at the pattern's rows"):
+        linearized.jvp_at(pattern, t[:, :2])
+
+
+def test_a_pattern_no_longer_holds_once_its_inputs_or_model_change():
+    """Inputs edited in place, an optimiser step, a mode switch: each makes the pattern stale."""
+    model, x, _ = model_and_inputs("cnn1d")
+    model.eval()
+
+    def recorded() -> linearized.Pattern:
+        with linearized.recording(model) as pattern:
+            model(x)
+        assert pattern.holds_for(model, x)
+        return pattern
+
+    pattern = recorded()
+    x.mul_(1.0)  # same values, but written: the version says so
+    assert not pattern.holds_for(model, x)
+    pattern = recorded()
+    with torch.no_grad():
+        model.head.weight.add_(0.0)  # as an optimiser step writes it
+    assert not pattern.holds_for(model, x)
+    pattern = recorded()
+    model.train()
+    assert not pattern.holds_for(model, x)
+
+
+def test_only_the_models_own_forward_is_recorded():
+    """A submodule called on its own adds no masks; a call by keyword only records no inputs."""
+    model, x, _ = model_and_inputs("cnn1d")
+    model.eval()
+    with linearized.recording(model) as pattern:
+        model(x)
+        model.features(x)
+    assert pattern.holds_for(model, x) and len(pattern.masks) == sum(type(m) is torch.nn.ReLU for m in model.modules())
+    with linearized.recording(model) as by_name:
+        model(x=x)
+    assert not by_name.holds_for(model, x)
 
 
 class _BranchOnRows(torch.nn.Module):
@@ -451,5 +489,11 @@ def test_a_declaration_goes_with_the_forward_it_is_about():
     class Vouches(Rewrites):
         linear_glue = True
 
-    assert [linearized.declares_glue(c) for c in (Glue, Inherits, Rewrites, Vouches, torch.nn.Module)] == [
-        True, True, False, True, False]
+    class Mixin:  # declares, but for no forward of its own
+        linear_glue = True
+
+    class Mixed(Mixin, Rewrites):
+        pass
+
+    kinds = (Glue, Inherits, Rewrites, Vouches, Mixed, torch.nn.Module)
+    assert [linearized.declares_glue(c) for c in kinds] == [True, True, False, True, False, False]
