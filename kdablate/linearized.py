@@ -42,7 +42,7 @@ def _known(module: nn.Module) -> bool:
         return not module.training
     if kind in AFFINE or kind in PLAIN or kind is nn.Sequential:
         return True
-    if kind is nn.ReLU:  # in place, it would overwrite the input the recording reads its mask from
+    if kind is nn.ReLU:  # in place, it overwrites its input, which a model may still read (no model here needs it)
         return not module.inplace
     if kind in NORMS:  # per row only with running statistics, in eval mode
         return module.track_running_stats and not module.training
@@ -181,9 +181,9 @@ def jvp_at(pattern: Pattern, tangents: torch.Tensor) -> torch.Tensor:
     """(m, B, *S) tangents at the pattern's B rows -> (B, K, m) J_b t_jb in one forward over the m B
     direction rows alone. Each direction runs at norm sqrt(D) and its product is scaled back (J is
     linear): the true class's map can be ~1e-7 an entry, which half precision would flush to zero."""
-    if tangents.shape[1:] != pattern.inputs.shape:
-        raise ValueError(f"tangents {tuple(tangents.shape)} are not directions at the pattern's rows "
-                         f"{tuple(pattern.inputs.shape)}")
+    rows = None if pattern.inputs is None else tuple(pattern.inputs.shape)
+    if not pattern.linear or tangents.shape[1:] != rows:
+        raise ValueError(f"tangents {tuple(tangents.shape)} are not directions at the pattern's rows {rows}")
     m, b = tangents.shape[:2]
     norms = tangents.flatten(2).norm(dim=2).clamp_min(1e-30) * tangents[0, 0].numel() ** -0.5  # (m, B)
     unit = tangents / norms.view(m, b, *[1] * (tangents.dim() - 2))

@@ -16,9 +16,9 @@ instead of K backward passes; Johnson & Lindenstrauss 1984, Achlioptas 2003, Woo
 ``sketch_rows`` times the saliency IL step, exact and sketched at m = ``SKETCH``, as a multiple
 of a CE step: the MLP at K = 10 and 100 and the 1-D CNN at K = 100 on MNIST-1D-shaped inputs,
 and ResNet-20 at K = 100 on 32x32x3 images (sketched only: its exact step is K backward passes,
-seconds on a CPU). Target: sketched at K = 100 <= x3.0. ``sketch_agreement`` measures how well the sketch keeps
-the exact class-similarity ranking (Spearman), the table behind the choice of ``SKETCH``:
-``python -m kdablate.bench.explain`` prints it.
+seconds on a CPU). Target: sketched at K = 100 <= x3.0. ``sketch_agreement`` measures how well
+the sketch keeps the exact class-similarity ranking (Spearman), the table behind the choice of
+``SKETCH``: ``python -m kdablate.bench.explain`` prints it.
 """
 from __future__ import annotations
 

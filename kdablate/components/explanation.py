@@ -18,9 +18,10 @@ statistics are not updated by the extra pass.
 ``sketch`` = m > 0 replaces the K backward passes of a gradient source (saliency,
 grad_input) by one backward and m + 1 forward-mode products (for a piecewise-linear model, one
 forward over the m + 1 direction rows, at the activation pattern recorded in E_y's forward).
-Cosine and Pearson depend on the maps only through their per-sample (K, K) Gram matrix G = E E^T, and with m Rademacher
-directions V (D x m), P = E V (= J V for saliency: m JVPs, about one forward each whatever
-K is) gives the unbiased sketch G ≈ P P^T / m (``sketch``, ``gram``; Johnson & Lindenstrauss
+Cosine and Pearson depend on the maps only through their per-sample (K, K) Gram matrix
+G = E E^T, and with m Rademacher directions V (D x m), P = E V (= J V for saliency: m JVPs,
+about one forward each whatever K is) gives the unbiased sketch G ≈ P P^T / m (``sketch``,
+``gram``; Johnson & Lindenstrauss
 1984; Achlioptas 2003; Halko, Martinsson & Tropp 2011; Woodruff 2014, *Sketching as a Tool
 for Numerical Linear Algebra*). The structure needs only s_c = G_yc / sqrt(G_yy G_cc):
 ``sketched_similarity`` takes the row G_y. = E E_y exactly (E_y from one backward pass,
