@@ -75,9 +75,14 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def _store_state(db: Path) -> str:
-    """'ok', 'empty' (half-made, no runs: safe to recreate) or 'runs' (half-made with runs)."""
+    """'ok', 'empty' (half-made, no runs: safe to recreate) or 'runs' (half-made with runs).
+
+    Opened for writing: a process killed mid-transaction leaves a hot journal, which SQLite rolls
+    back on the next connection that may write; a read-only one fails ("attempt to write a readonly
+    database"), and a whole store would be taken for a damaged one. A store that stays locked is
+    being written by another process: whole, as far as this check can tell (MLflow's calls retry)."""
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)
         try:
             tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
             done = "alembic_version" in tables and con.execute("select count(*) from alembic_version").fetchone()[0]
@@ -86,7 +91,9 @@ def _store_state(db: Path) -> str:
             return "runs" if "runs" in tables and con.execute("select count(*) from runs").fetchone()[0] else "empty"
         finally:
             con.close()
-    except sqlite3.DatabaseError:
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            return "ok"
         return "empty" if db.stat().st_size == 0 else "runs"
 
 

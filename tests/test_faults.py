@@ -70,6 +70,36 @@ def test_a_half_made_store_with_runs_is_refused_not_overwritten(tmp_path):
     assert sqlite3.connect(db).execute("select count(*) from runs").fetchone()[0] == 1
 
 
+_WRITER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("pragma cache_size = 10")  # a tiny cache: the transaction's pages spill into the file
+con.execute("begin immediate")
+for i in range(20000):
+    con.execute("insert into tags (key, value, run_uuid) values (?, ?, ?)", (f"k{i}", "v" * 100, "none"))
+print("in transaction", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_store_killed_mid_transaction_is_rolled_back_not_refused(tmp_path):
+    """kill -9 inside a write leaves a hot journal; the next client rolls it back and goes on
+    (a read-only check once took it for a damaged store and refused the rerun)."""
+    db = tmp_path / "mlruns.db"
+    client = tracking.client(f"sqlite:///{db}")
+    exp = tracking.experiment_id(client, "x")
+    run = client.create_run(exp).info.run_id
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(db)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "in transaction"
+    writer.kill()
+    writer.wait()
+    assert Path(f"{db}-journal").stat().st_size > 0  # hot: the kill left it behind
+    again = tracking.client(f"sqlite:///{db}")
+    assert again.get_run(run).info.run_id == run
+    assert not again.get_run(run).data.tags.get("k0")  # the killed transaction is gone
+    assert sqlite3.connect(db).execute("select count(*) from tags where run_uuid = 'none'").fetchone()[0] == 0
+
+
 @pytest.mark.parametrize("damage", ["truncate", "zero", "garbage"])
 def test_a_damaged_teacher_cache_is_retrained_with_a_message(tmp_path, capsys, damage):
     cell = next(c for c in load_study(ROOT / "studies" / "smoke.yaml").cells if c.arm == "teacher+teacher")
