@@ -95,9 +95,12 @@ class Pattern:
         """Whether this is ``model``'s pattern at ``inputs``, as they are now: one recorded forward of
         these very rows, neither they nor the model changed since."""
         x = self.inputs
-        return (self.linear and model is self.model and self.calls == 1 and x is not None
-                and x._version == self.version and x.shape == inputs.shape and torch.equal(x, inputs.detach())
-                and _state(model) == self.state)
+        if not (self.linear and model is self.model and self.calls == 1 and x is not None
+                and x._version == self.version and x.shape == inputs.shape and _state(model) == self.state):
+            return False
+        # The same memory, unwritten since (the version): equal without reading it (~70 us on a CPU).
+        same = x.data_ptr() == inputs.data_ptr() and x.stride() == inputs.stride() and x.dtype == inputs.dtype
+        return same or torch.equal(x, inputs.detach())
 
 
 @contextlib.contextmanager
