@@ -64,9 +64,16 @@ def declares_glue(kind: type) -> bool:
     return False
 
 
+def _walk(model: nn.Module) -> tuple[bool, list[nn.Module]]:
+    """One walk over ``model``: whether every module is known, and the leaves a linearized pass replaces."""
+    modules = list(model.modules())
+    leaves = [m for m in modules if type(m) in AFFINE or type(m) in NORMS or type(m) is nn.ReLU]
+    return all(_known(m) for m in modules), leaves
+
+
 def supported(model: nn.Module) -> bool:
     """Whether ``jvp_rows`` holds for ``model`` as it is now (eval mode): every module known."""
-    return all(_known(m) for m in model.modules())
+    return _walk(model)[0]
 
 
 def _state(model: nn.Module) -> tuple:
@@ -83,9 +90,8 @@ class Pattern:
     go to forward mode without asking again. Use it within the step that recorded it."""
 
     def __init__(self, model: nn.Module) -> None:
-        modules = list(model.modules())  # the one walk: whether it is supported, and its leaves
-        self.model, self.linear = model, all(_known(m) for m in modules)
-        self.leaves = [m for m in modules if type(m) in AFFINE or type(m) in NORMS or type(m) is nn.ReLU]
+        self.model = model
+        self.linear, self.leaves = _walk(model)
         self.masks: list[torch.Tensor] = []
         self.calls, self.depth, self.version = 0, 0, -1
         self.inputs: torch.Tensor | None = None

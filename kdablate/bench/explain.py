@@ -117,14 +117,14 @@ def sketch_rows(student: str, scale: Scale, ks: tuple[int, ...] = (10, 100), m: 
     rows = []
     for k in ks:
         data = synthetic(k, shape, 4 * batch)
-        arms = {"ce": KnowledgeConfig(), "exact": KnowledgeConfig(structure={"name": "explanation"}, **il),
+        arms = {"ce": KnowledgeConfig(),
+                **({"exact": KnowledgeConfig(structure={"name": "explanation"}, **il)} if exact else {}),
                 "sketch": KnowledgeConfig(structure={"name": "explanation", "sketch": m}, **il)}
-        arms = arms if exact else {n: c for n, c in arms.items() if n != "exact"}
         fns = {name: steps_fn(make_member(ModelSpec(name=student), data, optim, cfg, 0, 4), data, batch)
                for name, cfg in arms.items()}
         times = interleave({name: lambda fn=fn: fn(per_call) for name, fn in fns.items()}, rounds)
         note = f"CE step {1000 * median(times['ce']) / per_call:.3g} ms"
-        for i, arm in enumerate(a for a in ("exact", "sketch") if a in arms):
+        for i, arm in enumerate(a for a in arms if a != "ce"):
             r = ratio(times, arm, "ce")
             target, ok = (f"≤ {SKETCH_TARGET:.2f}", r <= SKETCH_TARGET) if arm == "sketch" and k == max(ks) \
                 else ("reported", None)

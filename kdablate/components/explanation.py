@@ -124,8 +124,8 @@ def sketched_similarity(model: nn.Module, source: Explanation, inputs: torch.Ten
         if not ctx.create_graph:
             e_y = e_y.detach()
         v = directions(inputs, m, ctx, centre)  # (m, B, *shape)
-        both = torch.cat([e_y[None], v])
-        p = source.project(model, inputs, both, ctx=dataclasses.replace(ctx, pattern=pattern))  # (B, K, m + 1)
+        at_x = dataclasses.replace(ctx, pattern=pattern)
+        p = source.project(model, inputs, torch.cat([e_y[None], v]), ctx=at_x)  # (B, K, m + 1)
     p = p.permute(2, 0, 1)  # (m + 1, B, K): the products' own layout, contiguous (x1.5 faster below)
     norm = e_y.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,) |E_y|
     a = p[0] / norm[:, None]  # (B, K) <E_c, u>, |E_y| at y
