@@ -14,15 +14,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from typing import Callable
 
 import torch
 from torch import nn
 
 from kdablate.components import Need
 from kdablate.components.context import Probe
-from kdablate.config import CellConfig, KnowledgeConfig, ModelSpec
+from kdablate.config import CellConfig, DataSpec, KnowledgeConfig, ModelSpec, TeacherConfig
 from kdablate.data import DataShape, describe_dataset
 from kdablate.models import build_model
+from kdablate.models.checkpoint import checkpoint_digest, fit_state_dict, read_checkpoint
+from kdablate.models.ensemble import Ensemble
+from kdablate.saved import SavedModel, read_saved, saved_mismatch
 from kdablate.objectives import build_objective
 from kdablate.registry import ConfigError
 
@@ -98,8 +102,7 @@ def check_cell(cell: CellConfig, blame: dict[str, str]) -> None:
     except Exception as e:  # noqa: BLE001 - unreadable data is the study's error, not a traceback
         raise CellCheckError(blame["data"], str(e).splitlines()[0][:300] if str(e) else type(e).__name__) from None
     batches = [("optim.batch_size", cell.optim.batch_size)]
-    if cell.teacher is not None:
-        batches.append(("teacher.optim.batch_size", cell.teacher.optim.batch_size))
+    batches += [("teacher.optim.batch_size", m.optim.batch_size) for m in cell.teachers() if m.source == "trained"]
     for path, size in batches:
         if size > facts.shape.n_train:
             raise CellCheckError(blame[path], f"batch_size {size} is larger than the {facts.shape.n_train} training "
@@ -107,10 +110,78 @@ def check_cell(cell: CellConfig, blame: dict[str, str]) -> None:
     models = {"self": fitted_model(cell.student, facts, blame["student"])}
     names = {"self": cell.student.name}
     if cell.teacher is not None:
-        models["teacher"] = fitted_model(cell.teacher.model, facts, blame["teacher"])
-        names["teacher"] = cell.teacher.model.name
+        models["teacher"], names["teacher"] = teacher_probe(cell, facts, blame)
     check_knowledge(cell.knowledge, facts, Probe(facts.inputs, facts.num_classes, models, names), blame["knowledge"],
                     has_teacher=cell.teacher is not None)
+
+
+def teacher_probe(cell: CellConfig, facts: DataFacts, blame: dict[str, str]) -> tuple[nn.Module, str]:
+    """The cell's teacher model, each member checked against its source and the data; an ensemble
+    as one ``Ensemble`` module at the cell's temperature (what its explanations read)."""
+    members = cell.teachers()
+    models = []
+    for i, member in enumerate(members):
+        def field(path: str) -> str:  # base.teacher.checkpoint -> base.teacher[1].checkpoint
+            return blame[path] if len(members) == 1 else blame[path].replace("teacher", f"teacher[{i}]", 1)
+
+        if len(members) > 1 and member.views:
+            raise CellCheckError(field("teacher.views"), "an ensemble's members share no view cache: on augmented "
+                                                         "data the ensemble runs online; set views: 0")
+        models.append(member_model(cell, member, facts, field))
+    if len(models) == 1:
+        return models[0], members[0].model.name
+    return Ensemble(models, cell.knowledge.temperature).eval(), "ensemble"
+
+
+def member_model(cell: CellConfig, member: TeacherConfig, facts: DataFacts, field: Callable[[str], str]) -> nn.Module:
+    """One teacher's model, its weights' source checked (a file, a run) or its own data's split."""
+    try:
+        if member.source == "checkpoint":
+            model = fitted_model(member.model, facts, field("teacher.model"))
+            _checkpoint_fits(member, model, facts.num_classes)
+            return model
+        if member.source == "run":
+            return _saved_model(member.from_run, cell.data, member, facts)
+    except ConfigError as e:
+        raise CellCheckError(field("teacher." + ("checkpoint" if member.checkpoint else "from_run")), str(e)) from None
+    if member.data is not None and not member.data.same_split(cell.data):
+        raise CellCheckError(field("teacher.data"), f"the teacher's data must be the students' dataset with the same "
+                                                    f"validation and test split; only {', '.join(DataSpec.TRAIN_ONLY)} "
+                                                    "may differ, so the teacher never sees their held-out images")
+    return fitted_model(member.model, facts, field("teacher.model"))
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_file(path: str, sha256: str | None, spec_json: str, model: nn.Module, k: int, digest: str) -> None:
+    state, _ = read_checkpoint(path, sha256)
+    spec = json.loads(spec_json)
+    fit_state_dict(model, spec["name"], spec["params"], state, path, k)
+
+
+def _checkpoint_fits(member: TeacherConfig, model: nn.Module, k: int) -> None:
+    """ConfigError unless ``member``'s checkpoint is there, is its sha256's, and fits ``model``; each
+    distinct file (by content) is read once."""
+    path, sha256 = member.checkpoint, member.sha256
+    spec = json.dumps({"name": member.model.name, "params": member.model.params}, sort_keys=True)
+    _checked_file(path, sha256, spec, model, k, checkpoint_digest(path, sha256))
+
+
+@functools.lru_cache(maxsize=32)
+def _saved(run_id: str) -> SavedModel:
+    return read_saved(run_id)
+
+
+def _saved_model(run_id: str, data: DataSpec, member: TeacherConfig, facts: DataFacts) -> nn.Module:
+    """The model run ``run_id`` saved, if it was made for this data (and is the ``model`` named)."""
+    saved = _saved(run_id)
+    why = saved_mismatch(saved.spec, data, facts.input_shape, facts.num_classes)
+    if why is None and "model" in member.model_fields_set and member.model.flat() != {
+            "name": saved.spec["name"], **saved.spec["params"]}:
+        why = (f"it saved a '{saved.spec['name']}', not the teacher.model '{member.model.name}' named here; remove "
+               "teacher.model (the run's spec gives it)")
+    if why:
+        raise ConfigError(f"run {run_id}: {why}")
+    return saved.build()
 
 
 def check_knowledge(knowledge: KnowledgeConfig, facts: DataFacts, probe: Probe, field: str, has_teacher: bool) -> None:

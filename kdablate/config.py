@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
 
 from kdablate.components import MASSES, STRUCTURES, Need
 from kdablate.data import DATASETS
-from kdablate.hashing import stable_hash
+from kdablate.hashing import file_digest, stable_hash
 from kdablate.models import MODELS
 from kdablate.objectives import OBJECTIVES, build_objective
 from kdablate.registry import Registry
@@ -84,6 +84,15 @@ class ModelSpec(PluginSpec):
 
 class DataSpec(PluginSpec):
     registry = DATASETS
+    # Parameters that change only what a model trains on, never the validation or test split.
+    TRAIN_ONLY: ClassVar[tuple[str, ...]] = ("train_subset", "augment")
+
+    def same_split(self, other: "DataSpec") -> bool:
+        """Whether ``other`` is this dataset with the same validation and test split."""
+        def split(d: DataSpec) -> tuple:
+            return d.name, {k: v for k, v in d.params.items() if k not in self.TRAIN_ONLY}
+
+        return split(self) == split(other)
 
 
 class OptimConfig(Frozen):
@@ -105,7 +114,9 @@ class OptimConfig(Frozen):
 
 
 class TeacherConfig(Frozen):
-    """The teacher is trained once per this config (and data), then cached with its logits.
+    """The teacher: trained once per this config (and data) and cached with its logits, or
+    loaded from a weights file (``checkpoint``) or from the student an earlier run saved
+    (``from_run``); nothing trains then.
 
     seed: a fixed seed shares one teacher across student seeds (the usual KD
     protocol); ``null`` pairs each student seed with a teacher of the same seed.
@@ -115,6 +126,13 @@ class TeacherConfig(Frozen):
     min_accuracy: the quality gate. A teacher whose validation accuracy is below it is
     not distilled from: the cells that read it are FAILED with its accuracy. ``null``
     means halfway between chance and perfect, (1 + 1/K) / 2 (0.55 at K = 10).
+    data: the data a trained teacher trains on, when not the students' (all training images
+    for the teacher, ``train_subset`` for the students): the same dataset and the same
+    validation and test split, so the teacher never sees the students' held-out images.
+    checkpoint: a weights file (a state_dict, or one wrapped as {'model' | 'state_dict' |
+    'net': ...}, RepDistiller's and mdistiller's names mapped); sha256: the file's, checked.
+    from_run: the MLflow run id of a ``save_model: true`` cell whose student is the teacher
+    (Born-Again chains); its saved spec gives the model.
     """
 
     model: ModelSpec = ModelSpec(name="cnn1d")
@@ -122,10 +140,46 @@ class TeacherConfig(Frozen):
     seed: Seed | None = 0
     views: Int = Field(0, ge=0)
     min_accuracy: Float | None = Field(None, ge=0, le=1)
+    data: DataSpec | None = None
+    checkpoint: str | None = Field(None, min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    from_run: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if self.checkpoint is not None and self.from_run is not None:
+            raise ValueError("a teacher comes from a checkpoint or from_run, not both; keep one")
+        if self.sha256 is not None and self.checkpoint is None:
+            raise ValueError("sha256 checks a checkpoint file; set checkpoint or remove sha256")
+        if self.data is not None and self.source != "trained":
+            raise ValueError(f"data is what a trained teacher trains on; a {self.source} teacher does not "
+                             "train, so remove teacher.data")
+        return self
+
+    @property
+    def source(self) -> Literal["trained", "checkpoint", "run"]:
+        """Where the weights come from: trained here, a checkpoint file, or an earlier run."""
+        return "checkpoint" if self.checkpoint is not None else "run" if self.from_run is not None else "trained"
 
     def gate(self, num_classes: int) -> float:
         """The validation accuracy this teacher must reach to be used."""
         return (1 + 1 / num_classes) / 2 if self.min_accuracy is None else self.min_accuracy
+
+
+def _teacher_kind(v: Any) -> str:
+    return "ensemble" if isinstance(v, (list, tuple)) else "one"
+
+
+# A teacher or a list of them; the discriminator sends each input to one branch, so an error
+# names the field of the branch the input is (never "not a valid dictionary" for a list).
+TeacherSpec = Annotated[Union[Annotated[TeacherConfig, Tag("one")],
+                              Annotated[tuple[TeacherConfig, ...], Field(min_length=2), Tag("ensemble")]],
+                        Discriminator(_teacher_kind)]
+
+
+def _ensemble(v: Any) -> Any:
+    # `teacher: [spec]` is that one teacher, so an ensemble of one is the very same cell.
+    return v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v
 
 
 class KnowledgeConfig(Frozen):
@@ -160,7 +214,8 @@ class CellConfig(Frozen):
     data: DataSpec = DataSpec(name="mnist1d")
     student: ModelSpec = ModelSpec(name="mlp")
     optim: OptimConfig = OptimConfig()
-    teacher: TeacherConfig | None = TeacherConfig()
+    # One teacher, or an ensemble ([spec, spec, ...]: the mean of the members' probabilities at T).
+    teacher: Annotated[TeacherSpec | None, BeforeValidator(_ensemble)] = TeacherConfig()
     knowledge: KnowledgeConfig = KnowledgeConfig()
     report: Literal["last", "best_val"] = "best_val"
     # Log the reported student's weights (kdablate.saved); what is kept, not what is trained.
@@ -170,23 +225,51 @@ class CellConfig(Frozen):
         """Hash of what differs from the defaults (see ``canonical``), so upgrading kdablate with a
         new field or plugin parameter leaves the hashes of finished cells, and their reuse, intact."""
         fields = canonical(self)
-        # The gate decides whether a cell may run, not what it computes: changing it must not
-        # retrain finished cells.
-        (fields.get("teacher") or {}).pop("min_accuracy", None)  # teacher: null has no gate
+        teachers = fields.get("teacher") or {}  # teacher: null has no gate
+        for member, spec in zip(self.teachers(), teachers if isinstance(teachers, list) else [teachers]):
+            # The gate decides whether a cell may run, not what it computes: changing it must not
+            # retrain finished cells.
+            spec.pop("min_accuracy", None)
+            if member.checkpoint is not None:  # a file replaced at the same path is another teacher
+                spec["file_sha256"] = _digest_or_missing(member.checkpoint)
         fields.pop("save_model", None)  # likewise: keeping the weights changes no number
         return stable_hash({"schema": HASH_SCHEMA, **fields})
 
-    def teacher_seed(self) -> int:
-        """The teacher's seed: its own, or (None) the cell's, so each seed gets its own teacher."""
-        return self.seed if self.teacher is None or self.teacher.seed is None else self.teacher.seed
+    def teachers(self) -> tuple[TeacherConfig, ...]:
+        """The teacher's members: one for a single teacher, none without a teacher."""
+        if self.teacher is None:
+            return ()
+        return self.teacher if isinstance(self.teacher, tuple) else (self.teacher,)
 
-    def teacher_key(self) -> str:
-        """Identifies the teacher checkpoint: data, teacher config and the teacher's seed."""
-        assert self.teacher is not None
-        seed = self.teacher_seed()
-        # views and the gate are how the teacher is used, not how it is trained.
-        teacher = {k: v for k, v in canonical(self.teacher).items() if k not in ("views", "min_accuracy")}
-        return stable_hash({"data": canonical(self.data), "teacher": teacher, "seed": seed})
+    def teacher_seed(self, member: TeacherConfig | None = None) -> int:
+        """A teacher's seed: its own, or (None) the cell's, so each seed gets its own teacher."""
+        member = member or (self.teachers() or (None,))[0]
+        return self.seed if member is None or member.seed is None else member.seed
+
+    def teacher_key(self, member: TeacherConfig | None = None, file_sha256: str = "") -> str:
+        """Identifies a teacher's cache: its data, config and seed (and a checkpoint's file by its
+        sha256). Without ``member``: the cell's teacher, an ensemble by its members' keys."""
+        if member is None:
+            members = self.teachers()
+            assert members, "a cell without a teacher has no teacher key"
+            if len(members) == 1:
+                return self.teacher_key(members[0], file_sha256)
+            return stable_hash({"ensemble": [self.teacher_key(m) for m in members]})
+        # views and the gate are how the teacher is used, not how it is made; a checkpoint is its
+        # content, not its path. Its own data replaces the students' in its identity.
+        drop = ("views", "min_accuracy", "checkpoint", "sha256", "data")
+        teacher = {k: v for k, v in canonical(member).items() if k not in drop}
+        if member.checkpoint is not None:
+            teacher["file_sha256"] = file_sha256 or file_digest(member.checkpoint)
+        data = canonical(member.data if member.data is not None else self.data)
+        return stable_hash({"data": data, "teacher": teacher, "seed": self.teacher_seed(member)})
+
+
+def _digest_or_missing(path: str) -> str:
+    try:
+        return file_digest(path)
+    except OSError:  # refused when the study loads; status and dry-run still name the cell
+        return "missing"
 
 
 @functools.lru_cache(maxsize=256)
@@ -215,6 +298,8 @@ def canonical(model: BaseModel) -> dict[str, Any]:
             default = field.default if isinstance(field.default, BaseModel) else None
             if default is None or sub != canonical(default):
                 out[name] = sub
+        elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
+            out[name] = [canonical(v) for v in value]
         elif field.is_required() or value != field.default:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out

@@ -5,7 +5,9 @@ and the config layer names cells with it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import json
 from typing import Any
 
@@ -14,3 +16,18 @@ def stable_hash(obj: Any) -> str:
     """16 hex digits of sha256 over canonical JSON."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (64 hex digits), read once while its size and mtime stay."""
+    st = os.stat(path)
+    return _file_digest(os.fspath(path), st.st_mtime_ns, st.st_size)

@@ -175,7 +175,7 @@ def record_result(client: tracking.MlflowClient, run_id: str, cell: CellConfig, 
     final = dict(result.metrics)
     if teacher is not None:
         final.update({"teacher/" + key.removeprefix("report/"): v for key, v in teacher.metrics.items()})
-        tracking.set_tags(client, run_id, {"kdablate.teacher_key": teacher.key})
+        tracking.set_tags(client, run_id, teacher.tags())
     return final
 
 
@@ -591,7 +591,8 @@ def train_teachers(cells: list[CellConfig], opts: RunOptions) -> dict[str, str]:
         try:
             why = get_teacher(cell, data, opts.cache_dir, opts.runtime()).rejection(cell, data.num_classes)
         except Exception as e:  # noqa: BLE001 - a failed teacher fails its cells, not the study
-            why = failures[key] = f"the teacher failed to train ({type(e).__name__}: {str(e)[:300]})"
+            verb = "train" if all(m.source == "trained" for m in cell.teachers()) else "load"
+            why = failures[key] = f"the teacher failed to {verb} ({type(e).__name__}: {str(e)[:300]})"
         if why:
             print(f"warning: {why}; the cells that read it will be FAILED", flush=True)
     return failures

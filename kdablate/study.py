@@ -424,11 +424,19 @@ def parse_yaml(text: str, path: Path) -> Any:
         raise StudyError(path, where, message) from None
 
 
+UNION_TAGS = ("one", "ensemble")  # the branches of CellConfig.teacher: not fields of the file
+
+
+def _validator_tag(part: object) -> bool:
+    # pydantic names a model with an after-validator in a union 'function-after[...]'
+    return isinstance(part, str) and part.startswith(("function-after[", "function-before["))
+
+
 def _as_study_error(path: Path, e: ValidationError, prefix: tuple) -> StudyError:
     """The first pydantic error as a StudyError with a dotted field path; echoes are cut short."""
     err = e.errors(include_url=False)[0]
     loc = "".join(f"[{p}]" if isinstance(p, int) else f".{clip(str(p), 60)}"
-                  for p in (*prefix, *err["loc"])).lstrip(".")
+                  for p in (*prefix, *err["loc"]) if p not in UNION_TAGS and not _validator_tag(p)).lstrip(".")
     msg = clip(err["msg"].removeprefix("Value error, "), 300)
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling"
@@ -596,6 +604,7 @@ def blame(arm: ArmConfig, combo: dict[str, Any], field: str) -> dict[str, str]:
 
     return {"data": who("data"), "optim.batch_size": who("optim.batch_size"), "student": who("student"),
             "teacher.optim.batch_size": who("teacher.optim.batch_size"), "teacher": who("teacher.model"),
+            **{f"teacher.{f}": who(f"teacher.{f}") for f in ("model", "checkpoint", "from_run", "data", "views")},
             "knowledge": field}
 
 

@@ -539,10 +539,12 @@ def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...
 
 def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
         teacher: TeacherSignal | None = None, report: str = "best_val", on_epoch: EpochCallback | None = None,
-        checkpoint: Checkpoint | None = None, runtime: Runtime = CPU) -> FitResult:
+        checkpoint: Checkpoint | None = None, runtime: Runtime = CPU,
+        splits: tuple[str, ...] | None = None) -> FitResult:
     """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
 
     teacher: the cell's teacher (``TeacherSignal``), or None.
+    splits: evaluated every epoch (default: val and test for ``on_epoch``, else val alone).
     checkpoint: save the state every few epochs and, if one exists, resume from it.
     Selection only ever looks at val accuracy; test is logged, never chosen on.
     """
@@ -559,7 +561,7 @@ def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: 
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         epoch, step, best = restore(saved, members, gens)
-    splits = ("val",) if on_epoch is None else ("val", "test")  # no listener (a teacher): val picks the epoch
+    splits = splits or (("val",) if on_epoch is None else ("val", "test"))  # val alone picks the epoch
     for epoch in range(epoch + 1, optim.epochs + 1):
         parts, step = train_epoch(members, data, optim.batch_size, gens, epoch, step, teacher, runtime)
         metrics = epoch_metrics(members, parts, data, teacher, runtime, splits)

@@ -151,7 +151,7 @@ def test_a_teacher_cache_from_elsewhere_is_never_used(tmp_path, capsys):
     record["logits"]["train"] = torch.randn_like(record["logits"]["train"])  # a valid file, other logits
     torch.save(record, first.path)
     again = get_teacher(cell, data, cache)
-    assert "its logits do not match their checksum; retraining" in capsys.readouterr().out
+    assert "its contents do not match their checksum; making it again" in capsys.readouterr().out
     assert torch.equal(again.logits["train"], first.logits["train"])
     other = load_dataset(cell.data.name, {**cell.data.params, "generator_seed": 7})  # same shape, other data
     get_teacher(cell, other, cache)

@@ -41,7 +41,8 @@ count of CRD's code (wrn_16_1 0.18M, vgg11 9.28M, vgg16 14.77M, vgg19 20.09M).
 Every model is ``features`` (input to the last feature map) followed by global
 average pooling and a linear ``head``, so class activation maps are exact.
 Deviations from CRD: ReLUs are not in-place; ``mobilenetv2`` has a stride-1
-first conv (CRD: stride 2, so its last map is 2x2 instead of 4x4 on CIFAR) and
+first conv by default (CRD: stride 2, so its last map is 2x2 instead of 4x4 on CIFAR;
+``stem_stride: 2`` is CRD's, and a CRD checkpoint loads only with it) and
 defaults to width 1.0 (CRD's student is ``width_mult: 0.5``); VGG and
 MobileNetV2 heads keep PyTorch's default linear initialisation. ``shufflenetv1``
 follows CRD, not Zhang et al., in its 1x1 stride-1 stem without max pool and
@@ -384,16 +385,19 @@ class MobileNetV2(_GapNet):
     @dataclasses.dataclass(frozen=True)
     class Params:
         width_mult: float = 1.0
+        stem_stride: int = 1  # CRD's (and its published teachers'): 2
 
         def __post_init__(self) -> None:
             if self.width_mult * 16 < 1:  # the narrowest stage would have no channels
                 raise ValueError(f"width_mult must be >= 1/16, got {self.width_mult}")
+            if self.stem_stride not in (1, 2):
+                raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
 
     def __init__(self, params: Params, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
         w = params.width_mult
         c_in = int(32 * w)
-        layers: list[nn.Module] = [_conv_bn(input_shape[0], c_in, 3, 1)]
+        layers: list[nn.Module] = [_conv_bn(input_shape[0], c_in, 3, params.stem_stride)]
         for expand, c, n, s in self.SETTING:
             for j in range(n):
                 layers.append(_InvertedResidual(c_in, int(c * w), s if j == 0 else 1, expand))
