@@ -19,7 +19,7 @@ def stable_hash(obj: Any) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+def _file_digest(path: str, stamp: tuple[int, ...]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -28,6 +28,6 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes (64 hex digits), read once while its size and mtime stay."""
+    """The sha256 of a file's bytes (64 hex digits), read once while its inode, size and times stay."""
     st = os.stat(path)
-    return _file_digest(os.fspath(path), st.st_mtime_ns, st.st_size)
+    return _file_digest(os.fspath(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
