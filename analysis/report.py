@@ -163,7 +163,7 @@ def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
     summary = dec.summarize(runs.cells, runs.order, rep.metric, tuple(extra))
     vs = {ref: dec.against(runs.cells, runs.order, ref, rep.metric) for ref in references(runs)}
     base = baseline(runs)
-    head, rows = tables.main_rows(summary, vs.get(base), extra)
+    head, rows = tables.main_rows(summary, vs.get(base), extra, runs.study.config.published)
     rep.heading("Arms")
     if base is None:
         rep.note("No `analysis.baseline` with finished runs: the table has no paired differences.")
@@ -172,7 +172,33 @@ def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
         rep.csv(table, f"vs_{safe(ref)}")
         rep.heading(f"Against `{ref}`", level=3)
         rep.bullets([tables.sentence(d) for d in table.to_dict("records")])
+    published_section(rep, runs, summary)
     return {"summary": summary, **vs}
+
+
+PUBLISHED_RULE = ("Published values may follow another reporting rule than this study's (mdistiller and RepDistiller "
+                  "print the best test accuracy over all epochs, which selects on the test split); read a small Δ "
+                  "with that in mind.")
+
+
+def published_section(rep: Report, runs: StudyRuns, summary: pd.DataFrame) -> None:
+    """Each arm with a declared published value: reproduced when its seeds' 95% CI contains it,
+    else by how much it misses; the teacher's measured accuracy against its published one."""
+    published = runs.study.config.published
+    if not published:
+        return
+    rep.heading("Against published values", level=3)
+    rows = {d["arm"]: d for d in summary.to_dict("records")}
+    lines = [tables.published_sentence(rows[arm], value) if arm in rows else f"{arm}: no finished runs yet."
+             for arm, value in published.items() if arm != "teacher"]
+    teacher = runs.cells.get("teacher/" + rep.metric.split("/", 1)[-1])
+    if "teacher" in published and teacher is not None and teacher.notna().any():
+        lines.append(f"teacher: {teacher.mean() * 100:.2f} against the published {published['teacher']:.2f} "
+                     f"({teacher.mean() * 100 - published['teacher']:+.2f} points; one model, no CI).")
+    if rep.metric != "report/test_acc":
+        lines.append(f"The published values are test accuracies; this report's metric is `{rep.metric}`.")
+    rep.bullets(lines)
+    rep.paragraph(PUBLISHED_RULE)
 
 
 def safe(name: str) -> str:

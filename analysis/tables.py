@@ -67,11 +67,37 @@ def _tests(c: Row) -> list[str]:
     return [fmt_p(c["p_holm"]), fmt_p(c["p_wilcoxon_holm"]), "—" if math.isnan(c["d_z"]) else f"{c['d_z']:.2f}"]
 
 
-def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the per-arm table (strings, format-neutral)."""
+def to_published(d: Row, published: float) -> str:
+    """'-0.23 [-0.81, +0.35]': the arm's mean minus a published value (in percent), in points,
+    with the seeds' 95% t interval shifted alike; '—' without a published value."""
+    if math.isnan(published):
+        return "—"
+    ci = "" if math.isnan(d["ci_low"]) else f" [{d['ci_low'] * 100 - published:+.2f}, {d['ci_high'] * 100 - published:+.2f}]"
+    return f"{d['mean'] * 100 - published:+.2f}{ci}"
+
+
+def published_sentence(d: Row, published: float) -> str:
+    """Whether the arm reproduces a published value: its seeds' 95% CI contains it, or by how much it misses."""
+    measured = f"{d['arm']}: {pm(d['mean'], d['std'])} (n = {d['n']}) against the published {published:.2f}"
+    if math.isnan(d["ci_low"]):
+        return f"{measured}: {d['mean'] * 100 - published:+.2f} points; one seed, no CI, so no verdict."
+    lo, hi = d["ci_low"] * 100, d["ci_high"] * 100
+    if lo <= published <= hi:
+        return f"{measured}: reproduced (the 95% CI [{lo:.2f}, {hi:.2f}] contains it)."
+    miss = published - hi if published > hi else published - lo
+    return (f"{measured}: not reproduced; the 95% CI [{lo:.2f}, {hi:.2f}] misses it by {abs(miss):.2f} points "
+            f"({'below' if published > hi else 'above'} it).")
+
+
+def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str],
+              published: dict[str, float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the per-arm table (strings, format-neutral); a "Δ to published" column
+    when the study declares published values."""
     head = ["arm", "mass", "structure", "T", "α", "mean ± std", "n", "95% CI"]
     if vs is not None:
         head += ["Δ [95% CI]", "p_t", "p_W", "d_z"]
+    if published:
+        head += ["Δ to published [95% CI]"]
     head += [DISPLAY.get(m, (m, False))[0] for m in extra]
     by_arm = {} if vs is None else {r["a"]: r for r in vs.to_dict("records")}
     rows = []
@@ -82,6 +108,8 @@ def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str]) 
         if vs is not None:
             c = by_arm.get(d["arm"])
             row += ["ref.", "", "", ""] if c is None else [delta(c, d["n"]), *_tests(c)]
+        if published:
+            row.append(to_published(d, published.get(d["arm"], float("nan"))))
         row += [_extra(d[m], m) for m in extra]
         rows.append(row)
     return head, rows

@@ -19,7 +19,7 @@ import stat
 import string
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -219,6 +219,8 @@ class StudyConfig(Frozen):
     arms: list[ArmConfig] = Field(min_length=1)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     analysis: AnalysisConfig = AnalysisConfig()
+    # Published test accuracies in percent, per arm name (and `teacher`): the report's "Δ to published".
+    published: dict[str, Annotated[Float, Field(ge=0, le=100)]] = Field(default_factory=dict)
 
     @field_validator("axes")
     @classmethod
@@ -613,6 +615,7 @@ def _check_analysis(config: StudyConfig, path: Path, arms: set[str]) -> None:
     wanted = [("analysis.baseline", a.baseline)] + [
         (f"analysis.{key}[{i}]", r) for key in ("reference", "heatmaps") for i, r in enumerate(getattr(a, key))
     ] + [(f"analysis.pairs[{i}]", r) for i, pair in enumerate(a.pairs) for r in pair]
+    wanted += [(f"published.{arm}", arm) for arm in config.published if arm != "teacher"]
     for field, arm in wanted:
         if arm is not None and arm not in arms:
             raise StudyError(path, field, f"no arm named '{arm}'; arms: {', '.join(sorted(arms))}")

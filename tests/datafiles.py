@@ -1,6 +1,8 @@
 """Tiny datasets in each real on-disk format (written by kdablate.data.fake), per dataset plugin."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from kdablate.data.fake import write_cifar, write_imagefolder, write_mnist
 
 # dataset name -> params after writing its files under the given root; a new dataset plugin needs an entry.
@@ -12,3 +14,17 @@ WRITERS = {
     "imagefolder": lambda r: {"data_root": str(write_imagefolder(r)), "image_size": 16},
     "mnist1d": lambda r: {"num_samples": 500},
 }
+
+# The teacher checkpoints the shipped studies point at (a user provides the real files): path -> (model, classes).
+SHIPPED_CHECKPOINTS = {"teachers/resnet32x4.pth": ("resnet32x4", 100)}
+
+
+def write_shipped_checkpoints(folder: Path) -> None:
+    """Untrained stand-ins of SHIPPED_CHECKPOINTS under ``folder``, wrapped as mdistiller saves them."""
+    import torch
+
+    from kdablate.models import build_model
+
+    for rel, (name, k) in SHIPPED_CHECKPOINTS.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": build_model(name, {}, (3, 32, 32), k).state_dict()}, folder / rel)

@@ -619,3 +619,36 @@ def test_report_html_is_cleaned_and_rewritten(store, tmp_path):
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert (out / "notes.html").read_text() == "mine"  # not one of the report's outputs
     assert rep.files[-2:] == (out / "report.md", out / "report.html")
+
+
+def test_delta_to_published_and_the_reproduced_sentence(store, tmp_path):
+    """A study's published values: a "Δ to published" column with the seeds' CI shifted alike, and
+    per arm "reproduced" when the CI holds the value, else by how much it misses."""
+    ce = np.array(list(known("ce").values())) * 100
+    tt = np.array(list(known("teacher+teacher").values())) * 100
+    lo, hi = t_ci(tt)
+    path = tmp_path / "synth_published.yaml"
+    path.write_text(STUDY.replace("description: synthetic", "name: synth\ndescription: synthetic")
+                    + f"published: {{ce: {ce.mean():.4f}, teacher+teacher: {hi + 1.5:.4f}, teacher: 97.5}}\n")
+    runs = runs_mod.load(load_study(path))
+    report.build(runs, tmp_path / "out", "report/test_acc")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert f"ce: {ce.mean():.2f} ± {ce.std(ddof=1):.2f} (n = {len(ce)}) against the published {ce.mean():.2f}: reproduced" in text
+    assert f"not reproduced; the 95% CI [{lo:.2f}, {hi:.2f}] misses it by 1.50 points (below it)" in text
+    assert "teacher: 98.00 against the published 97.50 (+0.50 points; one model, no CI)" in text
+    table = (tmp_path / "out" / "table.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| teacher+teacher |"))
+    assert "Δ to published [95% CI]" in table and f"{tt.mean() - hi - 1.5:+.2f} [{lo - hi - 1.5:+.2f}, -1.50]" in row
+    assert "| ls |" not in table and "—" in next(line for line in table.splitlines() if line.startswith("| il |"))
+
+
+def test_published_names_arms_that_exist(tmp_path):
+    from tests.test_study import assert_refused
+
+    path = tmp_path / "p.yaml"
+    path.write_text(STUDY + "published: {kd_typo: 73.3}\n")
+    assert_refused(path, "published.kd_typo", "no arm named 'kd_typo'")
+    path.write_text(STUDY + "published: {ce: 0.733}\n")  # a fraction, not percent: allowed, 0..100
+    load_study(path)
+    path.write_text(STUDY + "published: {ce: 173.3}\n")
+    assert_refused(path, "published.ce", "less than or equal to 100")

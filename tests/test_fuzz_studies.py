@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdablate.study import Study, StudyError, load_study
+from tests.datafiles import write_shipped_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {p.stem: p.read_text() for p in sorted((ROOT / "studies").glob("*.yaml"))}
@@ -59,6 +60,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     folder = tmp_path_factory.mktemp("fuzz")
     write_cifar(folder / "data", "cifar100", 400, 100)
+    write_shipped_checkpoints(folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         yield folder

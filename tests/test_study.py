@@ -223,8 +223,10 @@ def test_hash_survives_new_defaulted_fields(tmp_path, monkeypatch):
 def test_every_shipped_study_validates(path, tmp_path, monkeypatch):
     """Every file in studies/ loads; image studies find their data under ./data (written here)."""
     from kdablate.data.fake import write_cifar
+    from tests.datafiles import write_shipped_checkpoints
 
     write_cifar(tmp_path / "data", "cifar100", 400, 100)
+    write_shipped_checkpoints(tmp_path)
     monkeypatch.chdir(tmp_path)
     study = load_study(path)
     assert study.cells and len({c.config_hash() for c in study.cells}) == len(study.cells)
