@@ -150,9 +150,13 @@ def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opt
 
 
 def cell_data(cell: CellConfig, runtime: Runtime, cache_dir: Path) -> DataBundle:
+    """The cell's data; on a GPU its images live there (``on_device``), or, too large for it, in
+    pinned host memory for asynchronous copies."""
     data = load_dataset(cell.data.name, cell.data.params, cache_dir)
-    if runtime.device.startswith("cuda"):  # pinned host memory: asynchronous batch copies
-        data = dataclasses.replace(data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
+    if runtime.device.startswith("cuda"):
+        moved = on_device(data, runtime.device)
+        data = moved if moved is not data else dataclasses.replace(
+            data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
     return data
 
 

@@ -94,7 +94,9 @@ class Teacher:
         views = get_teacher_views(views_n, data, self, runtime) if augmented_kd and views_n else None
         online = augmented_kd and views is None
         model = self.model(data, runtime) if online or Need.TEACHER_MODEL in needs else None
-        return TeacherSignal(self.logits, model, None if views is None else (views["views"], views["logits"]), online)
+        # The views' logits go to the device once, as the images did: an epoch's lookup is a gather there.
+        looked_up = None if views is None else (views["views"], runtime.to(views["logits"]))
+        return TeacherSignal(self.logits, model, looked_up, online)
 
     def model(self, data: DataBundle, runtime: Runtime = CPU) -> nn.Module:
         """The teacher as a frozen module in eval mode (an ensemble's: ``Ensemble``)."""
@@ -298,7 +300,7 @@ def teacher_data(member: TeacherConfig, data: DataBundle, cache: Path) -> DataBu
     own = load_dataset(member.data.name, member.data.params, cache)
     for split in ("val", "test"):
         (xa, ya), (xb, yb) = own.split(split), data.split(split)
-        if xa.shape != xb.shape or not (torch.equal(xa, xb) and torch.equal(ya, yb)):
+        if xa.shape != xb.shape or not (torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())):
             raise ConfigError(f"teacher.data: its {split} split is not the students'; the teacher must never "
                               "see their validation or test images: keep val_fraction and split_seed the same")
     return own

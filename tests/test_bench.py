@@ -243,3 +243,16 @@ def test_the_baseline_row_runs_both_codes_or_says_why(monkeypatch):
     monkeypatch.setattr(baseline, "ROOT", baseline.ROOT / "no-such-folder")
     missing = baseline.baseline_row(QUICK)
     assert math.isnan(missing.value) and missing.note.startswith("no checkout of")
+
+
+def test_recipe_rows_run_and_project_one_seed():
+    """gpu-check's recipe rows, on the CPU with small models: every variant times, and the projection
+    is the recipe's images over the online row's rate."""
+    from kdablate.bench.recipe import EPOCHS, TRAIN_IMAGES, recipe_rows
+    from kdablate.trainer import Runtime
+
+    rows = recipe_rows(Runtime("cpu"), samples=128, seeds=2, views=2, rounds=1, models=("resnet8", "resnet8"))
+    assert [r.unit for r in rows] == ["images/s"] * 3 + ["min"]
+    assert all(r.value > 0 for r in rows) and "2 seeds stacked" in rows[2].name
+    assert rows[3].value == pytest.approx(EPOCHS * TRAIN_IMAGES / rows[0].value / 60)
+    assert rows[3].ok is None  # judged on a GPU only

@@ -132,3 +132,31 @@ def test_teacher_view_cache_matches_the_online_teacher(tmp_path):
         torch.testing.assert_close(model(x), cached["logits"][1][idx], rtol=1e-4, atol=1e-4)
     assert cell.teacher_key() == cell.model_copy(update={"teacher": cell.teacher.model_copy(update={"views": 0})}).teacher_key()
     assert get_teacher_views(2, data, teacher)["views"].equal(cached["views"])  # cached, same views
+
+
+def test_device_resident_images_prepare_where_they_live(tmp_path):
+    """Images moved once to a device (here 'meta', which checks devices as CUDA does, without one)
+    are gathered, scaled, normalised, cropped and flipped there; labels and the fingerprint stay."""
+    from kdablate.data import on_device
+    from kdablate.trainer import epoch_batches
+
+    data = load_dataset("cifar10", {"data_root": str(write_cifar10(tmp_path))})
+    moved = on_device(data, "meta")
+    assert moved.x_train.device.type == "meta" and moved.x_train.dtype == torch.uint8
+    assert moved.y_train.device.type == "cpu" and moved.fingerprint == data.fingerprint
+    order = torch.randperm(len(data.y_train))
+    (xb, *_) = epoch_batches(moved.x_train, order, 16)
+    x = moved.prepare(xb, train=True, generator=torch.Generator().manual_seed(0))
+    assert x.device.type == "meta" and x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    views = torch.zeros(16, 3, dtype=torch.long)
+    assert moved.prepare(xb, train=True, views=views).device.type == "meta"
+    assert on_device(data, "cpu") is data
+
+
+def test_crop_flip_on_device_params_equals_the_cpu_result(tmp_path):
+    data = load_dataset("cifar10", {"data_root": str(write_cifar10(tmp_path))})
+    x, params = data.x_train[:8], torch.tensor([[0, 8, 1], [4, 4, 0]] * 4)
+    from kdablate.data import apply_crop_flip
+
+    out = apply_crop_flip(x.float(), params)
+    assert torch.equal(out[1], x[1].float()) and torch.equal(out[0, :, 4:, :4], torch.zeros(3, 28, 4))

@@ -115,6 +115,6 @@ def fmt(value: float, unit: str) -> str:
         return str(value)
     if unit == "x":
         return f"×{value:.2f}"
-    if unit in ("MiB", "samples/s", "GFLOP/s", "ms", "s"):
+    if unit in ("MiB", "samples/s", "images/s", "GFLOP/s", "ms", "s"):
         return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
     return f"{value:.3g} {unit}".strip()

@@ -18,7 +18,10 @@ MLflow store through the public ``run_study``:
   was trained in a stack: a stack that raises falls back to one-by-one training with only a note.
 
 It first prints (unless ``--no-stack-rows``) ``make bench``'s 'stacked seeds' step rows measured on the GPU
-(``kdablate.bench.stacking``), which decide where ``--stack auto`` stacks on CUDA.
+(``kdablate.bench.stacking``), which decide where ``--stack auto`` stacks on CUDA, then (unless
+``--no-recipe-rows``) the throughput of ``studies/crd_cifar100.yaml``'s KD cell, resnet32x4 ->
+resnet8x4, for one seed and for seeds stacked, with the projected wall time of one seed
+(``kdablate.bench.recipe``; the target is at most 15 minutes on one H100-class GPU).
 
 Per arm it prints test accuracy as mean +- std over seeds and whether each GPU
 mode agrees with the CPU within seed noise (|difference of means| <= 2 standard
@@ -171,6 +174,16 @@ def stack_rows() -> str:
     return table(step_rows(scale, Runtime("cuda"), resnet_seeds=10))
 
 
+def recipe_table() -> str:
+    """crd_cifar100.yaml's KD cell on the GPU: images/s for one seed and for seeds stacked, and one
+    seed's projected wall time (``kdablate.bench.recipe``), as a Markdown table."""
+    from kdablate.bench.core import table
+    from kdablate.bench.recipe import recipe_rows
+    from kdablate.trainer import Runtime
+
+    return table(recipe_rows(Runtime("cuda")))
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # The defaults are the README's run: K = 100 and long enough to leave the accuracy ceiling.
@@ -183,6 +196,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("figures/gpu"))
     p.add_argument("--stack-rows", action=argparse.BooleanOptionalAction, default=True,
                    help="first time stacked vs one-by-one epochs on the GPU")
+    p.add_argument("--recipe-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="time crd_cifar100.yaml's KD cell (resnet32x4 -> resnet8x4) and project one seed")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     if [m for m in modes if m not in MODES] or modes[0] != "cpu":
@@ -198,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: torch sees no CUDA device on this machine, so there is nothing to check; "
               f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
         return 2
-    if args.stack_rows:
+    for wanted, what, rows in ((args.stack_rows, "stacked-seed", stack_rows), (args.recipe_rows, "recipe", recipe_table)):
+        if not wanted:
+            continue
         try:
-            print(stack_rows(), flush=True)
+            print(rows(), flush=True)
         except Exception as e:  # report it, and still check the study modes
-            print(f"gpu-check: the stacked-seed rows failed: {type(e).__name__}: {e}", flush=True)
+            print(f"gpu-check: the {what} rows failed: {type(e).__name__}: {e}", flush=True)
     with tempfile.TemporaryDirectory(prefix="kdablate-gpu-") as tmp:
         folder = Path(tmp)
         study = write_study(folder, args.train, args.epochs, args.seeds, args.dataset)

@@ -54,10 +54,12 @@ class DataBundle:
                 h.update(t.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    @functools.cached_property
-    def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean / std as tensors, built once rather than on every batch."""
-        return torch.tensor(self.mean), torch.tensor(self.std)
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean / std as tensors on ``device``, built once per device rather than on every batch."""
+        cache = self.__dict__.setdefault("_norm_by_device", {})  # a frozen dataclass: its own dict
+        if device not in cache:
+            cache[device] = torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device)
+        return cache[device]
 
     def prepare(self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None,
                 views: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,12 +70,30 @@ class DataBundle:
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         if self.mean is not None:
-            mean, std = self._normalisation
+            mean, std = self._normalisation(x.device)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             x = (x - mean.view(shape)) / std.view(shape)
         if train and self.augment == "crop_flip":
             x = apply_crop_flip(x, views if views is not None else crop_flip_params(len(x), generator))
         return batch_layout(x)
+
+
+# Images up to this size live on the GPU (CIFAR's 50,000 uint8 images are 150 MiB); larger sets
+# stay in pinned host memory and go over per epoch.
+DEVICE_DATA_BYTES = 4 << 30
+
+
+def on_device(data: DataBundle, device: str) -> DataBundle:
+    """``data`` with its images on ``device``: one copy of each split, uint8 kept uint8, so a batch's
+    gather, scaling, normalisation, crop and flip run there. Labels stay on the CPU (epoch orders
+    index them there and they go over once an epoch); the fingerprint is the CPU bundle's."""
+    images = sum(data.split(s)[0].nbytes for s in ("train", "val", "test"))
+    if device == "cpu" or images > DEVICE_DATA_BYTES:
+        return data
+    fingerprint = data.fingerprint  # hashed on the CPU, before the move
+    moved = dataclasses.replace(data, **{f"x_{s}": data.split(s)[0].to(device) for s in ("train", "val", "test")})
+    moved.__dict__["fingerprint"] = fingerprint
+    return moved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +131,16 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) 
 
 
 def apply_crop_flip(x: torch.Tensor, params: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """(B, C, H, W) and (B, 3) (dy, dx, flip) -> the crops of the zero-padded images, flipped where asked."""
+    """(B, C, H, W) and (B, 3) (dy, dx, flip) -> the crops of the zero-padded images, flipped where asked.
+    Runs where ``x`` is (the GPU for device-resident data); ``params`` are drawn on the CPU, seeded."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    params = params.to(x.device, non_blocking=True)
     dy, dx, flip = params[:, 0], params[:, 1], params[:, 2].bool()
     # Gather rows then columns with per-sample offsets: no Python loop over the batch.
-    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, x.shape[1], h, w + 2 * pad)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None].expand(b, x.shape[1], h, w + 2 * pad)
     out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, x.shape[1], h, w)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :].expand(b, x.shape[1], h, w)
     out = out.gather(3, cols)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
