@@ -71,8 +71,9 @@ class Teacher:
         acc, gate = self.metrics["report/val_acc"], self.config.gate(num_classes)
         if acc >= gate:
             return None
+        fix = "train it longer" if self.source == "trained" else f"check the {self.source}'s teacher"
         return (f"teacher {self.key} ({self.spec['name']}) has validation accuracy {acc:.4f}, below "
-                f"teacher.min_accuracy {gate:.4f}; train it longer or set base.teacher.min_accuracy")
+                f"teacher.min_accuracy {gate:.4f}; {fix} or set base.teacher.min_accuracy")
 
     def tags(self) -> dict[str, str]:
         """What a cell's run records of its teacher."""

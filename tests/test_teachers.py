@@ -3,15 +3,11 @@ or an ensemble; each checked at load (exit 2, one line) and recorded on the cell
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from kdablate import tracking
 from kdablate.config import CellConfig
 from kdablate.data import load_dataset
 from kdablate.data.fake import write_cifar
@@ -22,28 +18,10 @@ from kdablate.runner import RunOptions, run_study
 from kdablate.study import load_study
 from kdablate.teacher import get_teacher, get_teacher_views, train_teacher
 from kdablate.trainer import predict
-from tests.test_study import assert_refused
+from tests.test_study import assert_refused, write
+from tests.test_trust import cli, runs
 
 REFERENCE = json.loads((Path(__file__).parent / "reference_keys.json").read_text())
-
-
-def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(textwrap.dedent(text))
-    return p
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdablate.cli", *args], cwd=cwd, capture_output=True, text=True)
-
-
-def runs(study: str) -> dict[str, list]:
-    client = tracking.client()
-    exp = client.get_experiment_by_name(study)
-    out: dict[str, list] = {}
-    for r in tracking.search_cells(client, exp.experiment_id):
-        out.setdefault(r.data.tags["arm"], []).append(r)
-    return out
 
 
 # ------------------------------------------------------------------ checkpoint files
