@@ -40,7 +40,7 @@ from analysis.document import Report
 from analysis.figures import study_or_exit
 from analysis.options import DEFAULT_METRIC, DEFAULT_OUT, add_report_options
 from analysis.runs import PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
-from analysis.stats import MARKS
+from analysis.stats import MARKS, with_power
 from kdablate import tracking
 from kdablate.study import Study
 
@@ -161,13 +161,15 @@ def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
     a = runs.study.config.analysis
     extra = [m for m in DEFAULT_EXTRA + a.extra_metrics if m in runs.cells]
     summary = dec.summarize(runs.cells, runs.order, rep.metric, tuple(extra))
-    vs = {ref: dec.against(runs.cells, runs.order, ref, rep.metric) for ref in references(runs)}
+    vs = {ref: planned(dec.against(runs.cells, runs.order, ref, rep.metric), runs) for ref in references(runs)}
     base = baseline(runs)
-    head, rows = tables.main_rows(summary, vs.get(base), extra, runs.study.config.published)
+    head, rows = tables.main_rows(summary, vs.get(base), extra, runs.study.config.published,
+                                  runs.study.config.analysis.target_effect)
     rep.heading("Arms")
     if base is None:
         rep.note("No `analysis.baseline` with finished runs: the table has no paired differences.")
-    rep.table(summary, head, rows, "table", tables.caption(rep.metric, rep.rule, base, len(summary) - 1))
+    rep.table(summary, head, rows, "table", tables.caption(rep.metric, rep.rule, base, len(summary) - 1)
+              + tables.power_caption(vs.get(base)))
     for ref, table in vs.items():
         rep.csv(table, f"vs_{safe(ref)}")
         rep.heading(f"Against `{ref}`", level=3)
@@ -201,6 +203,15 @@ def published_section(rep: Report, runs: StudyRuns, summary: pd.DataFrame) -> No
     rep.paragraph(PUBLISHED_RULE)
 
 
+def planned(rows: pd.DataFrame, runs: StudyRuns) -> pd.DataFrame:
+    """Comparisons with their power columns (and TOST, with ``analysis.equivalence``): the
+    study's target effect and margin, given in points, in the metric's fraction."""
+    a = runs.study.config.analysis
+    if rows.empty:
+        return rows
+    return with_power(rows, a.target_effect / 100, None if a.equivalence is None else a.equivalence.margin / 100)
+
+
 def safe(name: str) -> str:
     """An arm name usable in a file name."""
     return "".join(c if c.isalnum() or c in "+-_.=" else "_" for c in name)
@@ -223,7 +234,7 @@ def factorial_section(rep: Report, runs: StudyRuns) -> None:
     """Main effects and interactions of the study's two-factor crossing (mass x structure unless
     ``analysis.factorial`` names others), its table and its plot."""
     factors = runs.study.config.analysis.factors()
-    effects = dec.factorial(runs.cells, rep.metric, factors) if factors else pd.DataFrame()
+    effects = planned(dec.factorial(runs.cells, rep.metric, factors), runs) if factors else pd.DataFrame()
     if effects.empty:
         if factors:
             rep.note(f"Factorial: no complete {factors[0]} × {factors[1]} crossing (≥ 2 × 2) among the finished arms.")
@@ -235,9 +246,9 @@ def factorial_section(rep: Report, runs: StudyRuns) -> None:
                   f"an interaction is the difference of those differences (does what the {factors[1]} adds depend on "
                   f"the {factors[0]}?). Main effects and interactions form one Holm family.")
     rep.bullets([tables.sentence(d, d["effect"]) for d in effects.to_dict("records")])
-    head, rows = tables.effect_rows(effects)
+    head, rows = tables.effect_rows(effects, runs.study.config.analysis.target_effect)
     rep.table(effects, head, rows, "effects", tables.effects_caption(rep.metric, rep.rule, "Factorial effects",
-                                                                     len(effects)))
+                                                                     len(effects)) + tables.power_caption(effects))
     rep.figure(plots.interaction(grid, rep.metric, factors), "interaction",
                f"Interaction plot: mean and 95% CI per {factors[0]} × {factors[1]} cell; parallel lines mean no "
                "interaction.")
@@ -248,12 +259,12 @@ def pairs_section(rep: Report, runs: StudyRuns) -> None:
     declared = runs.study.config.analysis.pairs
     if not declared:
         return
-    pairs = dec.compare(runs.cells, [tuple(p) for p in declared], rep.metric)
+    pairs = planned(dec.compare(runs.cells, [tuple(p) for p in declared], rep.metric), runs)
     rep.heading("Declared comparisons")
     rep.bullets([tables.sentence(d) for d in pairs.to_dict("records")])
-    head, rows = tables.effect_rows(pairs)
+    head, rows = tables.effect_rows(pairs, runs.study.config.analysis.target_effect)
     rep.table(pairs, head, rows, "pairs", tables.effects_caption(rep.metric, rep.rule, "Declared comparisons",
-                                                                 len(pairs)))
+                                                                 len(pairs)) + tables.power_caption(pairs))
 
 
 def figures_section(rep: Report, runs: StudyRuns, stats: dict[str, pd.DataFrame]) -> None:

@@ -11,6 +11,7 @@ without Bonferroni's loss of power.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -111,3 +112,89 @@ def fmt_p(p: float) -> str:
     if math.isnan(p):
         return "—"
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+# Power and equivalence, per comparison. A null result is only as strong as the test's power: the
+# smallest effect the seeds at hand detect, and the seeds a target effect needs, say how strong.
+POWER = 0.8
+
+
+def paired_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` to detect a mean difference ``effect``
+    from ``n`` pairs whose differences have standard deviation ``sd`` (the noncentral t, as
+    statsmodels' ``TTestPower``)."""
+    df, nc = n - 1, abs(effect) / sd * math.sqrt(n)
+    crit = stats.t.isf(alpha / 2, df)
+    wrong_side = stats.nct.cdf(-crit, df, nc)  # scipy's is NaN for some large nc at df = 1, where it is ~0
+    return float(stats.nct.sf(crit, df, nc) + (0.0 if math.isnan(wrong_side) else wrong_side))
+
+
+def detectable_effect(sd: float, n: int, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The smallest mean difference (in ``sd``'s units) that ``n`` pairs detect with ``power``; NaN
+    without 2 pairs or a spread."""
+    if n < 2 or not sd > 0:
+        return NAN
+    hi = sd
+    while paired_power(hi, sd, n, alpha) < power:
+        hi *= 2
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda e: paired_power(e, sd, n, alpha) - power, 0.0, hi, xtol=1e-14 * hi, rtol=1e-12))
+
+
+def smallest_n(enough: Callable[[int], bool], cap: int = 100_000) -> float:
+    """The smallest n >= 2 with ``enough(n)`` (monotone in n), by doubling then bisection; NaN past ``cap``."""
+    hi = 2
+    while not enough(hi):
+        if hi > cap:
+            return NAN
+        hi *= 2
+    lo = max(2, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return float(lo)
+
+
+def seeds_needed(effect: float, sd: float, power: float = POWER, alpha: float = ALPHA) -> float:
+    """Pairs the paired t-test needs to detect ``effect`` with ``power`` at the observed ``sd``."""
+    if not (sd > 0 and effect > 0):
+        return NAN
+    return smallest_n(lambda n: paired_power(effect, sd, n, alpha) >= power)
+
+
+def tost(mean: float, sd: float, n: int, margin: float) -> float:
+    """p of two one-sided paired t-tests (TOST) that the true difference lies within ±``margin``:
+    the larger of the two one-sided p-values; NaN without 2 pairs or a spread."""
+    if n < 2 or not sd > 0:
+        return NAN
+    se, df = sd / math.sqrt(n), n - 1
+    return float(max(stats.t.sf((mean + margin) / se, df), stats.t.cdf((mean - margin) / se, df)))
+
+
+def seeds_for_equivalence(sd: float, margin: float, power: float = POWER, alpha: float = ALPHA) -> float:
+    """Pairs TOST needs to show equivalence within ±``margin`` with ``power`` when the true
+    difference is 0, at the observed ``sd`` (the usual approximation: 2 F(margin/se - t) - 1)."""
+    if not sd > 0:
+        return NAN
+
+    def enough(n: int) -> bool:
+        se, crit = sd / math.sqrt(n), stats.t.isf(alpha, n - 1)
+        return 2 * stats.t.cdf(margin / se - crit, n - 1) - 1 >= power
+
+    return smallest_n(enough)
+
+
+def with_power(rows: pd.DataFrame, target: float, margin: float | None = None) -> pd.DataFrame:
+    """``rows`` (statistics of ``paired``) with, per comparison: mde, the smallest difference its
+    seeds detect with 80% power (two-sided paired t, alpha 0.05, the observed SD of the
+    differences); n_target, the seeds that detect ``target``; with a ``margin`` (all in the
+    metric's units), p_tost and n_equivalence (the seeds TOST needs at a true difference of 0)."""
+    out = rows.copy()
+    sd, n = out.diff_std.tolist(), out.n_pairs.tolist()
+    out["mde"] = [detectable_effect(s, int(k)) for s, k in zip(sd, n)]
+    out["target"], out["n_target"] = target, [seeds_needed(target, s) for s in sd]
+    if margin is not None:
+        out["p_tost"] = [tost(m, s, int(k), margin) for m, s, k in zip(out.diff_mean, sd, n)]
+        out["margin"], out["n_equivalence"] = margin, [seeds_for_equivalence(s, margin) for s in sd]
+    return out

@@ -67,6 +67,35 @@ def _tests(c: Row) -> list[str]:
     return [fmt_p(c["p_holm"]), fmt_p(c["p_wilcoxon_holm"]), "—" if math.isnan(c["d_z"]) else f"{c['d_z']:.2f}"]
 
 
+def seeds(n: float) -> str:
+    """A number of seeds: '12', or '—' when there is no spread to plan from."""
+    return "—" if math.isnan(n) else f"{n:.0f}"
+
+
+def power_head(rows: Any, target: float) -> list[str]:
+    """The power (and TOST) columns a frame of comparisons has: MDE at 80% power, seeds for ``target``."""
+    if rows is None or "mde" not in rows:
+        return []
+    return ["MDE₈₀", f"n for {target:g}"] + (["p_TOST", "n ≡"] if "p_tost" in rows else [])
+
+
+def power_cells(c: Row) -> list[str]:
+    cells = ["—" if math.isnan(c["mde"]) else f"{c['mde'] * 100:.2f}", seeds(c["n_target"])]
+    return cells + ([fmt_p(c["p_tost"]), seeds(c["n_equivalence"])] if "p_tost" in c else [])
+
+
+def power_caption(rows: Any) -> str:
+    """The captions' sentence on the power (and TOST) columns, '' without them."""
+    if rows is None or "mde" not in rows:
+        return ""
+    text = (" MDE₈₀: the smallest difference (points) these seeds detect with 80% power (two-sided paired t, "
+            "alpha 0.05, the observed SD of the differences); n for X: the seeds that detect X points.")
+    if "p_tost" in rows:
+        text += (f" p_TOST: two one-sided paired t-tests of equivalence within ±{rows['margin'].iat[0] * 100:g} "
+                 "points; n ≡: the seeds TOST needs to show it when the true difference is 0.")
+    return text
+
+
 def to_published(d: Row, published: float) -> str:
     """'-0.23 [-0.81, +0.35]': the arm's mean minus a published value (in percent), in points,
     with the seeds' 95% t interval shifted alike; '—' without a published value."""
@@ -90,12 +119,13 @@ def published_sentence(d: Row, published: float) -> str:
 
 
 def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str],
-              published: dict[str, float] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the per-arm table (strings, format-neutral); a "Δ to published" column
-    when the study declares published values."""
+              published: dict[str, float] | None = None, target: float = 1.0) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the per-arm table (strings, format-neutral); the power columns when
+    ``vs`` has them, and a "Δ to published" column when the study declares published values."""
     head = ["arm", "mass", "structure", "T", "α", "mean ± std", "n", "95% CI"]
+    planning = power_head(vs, target)
     if vs is not None:
-        head += ["Δ [95% CI]", "p_t", "p_W", "d_z"]
+        head += ["Δ [95% CI]", "p_t", "p_W", "d_z", *planning]
     if published:
         head += ["Δ to published [95% CI]"]
     head += [DISPLAY.get(m, (m, False))[0] for m in extra]
@@ -107,7 +137,8 @@ def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str],
                str(d["n"]), ci]
         if vs is not None:
             c = by_arm.get(d["arm"])
-            row += ["ref.", "", "", ""] if c is None else [delta(c, d["n"]), *_tests(c)]
+            row += (["ref.", "", "", ""] + [""] * len(planning) if c is None
+                    else [delta(c, d["n"]), *_tests(c), *(power_cells(c) if planning else [])])
         if published:
             row.append(to_published(d, published.get(d["arm"], float("nan"))))
         row += [_extra(d[m], m) for m in extra]
@@ -115,11 +146,12 @@ def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str],
     return head, rows
 
 
-def effect_rows(effects: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of an effects (factorial) or pairs table."""
-    head = ["effect", "Δ [95% CI]", "n", "p_t", "p_W", "d_z"]
-    rows = [[d.get("effect") or f"{d['a']} − {d['b']}", delta(d), str(d["n_pairs"]), *_tests(d)]
-            for d in effects.to_dict("records")]
+def effect_rows(effects: pd.DataFrame, target: float = 1.0) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of an effects (factorial) or pairs table, with its power columns."""
+    planning = power_head(effects, target)
+    head = ["effect", "Δ [95% CI]", "n", "p_t", "p_W", "d_z", *planning]
+    rows = [[d.get("effect") or f"{d['a']} − {d['b']}", delta(d), str(d["n_pairs"]), *_tests(d),
+             *(power_cells(d) if planning else [])] for d in effects.to_dict("records")]
     return head, rows
 
 
@@ -128,8 +160,8 @@ def effect_rows(effects: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 # same format (fractions in percent with 2 decimals, p-values as ``fmt_p``, d_z and Spearman
 # correlations with 2 decimals, T and α as ':g'; other numbers 3 significant digits, as
 # ``_extra`` prints a metric that is not a fraction).
-PERCENT_COLUMNS = {"mean", "std", "ci_low", "ci_high", "diff_mean", "diff_std"}
-P_COLUMNS = {"p_value", "p_wilcoxon", "p_holm", "p_wilcoxon_holm"}
+PERCENT_COLUMNS = {"mean", "std", "ci_low", "ci_high", "diff_mean", "diff_std", "mde"}
+P_COLUMNS = {"p_value", "p_wilcoxon", "p_holm", "p_wilcoxon_holm", "p_tost"}
 
 
 def as_printed(x: float, fmt: str, percent: bool = False) -> float:
@@ -146,6 +178,8 @@ def column_rounding(name: str) -> Callable[[float], float]:
         return lambda x: as_printed(x, ".2f", percent=True)
     if name in P_COLUMNS:
         return lambda p: as_printed(p, ".2g" if p < 0.001 else ".3f")
+    if name in ("n_target", "n_equivalence"):
+        return lambda n: n  # whole numbers of seeds, or NaN
     if name == "d_z" or name.startswith("rho_"):
         return lambda x: as_printed(x, ".2f")
     return lambda x: as_printed(x, "g" if name in ("T", "alpha", "temperature") else ".3g")
@@ -209,10 +243,30 @@ def sentence(d: Row, what: str = "") -> str:
     size = f"{abs(d['diff_mean']) * 100:.2f} ± {d['diff_std'] * 100:.2f} points"
     if not sig:
         head = f"{name}: {signed(d['diff_mean'])} ± {d['diff_std'] * 100:.2f} points, not significant after Holm adjustment"
-    elif what:
+        return f"{head}: {verdict(d)} ({tests_text(d)})."
+    if what:
         head = f"{what} {'adds' if d['diff_mean'] > 0 else 'costs'} {size}"
     else:
         head = f"{d['a']} {'beats' if d['diff_mean'] > 0 else 'trails'} {d['b']} by {signed(d['diff_mean'])[0]}{size}"
+    return f"{head} ({tests_text(d)})."
+
+
+def tests_text(d: Row) -> str:
+    """'95% CI [...]; paired t, p = ..., Holm p = ...; Wilcoxon p = ...; d_z = ...; n = ...'."""
     d_z = "—" if math.isnan(d["d_z"]) else f"{d['d_z']:.2f}"
-    return (f"{head} (95% CI [{signed(d['ci_low'])}, {signed(d['ci_high'])}]; paired t, p = {fmt_p(d['p_value'])}, "
-            f"Holm p = {fmt_p(d['p_holm'])}; Wilcoxon p = {fmt_p(d['p_wilcoxon'])}; d_z = {d_z}; n = {d['n_pairs']}).")
+    return (f"95% CI [{signed(d['ci_low'])}, {signed(d['ci_high'])}]; paired t, p = {fmt_p(d['p_value'])}, "
+            f"Holm p = {fmt_p(d['p_holm'])}; Wilcoxon p = {fmt_p(d['p_wilcoxon'])}; d_z = {d_z}; n = {d['n_pairs']}")
+
+
+def verdict(d: Row) -> str:
+    """What a non-significant comparison says: equivalent within the margin (TOST), or inconclusive
+    with the seeds that would settle it; never "no effect"."""
+    if "p_tost" in d and not math.isnan(d["p_tost"]) and d["p_tost"] < ALPHA:
+        return f"equivalent within ±{d['margin'] * 100:g} points (TOST p = {fmt_p(d['p_tost'])})"
+    if "p_tost" in d:
+        return (f"inconclusive, not shown equivalent within ±{d['margin'] * 100:g} points (TOST p = "
+                f"{fmt_p(d['p_tost'])}): need about {seeds(d['n_equivalence'])} seeds")
+    if "mde" not in d or math.isnan(d["mde"]):
+        return "inconclusive (not evidence of no effect)"
+    return (f"inconclusive, not evidence of no effect: these {d['n_pairs']} seeds detect {d['mde'] * 100:.2f} points "
+            f"with 80% power, and about {seeds(d['n_target'])} would detect {d['target'] * 100:g}")

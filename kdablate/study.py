@@ -179,6 +179,12 @@ class ArmConfig(Frozen):
         return _check_axes(v)
 
 
+class EquivalenceConfig(Frozen):
+    """TOST per comparison: is the difference within ±``margin`` points?"""
+
+    margin: Float = Field(gt=0, le=100)
+
+
 class AnalysisConfig(Frozen):
     """What the analysis scripts draw.
 
@@ -186,7 +192,9 @@ class AnalysisConfig(Frozen):
     as lines; factorial: draw and tabulate the mass x structure contrasts;
     extra_metrics: more columns for the table; heatmaps: arms whose
     explanation-derived class similarity is drawn beside the teacher's; pairs:
-    (a, b) arms compared paired by seed.
+    (a, b) arms compared paired by seed; target_effect: the difference in points whose seeds
+    needed every comparison reports (80% power, two-sided paired t, alpha 0.05); equivalence:
+    ``{margin: m}`` tests each comparison for equivalence within ±m points (TOST).
     """
 
     baseline: str | None = None
@@ -196,6 +204,8 @@ class AnalysisConfig(Frozen):
     extra_metrics: list[str] = Field(default_factory=list)
     heatmaps: list[str] = Field(default_factory=list)
     pairs: list[tuple[str, str]] = Field(default_factory=list)
+    target_effect: Float = Field(1.0, gt=0, le=100)
+    equivalence: EquivalenceConfig | None = None
 
     @field_validator("factorial")
     @classmethod

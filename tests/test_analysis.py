@@ -652,3 +652,26 @@ def test_published_names_arms_that_exist(tmp_path):
     load_study(path)
     path.write_text(STUDY + "published: {ce: 173.3}\n")
     assert_refused(path, "published.ce", "less than or equal to 100")
+
+
+def test_power_columns_and_equivalence_sentences(store, tmp_path):
+    """With analysis.equivalence each comparison gets its TOST p (statsmodels' ttost_paired) and a
+    verdict: different, equivalent within the margin, or inconclusive with the seeds it needs."""
+    from statsmodels.stats.weightstats import ttost_paired
+
+    path = tmp_path / "synth_equiv.yaml"
+    path.write_text(STUDY.replace("description: synthetic", "name: synth\ndescription: synthetic")
+                    .replace("  heatmaps: [il]\n", "  heatmaps: [il]\n  target_effect: 2\n  equivalence: {margin: 8}\n"))
+    runs = runs_mod.load(load_study(path))
+    report.build(runs, tmp_path / "out", "report/test_acc")
+    vs = pd.read_csv(tmp_path / "out" / "vs_ce.csv").set_index("a")
+    a, b = known("kd[temperature=2.0]"), known("ce")
+    seeds = sorted(set(a) & set(b))
+    want = ttost_paired(np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds]), -0.08, 0.08)[0]
+    from analysis.tables import column_rounding
+
+    assert vs.loc["kd[temperature=2.0]", "p_tost"] == column_rounding("p_tost")(want)  # the CSV keeps printed digits
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "MDE₈₀" in (tmp_path / "out" / "table.md").read_text() and "n for 2" in text
+    assert "equivalent within ±8 points (TOST p = " in text  # the effects are all far inside ±8
+    assert "no effect" not in text.replace("not evidence of no effect", "")
