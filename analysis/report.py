@@ -39,7 +39,7 @@ from analysis.artifacts import calibration_figure, similarity_figure
 from analysis.document import Report
 from analysis.figures import study_or_exit
 from analysis.options import DEFAULT_METRIC, DEFAULT_OUT, add_report_options
-from analysis.runs import PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
+from analysis.runs import CODE, PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
 from analysis.stats import MARKS, with_power
 from kdablate import tracking
 from kdablate.study import Study
@@ -134,6 +134,12 @@ def provenance_section(runs: StudyRuns) -> list[str]:
               for tag, vals in counts.items()]
     lines.append("")
     mixed = [tag for tag, vals in counts.items() if len(vals) > 1]
+    code = [tag for tag in CODE if tag in mixed]
+    if code:
+        lines += [f"> **Warning: these runs were made by {max(len(counts[t]) for t in code)} versions of the code** "
+                  f"(they differ in {', '.join(f'`{t}`' for t in code)}; commits above). A difference between arms "
+                  "made by different code mixes the arms' effect with the code's; rerun them with one version.", ""]
+        mixed = [tag for tag in mixed if tag not in (*CODE, "git_commit", "git_dirty")]
     if mixed:
         lines += [f"> **Warning: these runs were not all made on one machine and library build** (they differ in "
                   f"{', '.join(f'`{t}`' for t in mixed)}). Numbers are bit-identical only on one machine and "

@@ -21,8 +21,9 @@ from kdablate import tracking
 from kdablate.study import Study
 
 # The tags ``kdablate.runner.provenance`` puts on every run: where and how its numbers were made.
-PROVENANCE = ("cpu_model", "cpu_capability", "torch_version", "torch_cuda", "threads", "device", "amp", "host",
-              "python_version")
+PROVENANCE = ("git_commit", "git_dirty", "code_sha256", "plugins_sha256", "cpu_model", "cpu_capability",
+              "torch_version", "torch_cuda", "threads", "device", "amp", "host", "python_version")
+CODE = ("code_sha256", "plugins_sha256")  # two runs share a code version when these are equal
 UNKNOWN = "unknown"  # the value of a tag a run lacks (runs made before kdablate logged it)
 
 REPORT_RULES = {

@@ -121,6 +121,9 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
                           "auto (default) where measured faster (the MLP on a CPU; the MLP, 1-D CNN and ResNet-8 "
                           "on CUDA), on: any model, off: never")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
+    run.add_argument("--allow-mixed-code", action="store_true",
+                     help="add cells to a study whose finished cells another version of the code made (refused "
+                          "by default; the report lists the versions and warns)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                      help="autocast precision (bf16 on a CPU without AMX is slower: a warning says so)")
@@ -209,7 +212,8 @@ def run(study: Study, args: argparse.Namespace) -> int:
     opts = RunOptions(cache_dir=args.cache_dir, threads=args.threads, workers=args.workers,
                       checkpoint_every=args.checkpoint_every[0], checkpoint_every_s=args.checkpoint_every[1],
                       executor=args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,
-                      progress=not args.no_progress, device=args.device, amp=args.amp, stack=args.stack)
+                      progress=not args.no_progress, device=args.device, amp=args.amp, stack=args.stack,
+                      allow_mixed_code=args.allow_mixed_code)
     failed = run_study(study, opts)  # ConfigError (e.g. resuming under another precision): main says it
     if failed:
         print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)

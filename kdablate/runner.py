@@ -62,6 +62,7 @@ class RunOptions:
     roles: tuple[tuple[str, str], ...] = ()  # arm -> 'baseline' / 'reference' (the rest: 'arm'), a run tag
     stack: str = "auto"  # train an arm's seeds as one stacked model: 'auto' (where faster), 'on', 'off'
     stack_max: int = 16  # at most this many seeds in one stack
+    allow_mixed_code: bool = False  # add cells to a study whose finished cells other code made
     # teacher key -> why it cannot be used (it diverged or failed to train), found by
     # ensure_teachers before the cells fan out, so no worker trains it again.
     teacher_failures: tuple[tuple[str, str], ...] = ()
@@ -621,6 +622,28 @@ def check_precision(client: tracking.MlflowClient, exp_id: str, study: Study, ru
                           "or use a new store (MLFLOW_TRACKING_URI) to keep the precisions apart")
 
 
+def check_code(client: tracking.MlflowClient, exp_id: str, study: Study) -> None:
+    """Refuse (ConfigError) to add cells to a study whose finished cells another code version made
+    (kdablate's source or a plugin's differs, or was not recorded): one table must not silently
+    mix two versions of the code. ``--allow-mixed-code`` adds them anyway; the report then warns."""
+    mine = tracking.code_state(study.plugins)
+    hashes = {c.config_hash() for c in study.cells}
+    found: dict[tuple[str, ...], tuple[int, str]] = {}
+    for run in tracking.search_cells(client, exp_id, "FINISHED"):
+        tags = run.data.tags
+        if tags.get("config_hash") in hashes:
+            other = tuple(tags.get(t, "unknown") for t in tracking.CODE_TAGS)
+            n, _ = found.get(other, (0, ""))
+            found[other] = (n + 1, tags.get("git_commit", "unknown")[:12])
+    clash = {k: v for k, v in found.items() if k != tuple(mine[t] for t in tracking.CODE_TAGS)}
+    if clash:
+        (code, plugins), (n, commit) = next(iter(clash.items()))
+        raise ConfigError(f"study {study.name}: {n} finished cell(s) were made by other code (source {code}, plugins "
+                          f"{plugins}, commit {commit}); this code is source {mine['code_sha256']}, plugins "
+                          f"{mine['plugins_sha256']}: rerun them, use a new store (MLFLOW_TRACKING_URI), or add "
+                          "cells anyway with --allow-mixed-code (the report warns)")
+
+
 MIN_FREE_MIB = 200  # below this a cache or store folder is refused before any cell trains
 
 
@@ -655,6 +678,8 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     client = tracking.client(opts.uri)
     exp_id = tracking.experiment_id(client, study.name, study.config.description)
     check_precision(client, exp_id, study, opts.runtime())
+    if not opts.allow_mixed_code:
+        check_code(client, exp_id, study)
     reaped = tracking.reap_stale(client, exp_id)
     done = tracking.finished_hashes(client, exp_id)
     pending = [c for c in study.cells if c.config_hash() not in done]
@@ -704,7 +729,7 @@ def roles(study: Study) -> tuple[tuple[str, str], ...]:
 def start_parent(client: tracking.MlflowClient, exp_id: str, study: Study, opts: RunOptions) -> tuple[str, dict[str, str]]:
     """The invocation's parent run, with the study file, its command-line overrides and subset
     recorded; returns (its id, the tags every cell run shares)."""
-    tags = {"study": study.name, **tracking.git_state(), **provenance(opts.threads, opts.runtime())}
+    tags = {"study": study.name, **tracking.code_state(study.plugins), **provenance(opts.threads, opts.runtime())}
     extra = {"kind": "study", "workers": str(opts.workers), "stack": opts.stack, "cells_selected": str(len(study.cells)),
              "overrides": " ".join(study.overrides) or "none", "plugins": ",".join(study.plugins) or "none"}
     parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",

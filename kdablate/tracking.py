@@ -177,15 +177,61 @@ def log_dataset(c: MlflowClient, run_id: str, name: str, digest: str, source: di
     c.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
 def git_state(cwd: Path | None = None) -> dict[str, str]:
-    """{'git_commit': sha or 'unknown', 'git_dirty': 'true'/'false'/'unknown'}."""
+    """{'git_commit': sha or 'unknown', 'git_dirty': 'true'/'false'/'unknown'} of the checkout at
+    ``cwd``, by default the one kdablate itself is in (not the folder a study runs from)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=cwd or PACKAGE_DIR, capture_output=True, text=True,
+                              check=True).stdout.strip()
 
     try:
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def module_files(name: str) -> list[Path]:
+    """The source files of module or package ``name`` (a package: every .py below it), found
+    without importing it; [] when it has no source on disk."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return sorted(p for folder in spec.submodule_search_locations for p in Path(folder).rglob("*.py"))
+    return [Path(spec.origin)] if spec.origin and spec.origin.endswith(".py") else []
+
+
+def source_digest(name: str) -> str:
+    """16 hex digits of sha256 over the source of module or package ``name`` (relative paths and
+    bytes, in path order): the code that made a number, committed or not; 'unknown' without source."""
+    files = module_files(name)
+    if not files:
+        return "unknown"
+    import hashlib
+
+    root = files[0].parent if len(files) == 1 else Path(os.path.commonpath(files))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def code_state(plugins: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """What code made a run: kdablate's git commit and dirty flag, the sha256 of its source, and
+    of each plugin module the study imported ('name=digest,...', or 'none')."""
+    return {**git_state(), "code_sha256": source_digest("kdablate"),
+            "plugins_sha256": ",".join(f"{m}={source_digest(m)}" for m in plugins) or "none"}
+
+
+CODE_TAGS = ("code_sha256", "plugins_sha256")  # what must match for two runs to share a code version
 
 
 def search_cells(c: MlflowClient, exp_id: str, status: str | None = None) -> list:
