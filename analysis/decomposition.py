@@ -14,6 +14,7 @@ import itertools
 import pandas as pd
 
 from analysis.stats import holm_family, one_sample, paired, t_ci
+from kdablate.factors import DEFAULT_FACTORS, crossing_groups, largest_crossing
 
 
 def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -50,53 +51,25 @@ def against(cells: pd.DataFrame, order: list[str], reference: str, metric: str) 
     return compare(cells, [(a, reference) for a in order if a != reference], metric)
 
 
-# The factors a study may cross (analysis.factorial), as columns of the cells frame. The
-# explanation source is part of the structure's label, so crossing it frees the structure.
-FACTORS = ("mass", "structure", "temperature", "alpha", "source", "objective")
-DEFAULT_FACTORS = ("mass", "structure")
-
-
-def held_constant(factors: tuple[str, str]) -> list[str]:
-    """The factors a crossing of ``factors`` keeps fixed (the arms compared share them)."""
-    free = set(factors) | ({"structure"} if "source" in factors else set())
-    return [f for f in ("temperature", "alpha", "mass", "structure") if f not in free]
-
-
-def largest_crossing(group: pd.DataFrame, f1: str, f2: str) -> pd.DataFrame:
-    """The largest complete f1 x f2 crossing (>= 2 x 2) within ``group``, levels in study order."""
-    firsts = group.drop_duplicates([f1, f2])  # the first arm on each cell
-    group = group[group.arm.isin(firsts.arm)]
-    levels = list(dict.fromkeys(group[f1]))
-    has = {lv: set(group[f2][group[f1] == lv]) for lv in levels}
-    best, size = group.iloc[:0], 0
-    for r in range(2, len(levels) + 1):
-        for subset in itertools.combinations(levels, r):
-            seconds = set.intersection(*(has[lv] for lv in subset))
-            if len(seconds) >= 2 and r * len(seconds) > size:
-                best, size = group[group[f1].isin(subset) & group[f2].isin(seconds)], r * len(seconds)
-    return best
-
-
 def factorial_cells(cells: pd.DataFrame, factors: tuple[str, str] = DEFAULT_FACTORS) -> tuple[pd.DataFrame, list[str]]:
     """The largest complete ``factors[0]`` x ``factors[1]`` crossing (>= 2 x 2) among soft-target
-    arms that share every other factor (``held_constant``), one arm per cell; and the arms of that
-    setting left out of it (a second arm on a cell already taken, e.g. an explanation schedule
-    variant, or a level not crossed with every other). Empty when the study has none.
+    arms that share every other factor (``kdablate.factors.held_constant``), one arm per cell; and
+    the arms of that setting left out of it (a second arm on a cell already taken, e.g. an
+    explanation schedule variant, or a level not crossed with every other). Empty when the study
+    has none. The rule is ``kdablate.factors``', the one the study's load check uses.
 
     ``cells`` must be in study order: the first arm on a cell keeps it, and the levels
     keep the order in which the study's arms introduce them.
     """
     f1, f2 = factors
-    kd = cells[(cells.alpha > 0) & ~cells.mass.isin(["none", "—"])]
-    best, left_out = kd.iloc[:0], []
-    held = held_constant(factors)
-    for _, group in kd.groupby(held, sort=False) if held else [(None, kd)]:
+    best: list[dict] = []
+    left_out: list[str] = []
+    for group in crossing_groups(cells.to_dict("records"), factors):
         found = largest_crossing(group, f1, f2)
-        if len(found.drop_duplicates([f1, f2])) > len(best.drop_duplicates([f1, f2])):
+        if len({(r[f1], r[f2]) for r in found}) > len({(r[f1], r[f2]) for r in best}):
             best = found
-            same = (kd[held] == best[held].iloc[0]).all(axis=1) if held else kd.alpha > 0
-            left_out = [a for a in dict.fromkeys(kd[same].arm) if a not in set(best.arm)]
-    return best, left_out
+            left_out = [a for a in dict.fromkeys(r["arm"] for r in group) if a not in {r["arm"] for r in best}]
+    return cells[cells.arm.isin({r["arm"] for r in best})], left_out
 
 
 def factorial(cells: pd.DataFrame, metric: str, factors: tuple[str, str] = DEFAULT_FACTORS) -> pd.DataFrame:

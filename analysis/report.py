@@ -42,6 +42,7 @@ from analysis.options import DEFAULT_METRIC, DEFAULT_OUT, add_report_options
 from analysis.runs import CODE, PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
 from analysis.stats import MARKS, with_power
 from kdablate import tracking
+from kdablate.factors import held_constant
 from kdablate.study import Study
 
 DEFAULT_EXTRA = ["report/test_ece", "report/test_agreement"]
@@ -172,6 +173,10 @@ def comparisons(rep: Report, runs: StudyRuns) -> dict[str, pd.DataFrame]:
     head, rows = tables.main_rows(summary, vs.get(base), extra, runs.study.config.published,
                                   runs.study.config.analysis.target_effect)
     rep.heading("Arms")
+    absent = [m for m in a.extra_metrics if m not in runs.cells]
+    if absent:
+        rep.note(f"analysis.extra_metrics: no finished run logged {', '.join(f'`{m}`' for m in absent)}, so the "
+                 "table leaves it out; check the name against a run's metrics (kdablate ui).")
     if base is None:
         rep.note("No `analysis.baseline` with finished runs: the table has no paired differences.")
     rep.table(summary, head, rows, "table", tables.caption(rep.metric, rep.rule, base, len(summary) - 1)
@@ -228,7 +233,7 @@ SYMBOL = {"temperature": "T", "alpha": "α"}
 
 def crossing_text(grid: pd.DataFrame, factors: tuple[str, str], left_out: list[str]) -> str:
     """'Crossing: mass [...] × structure [...] at T = 4, α = 0.9; left out of it: ...'."""
-    held = dec.held_constant(factors)
+    held = held_constant(factors)
     fixed = ", ".join(f"{SYMBOL.get(f, f)} = {dec.label(grid[f].iat[0])}" for f in held)
     f1, f2 = factors
     return (f"Crossing: {f1} {[dec.label(v) for v in dict.fromkeys(grid[f1])]} × {f2} "

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from kdablate import tracking
+from kdablate.factors import factor_levels
 from kdablate.study import Study
 
 # The tags ``kdablate.runner.provenance`` puts on every run: where and how its numbers were made.
@@ -47,17 +48,6 @@ def family(arm: str) -> str:
         return arm
     rest = [kv for kv in m.group(2).split(",") if not kv.startswith("temperature=")]
     return f"{m.group(1)}[{','.join(rest)}]" if rest else m.group(1)
-
-
-def labels(params: dict[str, Any]) -> tuple[str, str]:
-    """(mass, structure) as tables show them: the explanation source is part of the structure,
-    and an objective other than the soft target stands in for both."""
-    if params.get("knowledge.objective.name", "soft_target") != "soft_target":
-        return "—", str(params["knowledge.objective.name"])
-    s = params.get("knowledge.structure.name", "uniform")
-    base = params.get("knowledge.structure.base")
-    detail = params.get("knowledge.structure.source") or (base if base not in (None, "teacher") else None)
-    return str(params.get("knowledge.mass.name", "none")), f"{s}:{detail}" if detail else str(s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +99,8 @@ def load(study: Study) -> StudyRuns:
 
 def cell_row(run: Any) -> dict[str, Any]:
     params = {k: cast_param(v) for k, v in run.data.params.items()}
-    mass, structure = labels(params)
     return {"arm": run.data.tags["arm"], "seed": int(run.data.tags["seed"]), "run_id": run.info.run_id,
-            "family": family(run.data.tags["arm"]), "mass": mass, "structure": structure,
-            "temperature": params.get("knowledge.temperature"), "alpha": params.get("knowledge.alpha"),
-            "source": params.get("knowledge.structure.source") or "n/a",
-            "objective": params.get("knowledge.objective.name", "soft_target"),
+            "family": family(run.data.tags["arm"]), **factor_levels(params),
             "report": params.get("report", "unknown"), **run.data.metrics,
             **{f"param:{k}": v for k, v in params.items()},
             **{f"tag:{k}": run.data.tags.get(k, UNKNOWN) for k in PROVENANCE}}

@@ -24,6 +24,7 @@ from kdablate.components.context import Probe
 from kdablate.config import CellConfig, DataSpec, KnowledgeConfig, ModelSpec, TeacherConfig
 from kdablate.data import DataShape, describe_dataset
 from kdablate.models import build_model
+from kdablate.models.factory import MAX_PARAMS, param_count
 from kdablate.models.checkpoint import checkpoint_digest, fit_state_dict, read_checkpoint
 from kdablate.models.ensemble import Ensemble
 from kdablate.saved import SavedModel, read_saved, saved_mismatch
@@ -82,7 +83,15 @@ def _model(name: str, params_json: str, shape: tuple[int, ...], k: int, inputs: 
 
 
 def fitted_model(spec: ModelSpec, facts: DataFacts, field: str) -> nn.Module:
-    """``spec`` built for the data and run on two of its inputs; CellCheckError if it does not fit."""
+    """``spec`` built for the data and run on two of its inputs; CellCheckError if it does not fit,
+    or (before anything is built) if it would have more than ``MAX_PARAMS`` parameters."""
+    try:
+        n = param_count(spec.name, spec.params, facts.input_shape, facts.num_classes)
+    except Exception:  # noqa: BLE001 - a spec that cannot be sized is reported by the build below
+        n = 0
+    if n > MAX_PARAMS:
+        raise CellCheckError(field, f"model '{spec.name}' {spec.params} would have about {n:.2g} parameters, more than "
+                                    f"the limit of {MAX_PARAMS:.0e}; check its size parameters")
     try:
         return _model(spec.name, json.dumps(spec.params, sort_keys=True), facts.input_shape, facts.num_classes,
                       facts.inputs)
@@ -107,6 +116,7 @@ def check_cell(cell: CellConfig, blame: dict[str, str]) -> None:
         if size > facts.shape.n_train:
             raise CellCheckError(blame[path], f"batch_size {size} is larger than the {facts.shape.n_train} training "
                                               "samples, so no optimiser step would run; lower it")
+    check_schedule(cell, facts, blame["knowledge"])
     models = {"self": fitted_model(cell.student, facts, blame["student"])}
     names = {"self": cell.student.name}
     if cell.teacher is not None:
@@ -182,6 +192,24 @@ def _saved_model(run_id: str, data: DataSpec, member: TeacherConfig, facts: Data
     if why:
         raise ConfigError(f"run {run_id}: {why}")
     return saved.build()
+
+
+def check_schedule(cell: CellConfig, facts: DataFacts, field: str) -> None:
+    """Settings that would train something other than what they say: a warm-up longer than the
+    training (alpha never reaches its value), or an explanation every more steps than a cell has."""
+    k, epochs = cell.knowledge, cell.optim.epochs
+    if k.alpha > 0 and k.warmup_epochs > epochs:
+        raise CellCheckError(field, f"warmup_epochs {k.warmup_epochs} is longer than the {epochs} epochs, so alpha "
+                                    f"never reaches {k.alpha:g}; shorten the warm-up or train longer")
+    structure = {**k.structure.params, **k.structure.params.get("base_params", {})}
+    steps = facts.shape.n_train // cell.optim.batch_size * epochs
+    if structure.get("every", 1) > steps:
+        raise CellCheckError(field, f"structure every {structure['every']} is more than the {steps} steps of a cell "
+                                    "(about one explanation per cell); lower every")
+    if k.objective.name != "soft_target" and (k.mass.name, k.structure.name) != ("none", "uniform"):
+        raise CellCheckError(field, f"objective '{k.objective.name}' builds no soft target, so it ignores mass "
+                                    f"'{k.mass.name}' and structure '{k.structure.name}', yet they would enter the "
+                                    "cell's hash; remove them from the arm (mass: none, structure: uniform)")
 
 
 def check_knowledge(knowledge: KnowledgeConfig, facts: DataFacts, probe: Probe, field: str, has_teacher: bool) -> None:

@@ -112,6 +112,17 @@ class OptimConfig(Frozen):
     milestones: tuple[Int, ...] = ()
     gamma: Float = Field(0.1, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _milestones(self) -> "OptimConfig":
+        if self.milestones and self.schedule != "multistep":
+            raise ValueError(f"milestones {list(self.milestones)} do nothing under schedule '{self.schedule}'; set "
+                             "schedule: multistep or remove them")
+        late = [m for m in self.milestones if not 0 < m < self.epochs]
+        if late:
+            raise ValueError(f"milestone {late[0]} is not inside the {self.epochs} epochs, so it never decays the lr; "
+                             f"keep milestones in 1..{self.epochs - 1} (an epochs override needs milestones too)")
+        return self
+
 
 class TeacherConfig(Frozen):
     """The teacher: trained once per this config (and data) and cached with its logits, or

@@ -26,7 +26,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdablate.checks import CellCheckError, check_cell
 from kdablate.compose import CompositionError, apply_overrides, import_plugins, resolve_extends
-from kdablate.config import CellConfig, Float, Frozen, Int, MassSpec, ObjectiveSpec, Seed, StructureSpec
+from kdablate.config import (CellConfig, Float, Frozen, Int, KnowledgeConfig, MassSpec, ObjectiveSpec, Seed,
+                             StructureSpec, flatten)
+from kdablate.factors import DEFAULT_FACTORS, FACTORS, factor_levels, has_crossing
 from kdablate.registry import ConfigError, brief
 
 KNOWLEDGE_KEYS = ("objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "warmup_by", "entropy_penalty")
@@ -199,8 +201,8 @@ class AnalysisConfig(Frozen):
 
     baseline: str | None = None
     reference: list[str] = Field(default_factory=list)
-    # true: mass x structure; or the two factors to cross, from FACTORS
-    factorial: bool | list[Literal["mass", "structure", "temperature", "alpha", "source", "objective"]] = False
+    # true: mass x structure; or the two factors to cross, from kdablate.factors.FACTORS
+    factorial: bool | list[Literal[FACTORS]] = False
     extra_metrics: list[str] = Field(default_factory=list)
     heatmaps: list[str] = Field(default_factory=list)
     pairs: list[tuple[str, str]] = Field(default_factory=list)
@@ -217,7 +219,7 @@ class AnalysisConfig(Frozen):
     def factors(self) -> tuple[str, str] | None:
         """The two factors the report crosses, or None."""
         if self.factorial is True:
-            return ("mass", "structure")
+            return DEFAULT_FACTORS
         return tuple(self.factorial) if self.factorial else None
 
 
@@ -572,6 +574,9 @@ def expand(config: StudyConfig, path: Path) -> list[CellConfig]:
     if dup:
         raise StudyError(path, "arms", f"two cells are both named '{dup[0]}'; use a name template like '{{mass}}+{{structure}}'")
     _check_analysis(config, path, set(names))
+    firsts = [c for c in cells if c.seed == config.seeds[0]]
+    _check_reads(config, path, firsts)
+    _check_ignored(config, path, firsts)
     return cells
 
 
@@ -629,3 +634,57 @@ def _check_analysis(config: StudyConfig, path: Path, arms: set[str]) -> None:
     for field, arm in wanted:
         if arm is not None and arm not in arms:
             raise StudyError(path, field, f"no arm named '{arm}'; arms: {', '.join(sorted(arms))}")
+    for i, (x, y) in enumerate(a.pairs):
+        if x == y:
+            raise StudyError(path, f"analysis.pairs[{i}]", f"compares '{x}' with itself (a difference of 0 in every "
+                                                           "seed); name two different arms")
+
+
+def explains(cell: CellConfig) -> bool:
+    """Whether the cell's structure is built from explanations (so it has a similarity to draw)."""
+    s = cell.knowledge.structure
+    return "explanation" in (s.name, s.params.get("base"))
+
+
+def _check_reads(config: StudyConfig, path: Path, cells: list[CellConfig]) -> None:
+    """The analysis asks only for what the arms make: heatmaps of arms that explain, a factorial
+    of a crossing the arms hold."""
+    a, by_arm = config.analysis, {c.arm: c for c in cells}
+    for i, arm in enumerate(a.heatmaps):
+        if not explains(by_arm[arm]):
+            raise StudyError(path, f"analysis.heatmaps[{i}]", f"arm '{arm}' has no explanation structure, so it has "
+                                                              "no explanation similarity to draw; list arms whose "
+                                                              "structure is explanation")
+    factors = a.factors()
+    if factors and not has_crossing([{"arm": c.arm, **factor_levels(flatten(c.model_dump(mode="json")))}
+                                     for c in cells], factors):
+        raise StudyError(path, "analysis.factorial", f"no arms cross {factors[0]} x {factors[1]} (at least 2 x 2 "
+                                                     "soft-target arms that share every other factor); add them "
+                                                     "(a grid) or remove factorial")
+
+
+def effective(cell: CellConfig) -> str:
+    """The cell's hash with what its knowledge ignores reset: a soft target at alpha 0 reads no
+    mass, structure, temperature or warm-up (plain CE, with its confidence penalty)."""
+    k = cell.knowledge
+    if k.objective.name == "soft_target" and k.alpha == 0:
+        k = KnowledgeConfig(entropy_penalty=k.entropy_penalty)
+    return cell.model_copy(update={"knowledge": k, "arm": ""}).config_hash()
+
+
+def _check_ignored(config: StudyConfig, path: Path, cells: list[CellConfig]) -> None:
+    """Refuse an axis or grid that makes cells of one arm that differ only in what the arm
+    ignores: identical training under different hashes (CE at alpha 0 crossed with T)."""
+    seen: dict[str, str] = {}
+    for c in cells:
+        key = effective(c)
+        if key in seen and family(seen[key]) == family(c.arm):
+            raise StudyError(path, "axes", f"cells '{seen[key]}' and '{c.arm}' differ only in what they ignore "
+                                           "(alpha 0 reads no mass, structure or temperature), so they train the "
+                                           "same model twice; give such arms one value (e.g. in their set:)")
+        seen.setdefault(key, c.arm)
+
+
+def family(arm: str) -> str:
+    """The arm an expanded cell came from: its name before a '[key=value]' suffix."""
+    return arm.split("[", 1)[0]

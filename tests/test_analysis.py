@@ -675,3 +675,12 @@ def test_power_columns_and_equivalence_sentences(store, tmp_path):
     assert "MDE₈₀" in (tmp_path / "out" / "table.md").read_text() and "n for 2" in text
     assert "equivalent within ±8 points (TOST p = " in text  # the effects are all far inside ±8
     assert "no effect" not in text.replace("not evidence of no effect", "")
+
+
+def test_an_extra_metric_no_run_logged_is_named_in_the_report(store, tmp_path):
+    path = tmp_path / "synth_extra.yaml"
+    path.write_text(STUDY.replace("description: synthetic", "name: synth\ndescription: synthetic")
+                    .replace("  heatmaps: [il]\n", "  heatmaps: [il]\n  extra_metrics: [train/nonexistent, report/test_ece]\n"))
+    report.build(runs_mod.load(load_study(path)), tmp_path / "out", "report/test_acc")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "analysis.extra_metrics: no finished run logged `train/nonexistent`" in text and "`report/test_ece`" not in text.split("analysis.extra_metrics")[1].split("\n")[0]

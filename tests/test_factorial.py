@@ -38,18 +38,27 @@ def test_mass_by_structure_stays_the_default_and_finds_no_crossing_here():
 
 
 STUDY = """
-base: {data: {name: mnist1d, num_samples: 500}, student: {name: mlp, hidden: 8, depth: 1}, teacher: null}
+base: {data: {name: mnist1d, num_samples: 500}, student: {name: mlp, hidden: 8, depth: 1},
+       teacher: {model: {name: cnn1d, channels: 8, depth: 2}}}
 seeds: [0]
-arms: [{name: ce, mass: none, alpha: 0.0}]
+arms:
+  - {name: ce, mass: none, alpha: 0.0}
+%s
 analysis: {factorial: %s}
 """
+GRID = """  - name: "{mass}+{structure}"
+    alpha: 0.9
+    grid: {mass: [{name: constant, eps: 0.4}, teacher], structure: [uniform, teacher], temperature: [1.0, 4.0]}"""
 
 
-@pytest.mark.parametrize("value, ok", [("true", True), ("[temperature, structure]", True),
-                                       ("[temperature]", False), ("[mass, mass]", False), ("[speed, mass]", False)])
-def test_study_declares_the_factors(tmp_path, value, ok):
+@pytest.mark.parametrize("value, arms, ok", [("true", GRID, True), ("[temperature, structure]", GRID, True),
+                                             ("true", "", False), ("[temperature, structure]", "", False),
+                                             ("[temperature]", GRID, False), ("[mass, mass]", GRID, False),
+                                             ("[speed, mass]", GRID, False)])
+def test_study_declares_the_factors(tmp_path, value, arms, ok):
+    """Two different known factors, which the arms must cross (a 2 x 2 at least): else refused at load."""
     path = tmp_path / "f.yaml"
-    path.write_text(STUDY % value)
+    path.write_text(STUDY % (arms, value))
     if ok:
         assert load_study(path).config.analysis.factors() in (("mass", "structure"), ("temperature", "structure"))
     else:

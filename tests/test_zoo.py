@@ -207,3 +207,22 @@ def test_bad_parameters_fail_at_load_time():
         MODELS.params("shufflenetv2", {"net_size": 0.7})
     with pytest.raises(ConfigError, match="has no parameter 'width'"):
         MODELS.params("vgg8", {"width": 2})
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_param_count_from_the_spec_is_the_built_models(name):
+    """What the load check sizes a model by (its own formula or a meta-device build) is what
+    building it makes: so a spec too large to build is refused before anything is allocated."""
+    from kdablate.models.factory import param_count
+
+    shape = (1, 40) if name in ("mlp", "cnn1d") else (3, 32, 32)
+    for params in ({}, *SIZE_VARIANTS.get(name, ())):
+        try:
+            model = build_model(name, params, shape, 10)
+        except Exception:  # noqa: BLE001 - a model that cannot take this shape is not this test's
+            continue
+        assert param_count(name, params, shape, 10) == sum(p.numel() for p in model.parameters())
+
+
+SIZE_VARIANTS = {"mlp": ({"depth": 0}, {"depth": 3, "hidden": 7}),
+                 "cnn1d": ({"depth": 1}, {"depth": 3, "channels": 7, "kernel": 3})}

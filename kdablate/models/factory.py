@@ -26,3 +26,19 @@ def place_model(model: nn.Module, input_shape: tuple[int, ...], device: str | to
     if len(input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+MAX_PARAMS = 2_000_000_000  # 8 GB of fp32 weights: past this a spec is a typo, not a model
+
+
+def param_count(name: str, params: dict, input_shape: tuple[int, ...], num_classes: int) -> int:
+    """How many parameters ``build_model`` would make, without allocating them: the model's own
+    ``param_count`` from its spec (models whose size grows by a loop, such as a depth), else a
+    build on the meta device (shapes only, no memory)."""
+    cls = MODELS.get(name)
+    parsed = MODELS.params(name, params)
+    if hasattr(cls, "param_count"):
+        return int(cls.param_count(parsed, input_shape, num_classes))
+    with torch.device("meta"):
+        model = cls(parsed, input_shape, num_classes)
+    return sum(p.numel() for p in model.parameters())

@@ -39,6 +39,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    @staticmethod
+    def param_count(params: Params, input_shape: tuple[int, ...], num_classes: int) -> int:
+        """The parameters ``__init__`` would make, from the spec alone (checked before building)."""
+        width, h = math.prod(input_shape), params.hidden
+        if params.depth < 1:
+            return width * num_classes + num_classes
+        return width * h + h + (params.depth - 1) * (h * h + h) + h * num_classes + num_classes
+
     def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """(S, B, *input_shape) -> (S, B, K): S MLPs at once, ``params`` this model's parameters
         with a leading seed dimension (``kdablate.stacked``). One ``baddbmm`` per layer, the
@@ -81,3 +89,10 @@ class CNN1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=-1))
+
+    @staticmethod
+    def param_count(params: Params, input_shape: tuple[int, ...], num_classes: int) -> int:
+        """The parameters ``__init__`` would make, from the spec alone (checked before building)."""
+        c, k, d = params.channels, params.kernel, max(params.depth, 0)
+        convs = (input_shape[0] * c * k + (d - 1) * c * c * k + d * 2 * c) if d else 0  # conv weights, BN affine
+        return convs + c * num_classes + num_classes
