@@ -369,6 +369,10 @@ def write(study: Study, metric: str = DEFAULT_METRIC, out: Path = DEFAULT_OUT, l
     printed, with warnings for a partial or mixed study; logged to the study's parent run
     unless ``log`` is False. ReportError when there is nothing to report on or ``out`` is unusable."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's file is noise
+    added = sorted(set(tracking.sequential_seeds(tracking.client(), study.name)) - set(study.config.seeds))
+    if added:  # seeds `run --until-halfwidth` added beyond the file's
+        study = study.with_seeds([*study.config.seeds, *added])
+        print(f"report: with the {len(added)} seeds --until-halfwidth added ({added[0]}-{added[-1]})")
     runs = load(study)
     if runs.cells.empty or metric not in runs.cells:
         raise ReportError(f"{study.path}: no finished runs with metric '{metric}' in {runs.uri}; run "

@@ -121,6 +121,12 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
                           "auto (default) where measured faster (the MLP on a CPU; the MLP, 1-D CNN and ResNet-8 "
                           "on CUDA), on: any model, off: never")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
+    run.add_argument("--until-halfwidth", type=float, metavar="H",
+                     help="add seeds in batches until every declared comparison's 95%% CI half-width is at most H "
+                          "points (analysis.pairs, else each arm against analysis.baseline); stops on precision, "
+                          "never on significance")
+    run.add_argument("--max-seeds", type=int, default=40, metavar="N", help="with --until-halfwidth: at most N seeds")
+    run.add_argument("--seed-batch", type=int, default=5, metavar="B", help="with --until-halfwidth: B seeds a batch")
     run.add_argument("--allow-mixed-code", action="store_true",
                      help="add cells to a study whose finished cells another version of the code made (refused "
                           "by default; the report lists the versions and warns)")
@@ -200,10 +206,10 @@ def status(study: Study, args: argparse.Namespace) -> int:
 
 
 def run(study: Study, args: argparse.Namespace) -> int:
-    """Train the pending cells; 1 when some failed."""
+    """Train the pending cells (with --until-halfwidth, in batches of seeds); 1 when some failed."""
     from kdablate.runner import RunOptions, check_device, run_study
 
-    problem = check_device(args.device)
+    problem = check_device(args.device) or until_problem(args)
     if args.threads < 0:
         problem = "--threads must be >= 0 (0: each worker's share of the cores)"
     if problem:
@@ -214,10 +220,28 @@ def run(study: Study, args: argparse.Namespace) -> int:
                       executor=args.executor, address=args.address, gpus_per_cell=args.gpus_per_cell,
                       progress=not args.no_progress, device=args.device, amp=args.amp, stack=args.stack,
                       allow_mixed_code=args.allow_mixed_code)
-    failed = run_study(study, opts)  # ConfigError (e.g. resuming under another precision): main says it
+    if args.until_halfwidth is None:
+        failed = run_study(study, opts)  # ConfigError (e.g. resuming under another precision): main says it
+    else:
+        from kdablate.sequential import Until, run_until
+
+        failed = run_until(study, Until(args.until_halfwidth, args.max_seeds, args.seed_batch), opts)
     if failed:
         print(f"kdablate: {failed} cell(s) FAILED; see 'kdablate status {args.study}'", file=sys.stderr)
     return 1 if failed else 0
+
+
+def until_problem(args: argparse.Namespace) -> str | None:
+    """Why the --until-halfwidth options cannot run, or None."""
+    if args.until_halfwidth is None:
+        return None
+    if not args.until_halfwidth > 0:
+        return f"--until-halfwidth must be > 0 points, got {args.until_halfwidth}"
+    if args.max_seeds < 2 or args.seed_batch < 1:
+        return "--max-seeds must be >= 2 and --seed-batch >= 1"
+    if args.seed:
+        return "--until-halfwidth chooses the seeds itself; drop --seed (use --arm to select arms)"
+    return None
 
 
 def report(study: Study, args: argparse.Namespace) -> int:

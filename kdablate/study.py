@@ -280,6 +280,12 @@ class Study:
     def arms(self) -> list[str]:
         return list(dict.fromkeys(c.arm for c in self.cells))
 
+    def with_seeds(self, seeds: Sequence[int]) -> "Study":
+        """This study over ``seeds`` (a ``seeds=`` override), keeping its selected arms."""
+        full = load_study(self.path, [*self.overrides, f"seeds=[{', '.join(map(str, seeds))}]"])
+        arms = set(self.arms())
+        return dataclasses.replace(full, cells=tuple(c for c in full.cells if c.arm in arms))
+
     def select(self, arms: Sequence[str] = (), seeds: Sequence[int] = ()) -> "Study":
         """The study restricted to the arms matching any glob in ``arms`` and the ``seeds``
         (either empty: all); a pattern or seed that selects nothing is a StudyError."""

@@ -232,6 +232,27 @@ def code_state(plugins: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
 
 
 CODE_TAGS = ("code_sha256", "plugins_sha256")  # what must match for two runs to share a code version
+# On a parent run of `run --until-halfwidth`: the seeds run so far and their CI half-widths.
+SEQUENTIAL_SEEDS, SEQUENTIAL_HALFWIDTHS = "kdablate.sequential_seeds", "kdablate.sequential_halfwidths"
+
+
+def newest_parent(c: MlflowClient, study: str, tag: str | None = None) -> Any:
+    """The study's newest parent run (with ``tag`` set, if given), or None."""
+    exp = c.get_experiment_by_name(study)
+    if exp is None:
+        return None
+    query = "tags.kind = 'study'" + (f" and tags.`{tag}` != ''" if tag else "")
+    found = c.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def sequential_seeds(c: MlflowClient, study: str) -> list[int]:
+    """Every seed ``run --until-halfwidth`` has run for ``study`` (all its records), sorted, or []."""
+    exp = c.get_experiment_by_name(study)
+    if exp is None:
+        return []
+    found = c.search_runs([exp.experiment_id], f"tags.kind = 'study' and tags.`{SEQUENTIAL_SEEDS}` != ''")
+    return sorted({int(s) for r in found for s in r.data.tags[SEQUENTIAL_SEEDS].split(",")})
 
 
 def search_cells(c: MlflowClient, exp_id: str, status: str | None = None) -> list:
