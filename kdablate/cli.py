@@ -9,9 +9,11 @@ is imported only when the command runs, so it costs the other commands nothing.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from analysis.options import add_report_options
@@ -183,6 +185,11 @@ def status(study: Study, args: argparse.Namespace) -> int:
     """Count the cells of ``study`` by the state of their newest run; name the unfinished ones."""
     from kdablate import tracking
 
+    db = tracking.sqlite_path(tracking.tracking_uri())
+    if db is not None and not db.exists():  # say so, and create nothing
+        print(f"study {study.name}: no MLflow store at {db} yet, so none of its {len(study.cells)} cells has run; "
+              f"'kdablate run {args.study}' starts it")
+        return 0
     client = tracking.client()
     exp = client.get_experiment_by_name(study.name)
     if exp is not None:
@@ -300,6 +307,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     # `kdablate dry-run X | head` should end quietly, not with a BrokenPipeError.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # torch warns about its own internal use of torch.jit when forward mode is first imported: noise
+    # on every command whose study uses forward-mode products, nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     args = parse(argv)
     try:
         if args.command == "ui":
@@ -308,6 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyError, ConfigError) as e:  # a bad study file, or a store or cache that cannot be used
         print(f"kdablate: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the disk filling up is the machine's, said in one line
+        if not disk_full(e):
+            raise
+        print(f"kdablate: error: the disk is full ({str(e).splitlines()[0][:120]}); free space and rerun: finished "
+              "cells are kept and the interrupted ones resume", file=sys.stderr)
+        return 2
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what it wraps: MLflow wraps SQLite's errors) is a full disk."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "disk is full" in str(e) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 if __name__ == "__main__":

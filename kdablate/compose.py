@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from kdablate.registry import ConfigError, brief
 
 MAX_EXTENDS = 8  # a chain longer than this is a mistake, not a design
-TOP_LEVEL = ("name", "description", "base", "seeds", "arms", "axes", "analysis", "extends", "plugins")
+TOP_LEVEL = ("name", "description", "base", "seeds", "arms", "axes", "analysis", "published", "extends", "plugins")
 ARM_FIELDS = ("name", "objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "warmup_by",
               "entropy_penalty", "grid", "set")
 ENTRY_POINT_GROUP = "kdablate.plugins"

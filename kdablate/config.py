@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
 
 from kdablate.components import MASSES, STRUCTURES, Need
 from kdablate.data import DATASETS
@@ -33,7 +33,8 @@ def _no_bool(v: Any) -> Any:
 Int = Annotated[int, Strict()]
 # Seeds feed torch generators after mixing (seed * 1_000_003 + stream), which must stay in 64 bits.
 Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
-Float = Annotated[float, BeforeValidator(_no_bool)]
+# Finite: an infinite T or penalty would train NaNs, and JSON (the hash, MLflow) writes inf as null.
+Float = Annotated[float, BeforeValidator(_no_bool), AllowInfNan(False)]
 
 
 class Frozen(BaseModel):
@@ -119,8 +120,9 @@ class OptimConfig(Frozen):
                              "schedule: multistep or remove them")
         late = [m for m in self.milestones if not 0 < m < self.epochs]
         if late:
+            room = f"keep them in 1..{self.epochs - 1}" if self.epochs > 1 else "a 1-epoch run has room for none"
             raise ValueError(f"milestone {late[0]} is not inside the {self.epochs} epochs, so it never decays the lr; "
-                             f"keep milestones in 1..{self.epochs - 1} (an epochs override needs milestones too)")
+                             f"{room} (an epochs override needs milestones too)")
         return self
 
 

@@ -8,6 +8,7 @@ unknown parameter fails at load time, listing what is known.
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 import typing
 from typing import Any, Callable, Generic, Mapping, TypeVar
@@ -97,6 +98,8 @@ def _coerce(kind: str, name: str, field: str, want: Any, value: Any) -> Any:
     """Accept ints for float fields; reject every other type mismatch."""
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if want is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{kind} '{name}' parameter '{field}' must be a finite number, got {value}")
     if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
         raise ConfigError(
             f"{kind} '{name}' parameter '{field}' must be {getattr(want, '__name__', want)}, "

@@ -671,7 +671,8 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     warning = hardware.amp_warning(opts.runtime().device, opts.amp)
     if warning:
         print(warning, flush=True)
-    check_folder(Path(opts.cache_dir), "the cache (--cache-dir, KDABLATE_CACHE)")
+    for sub in ("", "teachers", "checkpoints"):
+        check_folder(Path(opts.cache_dir) / sub, "the cache (--cache-dir, KDABLATE_CACHE)")
     db = tracking.sqlite_path(opts.uri)
     if db is not None:
         check_folder(db.parent, "the MLflow store's folder (MLFLOW_TRACKING_URI)")

@@ -25,6 +25,7 @@ from kdablate import tracking
 from kdablate.config import CellConfig, DataSpec
 from kdablate.models import build_model
 from kdablate.registry import ConfigError
+from kdablate.storage import load_tensors
 
 ARTIFACT_DIR = "model"
 FORMAT = 1
@@ -73,7 +74,7 @@ def read_saved(run_id: str, uri: str | None = None) -> SavedModel:
         except Exception as e:  # noqa: BLE001 - a missing run or artifact, whatever MLflow raises
             raise ConfigError(f"run {run_id[:40]} has no saved model ({type(e).__name__}); set save_model: true "
                               "in the study's base (or an arm's set) and rerun that cell") from None
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    state = load_tensors(io.BytesIO(blob))
     return SavedModel(run_id, spec, state, hashlib.sha256(blob).hexdigest())
 
 

@@ -172,7 +172,7 @@ def unpack_checkpoint(blob: bytes, key: str) -> tuple[dict | None, str]:
         return None, f"made for another config ({shown(header['key'])} != {shown(key)})"
     try:
         # weights_only: tensors, numbers, strings and containers; never code, even from a planted file.
-        state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        state = load_tensors(io.BytesIO(payload))
     except pickle.UnpicklingError:
         return None, "refused: its payload asks for Python objects, which a checkpoint never holds"
     except Exception as e:  # noqa: BLE001 - any other failure: the file is not usable
@@ -257,3 +257,14 @@ class Checkpoint:
 
     def clear(self) -> None:
         Path(self.path).unlink(missing_ok=True)
+
+
+def load_tensors(source: str | os.PathLike | IO[bytes], map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers, never code. torch's warning
+    about a foreign pickle protocol is kept quiet: such a file is refused (an exception), which
+    its caller reports in one line."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+        return torch.load(source, map_location=map_location, weights_only=True)

@@ -304,13 +304,20 @@ class Study:
 STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a plain file name: never '.', '..' or a path
 
 
+# The studies shipped with kdablate: found from any folder (after ./studies and ./NAME.yaml).
+SHIPPED = Path(__file__).resolve().parents[1] / "studies"
+
+
 def resolve_path(study: str | Path, studies_dir: Path = Path("studies")) -> Path:
-    """A ``.yaml``/``.yml`` path as given, or ``studies/<name>.yaml`` for a bare name."""
+    """A ``.yaml``/``.yml`` path as given; for a bare name, the first of ``studies/<name>.yaml``,
+    ``./<name>.yaml`` and the shipped ``<name>.yaml`` that exists (else the first, which the
+    loader reports as missing)."""
     p = Path(study)
     if p.suffix in (".yaml", ".yml"):
         return p
     if STUDY_NAME.fullmatch(str(study)):
-        return studies_dir / f"{study}.yaml"
+        candidates = [studies_dir / f"{study}.yaml", Path(f"{study}.yaml"), SHIPPED / f"{study}.yaml"]
+        return next((c for c in candidates if c.is_file()), candidates[0])
     raise StudyError(clip(str(study), 120), "", "not a study: give a name from studies/ (letters, digits, "
                      "'_', '-', '.', not starting with '.') or the path of a .yaml/.yml file")
 
@@ -356,8 +363,8 @@ def locate(target: str, folder: Path) -> Path:
     beside it or in ./studies."""
     if target.endswith((".yaml", ".yml")):
         return folder / target
-    beside = resolve_path(target, folder)
-    return beside if beside.exists() else resolve_path(target)
+    beside = folder / f"{target}.yaml"
+    return beside if STUDY_NAME.fullmatch(target) and beside.is_file() else resolve_path(target)
 
 
 def compose(path: Path, overrides: Sequence[str]) -> dict[str, Any]:

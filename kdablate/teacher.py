@@ -38,7 +38,7 @@ from kdablate.models.checkpoint import checkpoint_digest, fit_state_dict, read_c
 from kdablate.models.factory import place_model
 from kdablate.registry import ConfigError
 from kdablate.saved import read_saved, saved_mismatch
-from kdablate.storage import atomic_save, file_lock
+from kdablate.storage import atomic_save, file_lock, load_tensors
 from kdablate.trainer import CPU, SPLITS, Runtime, TeacherSignal, fit, predict
 
 
@@ -134,7 +134,7 @@ def verified(path: Path, identity: dict[str, str]) -> tuple[dict | None, str]:
     if not path.exists():
         return None, ""
     try:
-        record = torch.load(path, weights_only=True)
+        record = load_tensors(path)
         saved = record["identity"]
         sha = record_checksum(record)
     except Exception as e:  # noqa: BLE001 - truncated, zeroed or foreign: any failure means do not use it

@@ -50,19 +50,55 @@ def retry_locked(fn: F) -> F:
 
 
 def tracking_uri(root: Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project folder."""
+    """``MLFLOW_TRACKING_URI`` if set (a relative SQLite path made absolute), else a SQLite store
+    in the project folder."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return absolute(env)
     root = Path.cwd() if root is None else root
     return f"sqlite:///{(root / 'mlruns.db').resolve()}"
 
 
+# The stores MLflow's tracking client can talk to: a SQLite or other database URL, or a server.
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+
+
+def absolute(uri: str) -> str:
+    """``sqlite:///rel.db`` (relative to the current folder, MLflow's usual form) made absolute:
+    MLflow cannot put artifacts beside a relative path."""
+    db = sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
+
+
 def client(uri: str | None = None) -> MlflowClient:
-    """A client of the store at ``uri``; a local SQLite store is created (or repaired) first."""
-    uri = uri or tracking_uri()
+    """A client of the store at ``uri``; a local SQLite store is created (or repaired) first, a
+    server must answer; StoreError (one line) for a store that cannot be used."""
+    uri = absolute(uri or tracking_uri())
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise StoreError(f"MLFLOW_TRACKING_URI={uri[:80]}: unknown scheme '{scheme[:20]}'; use sqlite:///path/to/"
+                         "mlruns.db or http://host:port (an MLflow server)")
+    if scheme in ("http", "https"):
+        reachable(uri)
     ensure_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+@functools.lru_cache(maxsize=8)
+def reachable(uri: str, timeout: float = 10.0) -> None:
+    """StoreError unless the tracking server at ``uri`` answers (once per process): MLflow's own
+    client would retry for minutes and end in a hundred lines of traceback."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered, if not with a health page: a server is there
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise StoreError(f"cannot reach the MLflow server at {uri[:80]} ({str(reason)[:100]}); start it (mlflow "
+                         "server) or point MLFLOW_TRACKING_URI elsewhere") from None
 
 
 class StoreError(ConfigError):
@@ -102,6 +138,9 @@ def ensure_store(uri: str) -> None:
     A store left half-made (by a kill, or by an older kdablate) is recreated when it holds no runs,
     with a message; with runs in it, StoreError says what to do."""
     db = sqlite_path(uri)
+    if db is not None and db.is_dir():
+        raise StoreError(f"the MLflow store {db} is a directory, not a SQLite file; point MLFLOW_TRACKING_URI at a "
+                         "file (sqlite:///path/to/mlruns.db)")
     if db is None or (db.exists() and _store_state(db) == "ok"):
         return
     from kdablate.storage import file_lock
@@ -126,12 +165,31 @@ def ensure_store(uri: str) -> None:
                          "to a writable place") from None
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """The named loggers at WARNING for the block: their INFO lines are MLflow's bookkeeping."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
+
+
 def _create_store(db: Path) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    for stale in db.parent.glob(f".{db.name}.*.creating*"):  # left by a creator killed mid-way (we hold the lock)
+        stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
     tmp.unlink(missing_ok=True)
-    store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "mlartifacts"))
+    with quiet_loggers("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "mlartifacts"))
     store.engine.dispose()
     os.replace(tmp, db)  # atomic: readers see no store or a whole one
 

@@ -21,7 +21,7 @@ import torch
 from kdablate.data.bundle import DATASETS, DataBundle, balanced_subset, split_train_val
 from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
-from kdablate.storage import atomic_save, file_lock
+from kdablate.storage import atomic_save, file_lock, load_tensors
 
 # Per-dataset channel mean / std of the training set, in [0, 1] units.
 NORMALIZATION = {
@@ -177,7 +177,7 @@ def decoded(name: str, root: Path, reader, extra: str = "") -> dict[str, torch.T
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
             atomic_save(reader(), path)
-    return torch.load(path, weights_only=True)
+    return load_tensors(path)
 
 
 class VisionDataset(abc.ABC):

@@ -18,6 +18,7 @@ from torch import nn
 from kdablate.hashing import file_digest
 from kdablate.models.foreign import reference_mismatch, to_zoo_keys
 from kdablate.registry import ConfigError
+from kdablate.storage import load_tensors
 
 WRAPPERS = ("model", "state_dict", "net")  # the keys a checkpoint's state_dict is saved under
 
@@ -40,7 +41,7 @@ def read_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[dict[s
     if the file is missing, unreadable, not a state_dict, or not the file ``sha256`` names."""
     digest = checkpoint_digest(path, sha256)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_tensors(path)
     except Exception as e:  # noqa: BLE001 - truncated, pickled code, not torch: any failure is unreadable
         raise ConfigError(f"checkpoint {path}: not a torch weights file that loads with weights_only=True "
                           f"({type(e).__name__}); save the model's state_dict with torch.save") from None
