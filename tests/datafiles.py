@@ -28,3 +28,17 @@ def write_shipped_checkpoints(folder: Path) -> None:
     for rel, (name, k) in SHIPPED_CHECKPOINTS.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": build_model(name, {}, (3, 32, 32), k).state_dict()}, folder / rel)
+
+# The smallest study that trains: CE and label smoothing on 300 MNIST-1D signals, 1 epoch, no teacher.
+TINY_STUDY = """
+base:
+  data: {name: mnist1d, num_samples: 300}
+  student: {name: mlp, hidden: 8, depth: 1}
+  optim: {epochs: 1, batch_size: 32}
+  teacher: null
+seeds: [0, 1]
+arms:
+  - {name: ce, mass: none, alpha: 0.0}
+  - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, alpha: 1.0}
+analysis: {baseline: ce}
+"""

@@ -8,25 +8,14 @@ from kdablate import tracking
 from kdablate.registry import ConfigError
 from kdablate.runner import RunOptions, run_study
 from kdablate.study import load_study
+from tests.datafiles import TINY_STUDY
 from tests.test_study import write
 from tests.test_trust import cli, runs
 
-STUDY = """
-base:
-  data: {name: mnist1d, num_samples: 300}
-  student: {name: mlp, hidden: 8, depth: 1}
-  optim: {epochs: 1, batch_size: 32}
-  teacher: null
-seeds: SEEDS
-arms:
-  - {name: ce, mass: none, alpha: 0.0}
-  - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, alpha: 1.0}
-analysis: {baseline: ce}
-"""
 
 
 def study(tmp_path, seeds: str = "[0]"):
-    return write(tmp_path, STUDY.replace("SEEDS", seeds))
+    return write(tmp_path, TINY_STUDY.replace("seeds: [0, 1]", f"seeds: {seeds}"))
 
 
 def test_every_cell_records_the_code_that_made_it(mlflow_store, tmp_path):

@@ -13,7 +13,7 @@ from kdablate.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.S | re.M)
 
 
 def commands() -> list[tuple[str, str]]:
@@ -42,6 +42,7 @@ def workdir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme")
     write_cifar(folder / "data", "cifar100", 400, 100)
     write_shipped_checkpoints(folder)
+    (folder / "studies").symlink_to(ROOT / "studies")  # the README's commands run in a checkout
     return folder
 
 

@@ -7,21 +7,10 @@ from kdablate import tracking
 from kdablate.runner import RunOptions
 from kdablate.sequential import Until, comparisons, halfwidths, next_seeds, run_until
 from kdablate.study import load_study
+from tests.datafiles import TINY_STUDY as STUDY
 from tests.test_study import write
 from tests.test_trust import cli, runs
 
-STUDY = """
-base:
-  data: {name: mnist1d, num_samples: 300}
-  student: {name: mlp, hidden: 8, depth: 1}
-  optim: {epochs: 1, batch_size: 32}
-  teacher: null
-seeds: [0, 1]
-arms:
-  - {name: ce, mass: none, alpha: 0.0}
-  - {name: ls, mass: {name: constant, eps: 0.1}, structure: uniform, alpha: 1.0}
-analysis: {baseline: ce}
-"""
 
 
 def test_next_seeds_are_the_next_integers_up_to_the_cap():

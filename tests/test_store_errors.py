@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 
 from kdablate import tracking
+from tests.datafiles import TINY_STUDY as SMOKE
 from tests.test_study import write
 
-SMOKE = """
-base:
-  data: {name: mnist1d, num_samples: 300}
-  student: {name: mlp, hidden: 8, depth: 1}
-  optim: {epochs: 1, batch_size: 32}
-  teacher: null
-seeds: [0]
-arms:
-  - {name: ce, mass: none, alpha: 0.0}
-"""
 
 
 def kdablate(*args: str, cwd: Path, uri: str | None = None) -> subprocess.CompletedProcess:
@@ -40,7 +31,7 @@ def test_a_relative_sqlite_uri_is_the_current_folder(tmp_path):
     path = write(tmp_path, SMOKE)
     out = kdablate("run", str(path), "--no-progress", cwd=tmp_path, uri="sqlite:///rel.db")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "rel.db").is_file() and "1 done" in kdablate("status", str(path), cwd=tmp_path,
+    assert (tmp_path / "rel.db").is_file() and "4 done" in kdablate("status", str(path), cwd=tmp_path,
                                                                      uri="sqlite:///rel.db").stdout
     assert "MLflow" not in out.stdout + out.stderr  # no "Creating initial MLflow database tables" lines
 
