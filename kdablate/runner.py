@@ -647,6 +647,15 @@ def check_code(client: tracking.MlflowClient, exp_id: str, study: Study) -> None
 MIN_FREE_MIB = 200  # below this a cache or store folder is refused before any cell trains
 
 
+def check_places(opts: RunOptions) -> None:
+    """The cache's folders and the store's folder can hold a study's files (``check_folder``)."""
+    for sub in ("", "teachers", "checkpoints"):
+        check_folder(Path(opts.cache_dir) / sub, "the cache (--cache-dir, KDABLATE_CACHE)")
+    db = tracking.sqlite_path(opts.uri)
+    if db is not None:
+        check_folder(db.parent, "the MLflow store's folder (MLFLOW_TRACKING_URI)")
+
+
 def check_folder(path: Path, what: str) -> None:
     """ConfigError (the CLI's exit 2) when ``path`` cannot hold a study's files: not a folder,
     not writable, or nearly full, so no cell starts only to fail on its first write."""
@@ -671,11 +680,7 @@ def run_study(study: Study, opts: RunOptions = RunOptions()) -> int:
     warning = hardware.amp_warning(opts.runtime().device, opts.amp)
     if warning:
         print(warning, flush=True)
-    for sub in ("", "teachers", "checkpoints"):
-        check_folder(Path(opts.cache_dir) / sub, "the cache (--cache-dir, KDABLATE_CACHE)")
-    db = tracking.sqlite_path(opts.uri)
-    if db is not None:
-        check_folder(db.parent, "the MLflow store's folder (MLFLOW_TRACKING_URI)")
+    check_places(opts)
     client = tracking.client(opts.uri)
     exp_id = tracking.experiment_id(client, study.name, study.config.description)
     check_precision(client, exp_id, study, opts.runtime())
