@@ -66,3 +66,27 @@ def test_without_comparisons_it_is_refused(mlflow_store, tmp_path):
     out = cli("run", str(write(tmp_path, STUDY.replace("analysis: {baseline: ce}", ""))), "--until-halfwidth", "1",
               cwd=tmp_path)
     assert out.returncode == 2 and "declare analysis.pairs or analysis.baseline" in out.stderr
+
+
+def test_killed_mid_batch_it_resumes_to_the_same_end(mlflow_store, tmp_path):
+    """kill -9 after the first batch's line, then the same command: every seed up to the cap once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = write(tmp_path, STUDY)
+    cmd = [sys.executable, "-m", "kdablate.cli", "run", str(path), "--until-halfwidth", "1e-6", "--max-seeds", "6",
+           "--seed-batch", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("until-halfwidth: 2 seeds"):
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "until-halfwidth: 6 seeds" in out.stdout, out.stderr
+    for arm in ("ce", "ls"):
+        finished = sorted(int(r.data.tags["seed"]) for r in runs("s")[arm] if r.info.status == "FINISHED")
+        assert finished == list(range(6))
