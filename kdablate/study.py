@@ -317,9 +317,18 @@ def resolve_path(study: str | Path, studies_dir: Path = Path("studies")) -> Path
         return p
     if STUDY_NAME.fullmatch(str(study)):
         candidates = [studies_dir / f"{study}.yaml", Path(f"{study}.yaml"), SHIPPED / f"{study}.yaml"]
-        return next((c for c in candidates if c.is_file()), candidates[0])
+        return next((c for c in candidates if is_file(c)), candidates[0])
     raise StudyError(clip(str(study), 120), "", "not a study: give a name from studies/ (letters, digits, "
                      "'_', '-', '.', not starting with '.') or the path of a .yaml/.yml file")
+
+
+def is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file; False for a name the OS refuses (too long, say): the
+    loader then reports it in one line."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def load_study(study: str | Path, overrides: Sequence[str] = (), arms: Sequence[str] = (),
@@ -364,7 +373,7 @@ def locate(target: str, folder: Path) -> Path:
     if target.endswith((".yaml", ".yml")):
         return folder / target
     beside = folder / f"{target}.yaml"
-    return beside if STUDY_NAME.fullmatch(target) and beside.is_file() else resolve_path(target)
+    return beside if STUDY_NAME.fullmatch(target) and is_file(beside) else resolve_path(target)
 
 
 def compose(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
