@@ -143,14 +143,17 @@ def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
         for j, (metric, g) in enumerate(hist[hist.arm == arm].groupby("metric", sort=True)):
             by = g.groupby("epoch").value
             m = by.mean() * 100
-            band = np.array([t_ci(v) for _, v in by]) * 100
+            # An accuracy lies in [0, 100]: a t band of 2 seeds (t = 12.7) would reach far past both.
+            band = np.clip(np.array([t_ci(v) for _, v in by]) * 100, 0, 100)
             ax.plot(m.index, m.to_numpy(), lw=1, color=f"C{j}", label=metric)
             ax.fill_between(m.index, band[:, 0], band[:, 1], color=f"C{j}", alpha=0.25, lw=0)
         ax.set_title(facet_title(arm))
-    axes[0].legend(loc="lower right")
     fig.supxlabel("epoch", fontsize=8)
     fig.supylabel("accuracy (%)", fontsize=8)
     fig.tight_layout()
+    # The legend below the panels, where it covers none of them.
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(names), frameon=False)
     return fig
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from analysis.options import DEFAULT_METRIC, DEFAULT_OUT, add_report_options
 from analysis.runs import CODE, PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
 from analysis.stats import MARKS, with_power
 from kdablate import tracking
+from kdablate.config import flatten
 from kdablate.factors import held_constant
 from kdablate.study import Study
 
@@ -358,10 +360,48 @@ def log_to_parent(runs: StudyRuns, rep: Report) -> str | None:
         staged = Path(tmp) / ARTIFACT_DIR
         shutil.copytree(rep.out, staged, ignore=lambda _, names: [n for n in names if n not in
                                                                    {p.name for p in rep.files}])
-        for name, text in rep.mlflow_copies(run_id, ARTIFACT_DIR).items():
+        copies = rep.mlflow_copies(run_id, ARTIFACT_DIR)
+        for name, text in copies.items():
             (staged / name).write_text(text)
-        tracking.client().log_artifacts(run_id, str(staged), ARTIFACT_DIR)
+        client = tracking.client()
+        client.log_artifacts(run_id, str(staged), ARTIFACT_DIR)
+        for name, text in copies.items():  # the answer where the parent run opens: its artifact root
+            client.log_text(run_id, text, name)
+    answer_on_parent(client, run_id, runs, rep.metric)
     return run_id
+
+
+def metric_name(arm: str) -> str:
+    """An arm's name as MLflow allows in a metric name (letters, digits, _ - . / and spaces)."""
+    return re.sub(r"[^\w.\- /]", "_", arm)
+
+
+def answer_metrics(runs: StudyRuns, metric: str) -> dict[str, float]:
+    """Per arm, in percent with two decimals: mean, std and n of ``metric``, and the paired difference
+    to the baseline with its 95% CI ('answer/<arm>/...'), so the parent run holds the comparison."""
+    out: dict[str, float] = {}
+    for d in dec.summarize(runs.cells, runs.order, metric).to_dict("records"):
+        name = f"answer/{metric_name(d['arm'])}"
+        out.update({f"{name}/mean": d["mean"] * 100, f"{name}/std": d["std"] * 100, f"{name}/n": d["n"]})
+    base = baseline(runs)
+    if base is not None:
+        for d in dec.against(runs.cells, runs.order, base, metric).to_dict("records"):
+            name = f"answer/{metric_name(d['a'])}/vs_{metric_name(base)}"
+            out.update({name: d["diff_mean"] * 100, f"{name}_ci_low": d["ci_low"] * 100,
+                        f"{name}_ci_high": d["ci_high"] * 100})
+    return {k: round(float(v), 2) for k, v in out.items() if v == v}  # NaN (one seed: no std) left out
+
+
+def answer_on_parent(client: tracking.MlflowClient, run_id: str, runs: StudyRuns, metric: str) -> None:
+    """The parent run as the answer: the per-arm metrics, a description pointing at report.html,
+    and the study's resolved base as its params (those it does not hold already)."""
+    tracking.log_metrics(client, run_id, answer_metrics(runs, metric), 0)
+    text = (runs.study.config.description + "\n\n" if runs.study.config.description else "")
+    client.set_tag(run_id, "mlflow.note.content", text + "The comparison: report.html at this run's artifact root "
+                   "(report.md beside it, tables and figures under figures/); metrics answer/<arm>/... in percent.")
+    held = client.get_run(run_id).data.params
+    base = {k: v for k, v in flatten(runs.study.config.base).items() if k not in held}
+    tracking.log_params(client, run_id, base)
 
 
 def write(study: Study, metric: str = DEFAULT_METRIC, out: Path = DEFAULT_OUT, log: bool = True) -> Report:

@@ -264,24 +264,46 @@ def report(study: Study, args: argparse.Namespace) -> int:
     return 0
 
 
+RECIPES = ("In the runs table: filter `tags.role != 'arm'` shows the baseline and reference arms; "
+           "Group by -> tag `arm` gives each arm's mean; the study's parent run holds the answer "
+           "(metrics answer/<arm>/..., report.html at its artifact root).")
+
+
 def ui(args: argparse.Namespace) -> int:
-    """The MLflow UI on the tracking store; blocks until interrupted."""
+    """The MLflow UI on the tracking store; its link (in Model training mode) printed once the server
+    answers, with the two recipes that compare arms; blocks until interrupted."""
     import subprocess
 
     from kdablate import tracking
 
     uri = tracking.tracking_uri()
-    link = f"http://{args.host}:{args.port}/"
-    if args.study:
-        exp = tracking.client(uri).get_experiment_by_name(load_study(args.study).name)
-        link += f"#/experiments/{exp.experiment_id}/runs" if exp else ""
-    print(f"MLflow UI on {uri}: {link}", flush=True)
+    exp = tracking.client(uri).get_experiment_by_name(load_study(args.study).name) if args.study else None
+    link = tracking.runs_link(exp.experiment_id, args.host, args.port) if exp else f"http://{args.host}:{args.port}/"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
+    server = subprocess.Popen(cmd)
     try:
-        return subprocess.call(cmd)
+        if answering(f"http://{args.host}:{args.port}/health", server):
+            print(f"MLflow UI on {uri}: {link}\n{RECIPES}", flush=True)
+        return server.wait()
     except KeyboardInterrupt:
+        server.terminate()
         return 0
+
+
+def answering(url: str, server: "subprocess.Popen", timeout: float = 300.0) -> bool:
+    """Wait until ``url`` answers (True) or the server process ends or ``timeout`` passes (False)."""
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < end:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
 
 
 # Every command over a study takes the loaded study and the parsed arguments, and returns the exit code.

@@ -30,7 +30,7 @@ from kdablate import hardware, stacked, tracking
 from kdablate.checks import data_facts
 from kdablate.compose import import_plugins
 from kdablate.components import Need
-from kdablate.config import CellConfig, flatten
+from kdablate.config import CellConfig, canonical, flatten
 from kdablate.data import DataBundle, load_dataset
 from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
@@ -188,6 +188,13 @@ def checkpoint_path(cell: CellConfig, opts: RunOptions) -> Path:
     return Path(opts.cache_dir) / "checkpoints" / f"{cell.config_hash()}.pt"
 
 
+def spec_label(spec: Any) -> str:
+    """A plugin as the tags and descriptions name it: its name and the parameters that differ from
+    its defaults, e.g. 'constant(eps=0.1)', so two arms that differ by a parameter are told apart."""
+    params = canonical(spec)["params"]
+    return spec.name + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
+
+
 def factor_tags(cell: CellConfig) -> dict[str, str]:
     """Short tags of the factors an ablation crosses, 'n/a' where the arm does not use one (CE reads
     no mass, structure or T; DKD no mass or structure), so one search selects arms to compare."""
@@ -196,21 +203,20 @@ def factor_tags(cell: CellConfig) -> dict[str, str]:
     uses_t = k.alpha > 0
     params = {**k.structure.params, **k.structure.params.get("base_params", {})}
     source = params.get("source", "saliency") if "explanation" in (k.structure.name, params.get("base")) else "n/a"
-    return {"objective": k.objective.name, "mass": k.mass.name if target else "n/a",
-            "structure": k.structure.name if target else "n/a", "T": f"{k.temperature:g}" if uses_t else "n/a",
+    return {"objective": spec_label(k.objective), "mass": spec_label(k.mass) if target else "n/a",
+            "structure": spec_label(k.structure) if target else "n/a", "T": f"{k.temperature:g}" if uses_t else "n/a",
             "alpha": f"{k.alpha:g}", "source": source if target else "n/a"}
 
 
 def describe(cell: CellConfig) -> str:
-    """The arm's definition in a line, for the run's description in the MLflow UI."""
-    k = cell.knowledge
-    def label(spec: Any) -> str:
-        return spec.name + (f"({', '.join(f'{a}={b}' for a, b in spec.params.items())})" if spec.params else "")
-
-    parts = [f"objective {label(k.objective)}", f"mass {label(k.mass)}", f"structure {label(k.structure)}",
-             f"T {k.temperature:g}", f"alpha {k.alpha:g}"]
-    return (f"Arm `{cell.arm}`, seed {cell.seed}: " + ", ".join(parts) + f"; student {cell.student.name}, "
-            f"data {cell.data.name}; config hash {cell.config_hash()} (full config: config.json).")
+    """The arm's definition in a line, for the run's description in the MLflow UI: the factor tags'
+    values (an arm at alpha 0 reads no mass, structure or T, and says so)."""
+    tags = factor_tags(cell)
+    parts = [f"{name} {tags[key]}" for name, key in (("objective", "objective"), ("mass", "mass"),
+                                                     ("structure", "structure"), ("T", "T"), ("alpha", "alpha"))]
+    what = ", ".join(parts) + ("; alpha 0: plain cross-entropy, no soft target" if cell.knowledge.alpha == 0 else "")
+    return (f"Arm `{cell.arm}`, seed {cell.seed}: {what}; student {cell.student.name}, data {cell.data.name}; "
+            f"config hash {cell.config_hash()} (full config: config.json).")
 
 
 def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: CellConfig, opts: RunOptions,

@@ -212,8 +212,9 @@ def experiment_id(c: MlflowClient, name: str, description: str = "") -> str:
 
 
 def runs_link(exp_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
-    """The MLflow UI's runs table of an experiment (the experiment's own page opens elsewhere)."""
-    return f"http://{host}:{port}/#/experiments/{exp_id}/runs"
+    """The MLflow UI's runs table of an experiment (the experiment's own page opens elsewhere), in
+    Model training mode (MLflow 3 opens in GenAI mode otherwise)."""
+    return f"http://{host}:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 
 
 def standard_tags(tags: dict[str, str]) -> dict[str, str]:

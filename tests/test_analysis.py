@@ -684,3 +684,41 @@ def test_an_extra_metric_no_run_logged_is_named_in_the_report(store, tmp_path):
     report.build(runs_mod.load(load_study(path)), tmp_path / "out", "report/test_acc")
     text = (tmp_path / "out" / "report.md").read_text()
     assert "analysis.extra_metrics: no finished run logged `train/nonexistent`" in text and "`report/test_ece`" not in text.split("analysis.extra_metrics")[1].split("\n")[0]
+
+
+def test_the_parent_run_holds_the_answer(store):
+    """Per arm, the mean, std and n and the paired difference to the baseline with its 95% CI, in
+    percent with two decimals; a description pointing at report.html, which sits at the root."""
+    study, _, parent, runs, _ = store
+    client = tracking.client()
+    run = client.get_run(parent)
+    m = run.data.metrics
+    ce = np.array(list(known("ce").values())) * 100
+    assert m["answer/ce/mean"] == round(ce.mean(), 2) and m["answer/ce/n"] == len(ce)
+    assert m["answer/ce/std"] == round(ce.std(ddof=1), 2)
+    tt, base = known("teacher+teacher"), known("ce")
+    d = np.array([tt[s] - base[s] for s in sorted(set(tt) & set(base))]) * 100
+    lo, hi = t_ci(d)
+    assert m["answer/teacher_teacher/vs_ce"] == round(d.mean(), 2)
+    assert (m["answer/teacher_teacher/vs_ce_ci_low"], m["answer/teacher_teacher/vs_ce_ci_high"]) == (round(lo, 2),
+                                                                                                     round(hi, 2))
+    assert "answer/kd_temperature_2.0_/mean" in m  # '[' and '=' are not allowed in a metric name
+    assert "report.html at this run's artifact root" in run.data.tags["mlflow.note.content"]
+    assert run.data.params["data.name"] == "mnist1d" and run.data.params["student.hidden"] == "16"
+    assert {"report.html", "report.md"} <= {f.path for f in client.list_artifacts(parent)}
+
+
+def test_learning_curve_bands_stay_within_0_and_100_and_the_legend_covers_no_panel():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = [{"arm": arm, "seed": s, "metric": m, "epoch": e, "value": v}
+            for arm in ("ce", "kd") for s, v0 in ((0, 0.02), (1, 0.9)) for m in ("val/acc", "test/acc")
+            for e, v in ((1, v0), (2, v0))]
+    fig = plots.learning_curves(pd.DataFrame(rows), ["ce", "kd"])
+    for ax in fig.axes:
+        for band in ax.collections:
+            ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+            assert ys.min() >= 0 and ys.max() <= 100
+        assert ax.get_legend() is None
+    assert len(fig.legends) == 1

@@ -26,6 +26,8 @@ def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
     assert (ce["mass"], ce["structure"], ce["T"], ce["alpha"]) == ("n/a", "n/a", "n/a", "0")
     assert (kd["mass"], kd["structure"], kd["T"], kd["alpha"]) == ("teacher", "teacher", "4", "0.9")
     assert ce["mlflow.note.content"].startswith("Arm `ce`, seed 0:")
+    # The description says what the tags say: CE reads no mass, structure or T.
+    assert "mass n/a, structure n/a, T n/a, alpha 0; alpha 0: plain cross-entropy" in ce["mlflow.note.content"]
     assert ce["mlflow.source.name"] == "kdablate" and ce["mlflow.user"]
     inputs = client.get_run(runs["ce/seed0"].info.run_id).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["mnist1d"] and len(inputs[0].dataset.digest) > 8
@@ -68,3 +70,16 @@ def test_a_resumed_cell_logging_its_dataset_again_leaves_one_input(mlflow_store)
     for _ in range(3):
         tracking.log_dataset(client, run_id, "mnist1d", "0123456789abcdef", {"num_samples": 5000})
     assert len(client.get_run(run_id).inputs.dataset_inputs) == 1
+
+
+def test_factor_tags_carry_the_parameters_that_tell_arms_apart():
+    from kdablate.config import CellConfig
+    from kdablate.runner import factor_tags
+
+    def mass(eps: float) -> str:
+        k = {"mass": {"name": "constant", "eps": eps}, "structure": "uniform", "alpha": 1.0}
+        return factor_tags(CellConfig(arm="a", seed=0, knowledge=k))["mass"]
+
+    assert mass(0.1) == "constant" != mass(0.45) == "constant(eps=0.45)"  # eps 0.1 is the default
+    dkd = factor_tags(CellConfig(arm="d", seed=0, knowledge={"objective": {"name": "dkd", "beta": 2.0}, "alpha": 1.0}))
+    assert dkd["objective"] == "dkd(beta=2.0)" and dkd["mass"] == "n/a"
