@@ -27,7 +27,7 @@ from kdablate.models import build_model
 from kdablate.models.factory import MAX_PARAMS, param_count
 from kdablate.models.checkpoint import checkpoint_digest, fit_state_dict, read_checkpoint
 from kdablate.models.ensemble import Ensemble
-from kdablate.saved import SavedModel, read_saved, saved_mismatch
+from kdablate.saved import read_saved, saved_mismatch
 from kdablate.objectives import build_objective
 from kdablate.registry import ConfigError
 
@@ -176,14 +176,9 @@ def _checkpoint_fits(member: TeacherConfig, model: nn.Module, k: int) -> None:
     _checked_file(path, sha256, spec, model, k, checkpoint_digest(path, sha256))
 
 
-@functools.lru_cache(maxsize=32)
-def _saved(run_id: str) -> SavedModel:
-    return read_saved(run_id)
-
-
 def _saved_model(run_id: str, data: DataSpec, member: TeacherConfig, facts: DataFacts) -> nn.Module:
     """The model run ``run_id`` saved, if it was made for this data (and is the ``model`` named)."""
-    saved = _saved(run_id)
+    saved = read_saved(run_id)
     why = saved_mismatch(saved.spec, data, facts.input_shape, facts.num_classes)
     if why is None and "model" in member.model_fields_set and member.model.flat() != {
             "name": saved.spec["name"], **saved.spec["params"]}:

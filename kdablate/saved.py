@@ -12,6 +12,7 @@ saved model can never run code when it is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -64,7 +65,14 @@ class SavedModel:
 
 def read_saved(run_id: str, uri: str | None = None) -> SavedModel:
     """The model run ``run_id`` of the store at ``uri`` (default: MLFLOW_TRACKING_URI or ./mlruns.db)
-    saved; ConfigError, one line, when the run does not exist or saved no model."""
+    saved; ConfigError, one line, when the run does not exist or saved no model. A run's artifacts
+    do not change, so each is downloaded once per process (the load check and every cell that
+    distils from it share it)."""
+    return _read_saved(run_id, tracking.tracking_uri() if uri is None else uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_saved(run_id: str, uri: str) -> SavedModel:
     client = tracking.client(uri)
     with tempfile.TemporaryDirectory(prefix="kdablate-model-") as tmp:
         try:
