@@ -196,6 +196,7 @@ class Report:
     study: str
     metric: str
     rule: str
+    interval_note: str = ""  # appended to every caption that speaks of a CI (too few seeds for one)
     _lines: list[str] = dataclasses.field(default_factory=list, init=False, repr=False)
     _files: list[Path] = dataclasses.field(default_factory=list, init=False, repr=False)
 
@@ -233,6 +234,7 @@ class Report:
     def figure(self, fig: object, stem: str, caption: str) -> None:
         """Save ``fig`` as PNG and PDF and link it with its caption."""
         self._files += save(fig, self.out, stem)
+        caption += f" {self.interval_note}" if self.interval_note and "CI" in caption else ""
         self._lines += [f"![{stem}]({stem}.png)", "", f"*{tables.md_escape(caption)}* [PDF]({stem}.pdf)", ""]
 
     def table(self, frame: pd.DataFrame, head: list[str], rows: list[list[str]], stem: str, cap: str) -> None:

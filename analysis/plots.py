@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import COLUMN_IN, PAGE_IN, pyplot
-from analysis.stats import t_ci
+from analysis.stats import MIN_INTERVAL_N, t_ci
 
 
 def _rotate(ax: Any) -> None:
@@ -23,12 +23,13 @@ def _rotate(ax: Any) -> None:
 
 
 def _mean_ci(groups: list[pd.Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and 95% t-CI bounds (percent) of each group of fractions; NaN for an empty group."""
+    """Mean and 95% t-CI bounds (percent) of each group of fractions; NaN for an empty group, and
+    NaN bounds (no interval drawn) for a group of fewer than MIN_INTERVAL_N."""
     out = np.full((len(groups), 3), np.nan)
     for i, v in enumerate(groups):
         v = v.dropna() * 100
         if len(v):
-            out[i] = (v.mean(), *t_ci(v))
+            out[i] = (v.mean(), *(t_ci(v) if len(v) >= MIN_INTERVAL_N else (np.nan, np.nan)))
     return out[:, 0], out[:, 1], out[:, 2]
 
 
@@ -60,15 +61,16 @@ def _delta_bars(ax: Any, summary: pd.DataFrame, vs: pd.DataFrame) -> None:
     """Bars of each arm's paired difference to the baseline (the arm absent from ``vs``)."""
     by = vs.set_index("a")
     d = np.array([by.diff_mean.get(a, 0.0) for a in summary.arm]) * 100
-    lo = np.array([by.ci_low.get(a, np.nan) for a in summary.arm]) * 100
-    hi = np.array([by.ci_high.get(a, np.nan) for a in summary.arm]) * 100
+    few = np.array([by.n_pairs.get(a, 0) < MIN_INTERVAL_N for a in summary.arm])
+    lo = np.where(few, np.nan, np.array([by.ci_low.get(a, np.nan) for a in summary.arm])) * 100
+    hi = np.where(few, np.nan, np.array([by.ci_high.get(a, np.nan) for a in summary.arm])) * 100
     x = np.arange(len(summary))
     ax.bar(x, d, color=np.where(d >= 0, "C0", "C3"), alpha=0.8, width=0.7, zorder=2)
     ax.errorbar(x, d, yerr=[d - lo, hi - d], fmt="none", ecolor="black", capsize=2.5, lw=0.9, zorder=3)
     for i, arm in enumerate(summary.arm):
         mark = by.mark.get(arm, "")
         if mark:
-            top = hi[i] if d[i] >= 0 else lo[i]
+            top = np.nan_to_num(hi[i] if d[i] >= 0 else lo[i], nan=d[i])
             ax.annotate(mark, (i, top), xytext=(0, 2 if d[i] >= 0 else -2), textcoords="offset points",
                         ha="center", va="bottom" if d[i] >= 0 else "top", fontsize=7)
     ax.axhline(0, color="0.2", lw=0.8)
@@ -143,8 +145,9 @@ def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
         for j, (metric, g) in enumerate(hist[hist.arm == arm].groupby("metric", sort=True)):
             by = g.groupby("epoch").value
             m = by.mean() * 100
-            # An accuracy lies in [0, 100]: a t band of 2 seeds (t = 12.7) would reach far past both.
-            band = np.clip(np.array([t_ci(v) for _, v in by]) * 100, 0, 100)
+            # An accuracy lies in [0, 100]; no band at all where too few seeds make one.
+            band = np.clip(np.array([t_ci(v) if len(v) >= MIN_INTERVAL_N else (np.nan, np.nan)
+                                     for _, v in by]) * 100, 0, 100)
             ax.plot(m.index, m.to_numpy(), lw=1, color=f"C{j}", label=metric)
             ax.fill_between(m.index, band[:, 0], band[:, 1], color=f"C{j}", alpha=0.25, lw=0)
         ax.set_title(facet_title(arm))

@@ -41,7 +41,7 @@ from analysis.document import Report
 from analysis.figures import study_or_exit
 from analysis.options import DEFAULT_METRIC, DEFAULT_OUT, add_report_options
 from analysis.runs import CODE, PROVENANCE, UNKNOWN, StudyRuns, history, load, parent_run
-from analysis.stats import MARKS, with_power
+from analysis.stats import MARKS, MIN_INTERVAL_N, with_power
 from kdablate import tracking
 from kdablate.config import flatten
 from kdablate.factors import held_constant
@@ -331,6 +331,14 @@ def clean(out: Path) -> None:
             p.unlink()
 
 
+def interval_note(runs: StudyRuns) -> str:
+    """What a figure's caption says when some arm has fewer seeds than an interval needs."""
+    n = runs.cells.arm.value_counts() if not runs.cells.empty else {}
+    few = [f"{arm} (n = {n[arm]})" for arm in runs.order if n[arm] < MIN_INTERVAL_N]
+    return (f"No interval is drawn for {', '.join(few)}: fewer than {MIN_INTERVAL_N} seeds make a t interval too "
+            "wide to read; run more seeds." if few else "")
+
+
 def build(runs: StudyRuns, out: Path, metric: str) -> Report:
     """Write every table, figure, report.md and report.html of ``runs`` into ``out``."""
     try:
@@ -339,7 +347,7 @@ def build(runs: StudyRuns, out: Path, metric: str) -> Report:
     except OSError as e:  # e.g. --out names a file, or a folder this user cannot write
         raise ReportError(f"{out}: cannot write the report there ({e.strerror or e}); "
                           "give --out a writable folder") from None
-    rep = Report(out, runs.study.name, metric, metric_rule(runs, metric))
+    rep = Report(out, runs.study.name, metric, metric_rule(runs, metric), interval_note(runs))
     rep.lines(header(runs, rep) + provenance_section(runs))
     stats = comparisons(rep, runs)
     factorial_section(rep, runs)
@@ -398,7 +406,8 @@ def answer_on_parent(client: tracking.MlflowClient, run_id: str, runs: StudyRuns
     tracking.log_metrics(client, run_id, answer_metrics(runs, metric), 0)
     text = (runs.study.config.description + "\n\n" if runs.study.config.description else "")
     client.set_tag(run_id, "mlflow.note.content", text + "The comparison: report.html at this run's artifact root "
-                   "(report.md beside it, tables and figures under figures/); metrics answer/<arm>/... in percent.")
+                   "(report.md beside it, tables and figures under figures/); per arm, the metrics `answer/ARM/mean`, "
+                   "`std`, `n` and `vs_BASELINE` with its CI, in percent.")
     held = client.get_run(run_id).data.params
     base = {k: v for k, v in flatten(runs.study.config.base).items() if k not in held}
     tracking.log_params(client, run_id, base)

@@ -91,7 +91,7 @@ def load(study: Study) -> StudyRuns:
         cells = cells.sort_values(["arm", "seed"], key=lambda s: s.map(order) if s.name == "arm" else s)
     missing = pd.DataFrame(
         [{"arm": c.arm, "seed": c.seed, "status": latest[h].info.status if h in latest else "NOT STARTED",
-          "reason": latest[h].data.tags.get("failure_reason", "") if h in latest else ""}
+          "reason": tracking.tag(latest[h].data.tags, tracking.FAILURE) if h in latest else ""}
          for h, c in wanted.items() if h not in finished],
         columns=["arm", "seed", "status", "reason"])
     return StudyRuns(study, tracking.tracking_uri(), cells.reset_index(drop=True), missing)
@@ -101,9 +101,9 @@ def cell_row(run: Any) -> dict[str, Any]:
     params = {k: cast_param(v) for k, v in run.data.params.items()}
     return {"arm": run.data.tags["arm"], "seed": int(run.data.tags["seed"]), "run_id": run.info.run_id,
             "family": family(run.data.tags["arm"]), **factor_levels(params),
-            "report": params.get("report", "unknown"), **run.data.metrics,
+            "report": params.get("report", "unknown"), **tracking.summary(run),
             **{f"param:{k}": v for k, v in params.items()},
-            **{f"tag:{k}": run.data.tags.get(k, UNKNOWN) for k in PROVENANCE}}
+            **{f"tag:{k}": tracking.tag(run.data.tags, tracking.ENV + k, UNKNOWN) for k in PROVENANCE}}
 
 
 def history(runs: StudyRuns, metrics: list[str]) -> pd.DataFrame:

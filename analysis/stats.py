@@ -26,6 +26,11 @@ ALPHA = MARK_LEVELS[-1][0]  # a comparison is called significant below this (Hol
 MARKS = ", ".join(f"{mark} p < {level:g}" for level, mark in reversed(MARK_LEVELS)) + " (paired t, Holm-adjusted)"
 
 
+# The fewest seeds a figure draws an interval for: at n = 2 the t interval's half-width is 12.7
+# standard errors, drawn it dwarfs the data and says little; the caption says so instead.
+MIN_INTERVAL_N = 3
+
+
 def t_ci(values: np.ndarray | list[float], level: float = 0.95) -> tuple[float, float]:
     """Student-t confidence interval of the mean; (NaN, NaN) for fewer than 2 values.
 

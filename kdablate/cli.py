@@ -205,7 +205,7 @@ def status(study: Study, args: argparse.Namespace) -> int:
         counts[state] = counts.get(state, 0) + 1
         if state in ("FAILED", "KILLED", "RUNNING"):
             run = next(r for r in by_hash[c.config_hash()] if r.info.status == state)
-            print(f"{state:8} {c.arm} seed {c.seed}: {run.data.tags.get('failure_reason', '')}")
+            print(f"{state:8} {c.arm} seed {c.seed}: {tracking.tag(run.data.tags, tracking.FAILURE)}")
     names = {"FINISHED": "done", "PENDING": "pending", "RUNNING": "running", "FAILED": "failed", "KILLED": "killed"}
     print(f"study {study.name}: {len(study.cells)} cells: "
           + ", ".join(f"{counts.get(k, 0)} {v}" for k, v in names.items()))
@@ -266,7 +266,7 @@ def report(study: Study, args: argparse.Namespace) -> int:
 
 RECIPES = ("In the runs table: filter `tags.role != 'arm'` shows the baseline and reference arms; "
            "Group by -> tag `arm` gives each arm's mean; the study's parent run holds the answer "
-           "(metrics answer/<arm>/..., report.html at its artifact root).")
+           "(metrics answer/ARM/..., report.html at its artifact root).")
 
 
 def ui(args: argparse.Namespace) -> int:

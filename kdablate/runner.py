@@ -229,9 +229,10 @@ def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: Cell
                       if opts.checkpoint_every or opts.checkpoint_every_s else (None, ""))
 
     def create() -> str:
-        cell_tags = {**tags, **tracking.owner_tags(), "kind": "cell", "arm": cell.arm, "seed": str(cell.seed),
-                     "config_hash": cell.config_hash(), **factor_tags(cell),
-                     "role": dict(opts.roles).get(cell.arm, "arm"), "mlflow.note.content": describe(cell)}
+        # The UI lists tag keys in the order the first run logged them: the factors first.
+        cell_tags = {"arm": cell.arm, "role": dict(opts.roles).get(cell.arm, "arm"), **factor_tags(cell),
+                     "seed": str(cell.seed), "kind": "cell", "config_hash": cell.config_hash(), **tags,
+                     **tracking.owner_tags(), "mlflow.note.content": describe(cell)}
         return tracking.start_run(client, exp_id, f"{cell.arm}/seed{cell.seed}", cell_tags, parent)
 
     run_id, resumed, why = tracking.claim_cell(client, exp_id, opts.uri or tracking.tracking_uri(),
@@ -240,12 +241,12 @@ def open_run(client: tracking.MlflowClient, exp_id: str, parent: str, cell: Cell
     if run_id is None:
         return None, 0, why
     if resumed:
-        tracking.set_tags(client, run_id, {"resumed_from_epoch": str(saved["epoch"])})
+        tracking.set_tags(client, run_id, {tracking.RESUMED: str(saved["epoch"])})
         return run_id, int(saved["epoch"]), ""
     if saved:  # its run is gone (another store) or finished: the checkpoint is not this run's
         checkpoint_path(cell, opts).unlink(missing_ok=True)
     if problem:
-        tracking.set_tags(client, run_id, {"checkpoint_discarded": problem})
+        tracking.set_tags(client, run_id, {"kdablate.checkpoint_discarded": problem})
     tracking.log_params(client, run_id, flatten(cell.model_dump(mode="json")))
     client.log_text(run_id, json.dumps(cell.model_dump(mode="json"), indent=2), "config.json")
     return run_id, 0, ""
@@ -315,7 +316,7 @@ def end(client: tracking.MlflowClient, run_id: str, buffer: tracking.MetricBuffe
 def finish(client: tracking.MlflowClient, run_id: str, final: dict[str, float]) -> None:
     # Summaries at step 0: the UI draws a metric whose steps are all 0 as one bar per run,
     # not as a one-point line (its rule: a line once any run logs it at step >= 1).
-    tracking.log_metrics(client, run_id, final, 0)
+    tracking.log_summary(client, run_id, final)
     tracking.terminate(client, run_id, "FINISHED")
 
 
@@ -617,8 +618,8 @@ def check_precision(client: tracking.MlflowClient, exp_id: str, study: Study, ru
     found: dict[tuple[str, str], int] = {}
     for run in tracking.search_cells(client, exp_id, "FINISHED"):
         tags = run.data.tags
-        if tags.get("config_hash") in hashes and "device" in tags:
-            other = (tags["device"].split(":")[0].split(" ")[0], tags.get("amp", "none"))
+        if tags.get("config_hash") in hashes and tracking.tag(tags, "env.device"):
+            other = (tracking.tag(tags, "env.device").split(":")[0].split(" ")[0], tracking.tag(tags, "env.amp", "none"))
             found[other] = found.get(other, 0) + 1
     clash = {k: n for k, n in found.items() if k != mine}
     if clash:
@@ -638,9 +639,9 @@ def check_code(client: tracking.MlflowClient, exp_id: str, study: Study) -> None
     for run in tracking.search_cells(client, exp_id, "FINISHED"):
         tags = run.data.tags
         if tags.get("config_hash") in hashes:
-            other = tuple(tags.get(t, "unknown") for t in tracking.CODE_TAGS)
+            other = tuple(tracking.tag(tags, tracking.ENV + t, "unknown") for t in tracking.CODE_TAGS)
             n, _ = found.get(other, (0, ""))
-            found[other] = (n + 1, tags.get("git_commit", "unknown")[:12])
+            found[other] = (n + 1, tracking.tag(tags, "env.git_commit", "unknown")[:12])
     clash = {k: v for k, v in found.items() if k != tuple(mine[t] for t in tracking.CODE_TAGS)}
     if clash:
         (code, plugins), (n, commit) = next(iter(clash.items()))
@@ -741,9 +742,11 @@ def roles(study: Study) -> tuple[tuple[str, str], ...]:
 def start_parent(client: tracking.MlflowClient, exp_id: str, study: Study, opts: RunOptions) -> tuple[str, dict[str, str]]:
     """The invocation's parent run, with the study file, its command-line overrides and subset
     recorded; returns (its id, the tags every cell run shares)."""
-    tags = {"study": study.name, **tracking.code_state(study.plugins), **provenance(opts.threads, opts.runtime())}
-    extra = {"kind": "study", "workers": str(opts.workers), "stack": opts.stack, "cells_selected": str(len(study.cells)),
-             "overrides": " ".join(study.overrides) or "none", "plugins": ",".join(study.plugins) or "none"}
+    tags = {"kdablate.study": study.name,
+            **tracking.env_tags({**tracking.code_state(study.plugins), **provenance(opts.threads, opts.runtime())})}
+    extra = {"kind": "study", "kdablate.workers": str(opts.workers), "kdablate.stack": opts.stack,
+             "kdablate.cells_selected": str(len(study.cells)), "kdablate.overrides": " ".join(study.overrides) or "none",
+             "kdablate.plugins": ",".join(study.plugins) or "none"}
     parent = tracking.start_run(client, exp_id, f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 {**tags, **tracking.owner_tags(), **extra})
     client.log_artifact(parent, str(study.path))

@@ -56,8 +56,9 @@ def values(study: Study, metric: str, uri: str | None = None) -> dict[str, dict[
     out: dict[str, dict[int, float]] = {}
     for run in tracking.search_cells(client, exp.experiment_id, "FINISHED") if exp else []:
         cell = cells.get(run.data.tags.get("config_hash"))
-        if cell is not None and metric in run.data.metrics:
-            out.setdefault(cell.arm, {})[cell.seed] = run.data.metrics[metric]
+        metrics = tracking.summary(run)
+        if cell is not None and metric in metrics:
+            out.setdefault(cell.arm, {})[cell.seed] = metrics[metric]
     return out
 
 

@@ -224,8 +224,8 @@ def standard_tags(tags: dict[str, str]) -> dict[str, str]:
     except (KeyError, OSError):
         user = "unknown"
     out = {"mlflow.user": user, "mlflow.source.name": "kdablate", "mlflow.source.type": "LOCAL"}
-    if tags.get("git_commit", "unknown") != "unknown":
-        out["mlflow.source.git.commit"] = tags["git_commit"]
+    if tag(tags, "env.git_commit", "unknown") != "unknown":
+        out["mlflow.source.git.commit"] = tag(tags, "env.git_commit")
     return out
 
 
@@ -395,20 +395,52 @@ def set_tags(c: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 
 @retry_locked
 def terminate(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
-    """End a run as FINISHED / FAILED / KILLED, with the reason as the 'failure_reason' tag."""
+    """End a run as FINISHED / FAILED / KILLED, with the reason as the FAILURE tag."""
     if reason:
-        c.set_tag(run_id, "failure_reason", reason[:4000])
+        c.set_tag(run_id, FAILURE, reason[:4000])
     c.set_terminated(run_id, status)
 
 
-# Bookkeeping tags live under 'kdablate.' so the UI's tag list shows the factors, not the plumbing
-# (the MLflow UI hides only 'mlflow.*'). Stores written before the prefix carry the bare names.
+# Bookkeeping tags live under 'kdablate.', provenance under 'env.', so the UI's tag list shows the
+# factors, not the plumbing (the MLflow UI hides only 'mlflow.*'). Older stores carry the bare names.
 HEARTBEAT, WORKER_HOST, WORKER_PID = "kdablate.heartbeat", "kdablate.worker_host", "kdablate.worker_pid"
+FAILURE, RESUMED = "kdablate.failure_reason", "kdablate.resumed_from_epoch"
+ENV = "env."
 
 
 def tag(tags: dict[str, str], name: str, default: str = "") -> str:
-    """An internal tag by its 'kdablate.' name, else by its bare name in an older store."""
-    return tags.get(name, tags.get(name.removeprefix("kdablate."), default))
+    """A tag by its prefixed name ('kdablate.x', 'env.x'), else by its bare name in an older store."""
+    bare = name.split(".", 1)[1] if name.startswith(("kdablate.", ENV)) else name
+    return tags.get(name, tags.get(bare, default))
+
+
+def env_tags(provenance: dict[str, str]) -> dict[str, str]:
+    """Provenance (code state, machine, library build) as 'env.*' tags."""
+    return {ENV + k: v for k, v in provenance.items()}
+
+
+# Summary metrics are logged at step 0 for the UI, which shows two decimals: accuracies, agreement
+# and ECE go there in percent, so the charts show hundredths of a point. Everything that reads them
+# back (`summary`) gets fractions, as kdablate computes them; a run without the UNITS tag (an older
+# store) holds fractions already.
+UNITS, PERCENT_SUFFIXES = "kdablate.summary_units", ("_acc", "_agreement", "_ece")
+
+
+def in_percent(name: str) -> bool:
+    """Whether summary metric ``name`` is logged in percent ('report/test_acc', 'teacher/val_acc')."""
+    return name.split("/", 1)[0] in ("report", "teacher") and name.endswith(PERCENT_SUFFIXES)
+
+
+def log_summary(c: MlflowClient, run_id: str, final: dict[str, float]) -> None:
+    """Log a cell's summary metrics (fractions) at step 0, the PERCENT ones times 100."""
+    set_tags(c, run_id, {UNITS: "percent"})
+    log_metrics(c, run_id, {k: 100 * v if in_percent(k) else v for k, v in final.items()}, 0)
+
+
+def summary(run: Any) -> dict[str, float]:
+    """A run's latest metrics with the summaries in fractions, whichever units its store logged."""
+    scale = 100.0 if run.data.tags.get(UNITS) == "percent" else 1.0
+    return {k: v / scale if in_percent(k) else v for k, v in run.data.metrics.items()}
 
 
 def owner_tags() -> dict[str, str]:

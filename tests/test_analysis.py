@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from analysis import decomposition as dec
-from analysis import plots, report, runs as runs_mod
+from analysis import document, plots, report, runs as runs_mod
 from analysis import stats as astats
 from analysis.stats import holm, paired, t_ci
 from kdablate import cli, tracking
@@ -712,13 +712,31 @@ def test_learning_curve_bands_stay_within_0_and_100_and_the_legend_covers_no_pan
     import matplotlib
 
     matplotlib.use("Agg")
-    rows = [{"arm": arm, "seed": s, "metric": m, "epoch": e, "value": v}
-            for arm in ("ce", "kd") for s, v0 in ((0, 0.02), (1, 0.9)) for m in ("val/acc", "test/acc")
-            for e, v in ((1, v0), (2, v0))]
-    fig = plots.learning_curves(pd.DataFrame(rows), ["ce", "kd"])
-    for ax in fig.axes:
-        for band in ax.collections:
-            ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
-            assert ys.min() >= 0 and ys.max() <= 100
-        assert ax.get_legend() is None
-    assert len(fig.legends) == 1
+    def bands(values: tuple[float, ...]) -> list[np.ndarray]:
+        rows = [{"arm": arm, "seed": s, "metric": m, "epoch": e, "value": v0}
+                for arm in ("ce", "kd") for s, v0 in enumerate(values) for m in ("val/acc", "test/acc")
+                for e in (1, 2)]
+        fig = plots.learning_curves(pd.DataFrame(rows), ["ce", "kd"])
+        assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+        return [np.concatenate([p.vertices[:, 1] for p in band.get_paths()] or [np.empty(0)])
+                for ax in fig.axes for band in ax.collections]
+
+    drawn = bands((0.02, 0.9, 0.03))  # the t band of these three reaches far below 0 and above 100
+    assert len(drawn) == 4 and all(ys.size and ys.min() == 0 and ys.max() == 100 for ys in drawn)
+    assert all(ys.size == 0 for ys in bands((0.02, 0.9)))  # two seeds: no band at all
+
+
+def test_figures_draw_no_interval_for_arms_of_two_seeds_and_their_captions_say_so(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cells = pd.DataFrame({"arm": ["ce"] * 3 + ["kd"] * 2, "seed": [0, 1, 2, 0, 1],
+                          "report/test_acc": [0.5, 0.52, 0.51, 0.6, 0.62]})
+    m, lo, hi = plots._mean_ci([cells.loc[cells.arm == a, "report/test_acc"] for a in ("ce", "kd")])
+    assert np.isfinite([lo[0], hi[0]]).all() and np.isnan([lo[1], hi[1]]).all() and m[1] == pytest.approx(61)
+    note = report.interval_note(type("R", (), {"cells": cells, "order": ["ce", "kd"]})())
+    assert note.startswith("No interval is drawn for kd (n = 2): fewer than 3 seeds")
+    rep = document.Report(tmp_path, "s", "report/test_acc", "rule", note)
+    rep.figure(plots.metric_points(cells, ["ce", "kd"], "report/test_acc", "t"), "a", "Mean and 95% CI.")
+    rep.figure(plots.metric_points(cells, ["ce", "kd"], "report/test_acc", "t"), "b", "Points only.")
+    assert "95% CI. No interval is drawn for kd (n = 2)" in rep.markdown and "Points only.*" in rep.markdown

@@ -204,4 +204,4 @@ arms: [{{name: mine, mass: {{name: constant, eps: 0.1}}, structure: {name}, alph
     cells = tracking.search_cells(client, exp, "FINISHED")
     assert len(cells) == 2 and {r.data.params["optim.epochs"] for r in cells} == {"1"}
     parent = client.search_runs([exp], "tags.kind = 'study'")[0]
-    assert parent.data.tags["overrides"] == "optim.epochs=1" and parent.data.tags["plugins"] == "wlab_plugin"
+    assert parent.data.tags["kdablate.overrides"] == "optim.epochs=1" and parent.data.tags["kdablate.plugins"] == "wlab_plugin"

@@ -33,7 +33,7 @@ def test_smoke_study_logs_every_cell_and_resumes(smoke_run, capsys):
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     assert p["knowledge.mass.name"] == "teacher" and p["knowledge.structure.name"] == "teacher"
     assert p["knowledge.temperature"] == "4.0" and p["knowledge.alpha"] == "0.9" and p["optim.lr"] == "0.05"
-    assert {"study", "arm", "seed", "git_commit", "config_hash", "torch_version", "deterministic"} <= set(t)
+    assert {"kdablate.study", "arm", "seed", "env.git_commit", "config_hash", "env.torch_version", "env.deterministic"} <= set(t)
     assert t["mlflow.parentRunId"] and t["config_hash"] == next(
         c.config_hash() for c in study.cells if c.arm == "teacher+teacher" and c.seed == 1)
     assert {"report/test_acc", "report/val_acc", "report/test_agreement", "report/epoch",

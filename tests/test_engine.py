@@ -93,13 +93,13 @@ def test_kill_9_then_rerun_completes_with_one_finished_run_per_cell(mlflow_store
     assert "RUNNING" not in after
     finished = [r.data.tags["config_hash"] for r in after["FINISHED"]]
     assert sorted(finished) == sorted(c.config_hash() for c in study.cells)  # exactly one per cell
-    resumed = [r for r in after["FINISHED"] if "resumed_from_epoch" in r.data.tags]
+    resumed = [r for r in after["FINISHED"] if "kdablate.resumed_from_epoch" in r.data.tags]
     assert len(resumed) == mid_way if mid_way else 1 <= len(resumed) <= len(before["RUNNING"])
     for run in resumed:  # a complete curve across the crash, no epoch twice
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == list(range(1, 26))
     run_id = resumed[0].info.run_id
     # Wall time accumulates: it includes what the first attempt spent reaching the checkpoint.
-    epoch = int(resumed[0].data.tags["resumed_from_epoch"])
+    epoch = int(resumed[0].data.tags["kdablate.resumed_from_epoch"])
     before_kill = next(m.value for m in client.get_metric_history(run_id, "time/elapsed_s") if m.step == epoch)
     assert resumed[0].data.metrics["time/wall_s"] > before_kill > 0
 
@@ -111,7 +111,7 @@ def test_failing_cells_are_marked_and_the_study_goes_on(mlflow_store, tmp_path):
     assert out.returncode == 1 and "3 cell(s) FAILED" in out.stderr
     by = runs_by_status("failing")
     assert len(by["FINISHED"]) == 6 and len(by["FAILED"]) == 3
-    assert all("NonFiniteLoss" in r.data.tags["failure_reason"] for r in by["FAILED"])
+    assert all("NonFiniteLoss" in r.data.tags["kdablate.failure_reason"] for r in by["FAILED"])
     status = cli("status", str(path), cwd=tmp_path)
     assert "9 cells: 6 done, 0 pending, 0 running, 3 failed, 0 killed" in status.stdout
     assert status.stdout.count("FAILED   diverge seed") == 3 and "NonFiniteLoss" in status.stdout
@@ -134,7 +134,7 @@ def test_every_run_records_its_provenance(mlflow_store, tmp_path):
     run = runs_by_status("prov")["FINISHED"][0]
     t = run.data.tags
     # The default threads: one worker takes every core it may use.
-    assert t["torch_version"].startswith("2.") and t["device"] == "cpu" and t["threads"] == str(usable_cores())
-    assert t["deterministic"] == "true" and t["seed"] in {"0", "1", "2"}
-    assert {"git_commit", "git_dirty", "host", "kdablate.worker_pid", "kdablate.heartbeat"} <= set(t)
+    assert t["env.torch_version"].startswith("2.") and t["env.device"] == "cpu" and t["env.threads"] == str(usable_cores())
+    assert t["env.deterministic"] == "true" and t["seed"] in {"0", "1", "2"}
+    assert {"env.git_commit", "env.git_dirty", "env.host", "kdablate.worker_pid", "kdablate.heartbeat"} <= set(t)
     assert run.data.metrics["time/wall_s"] > 0

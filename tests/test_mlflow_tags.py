@@ -42,6 +42,17 @@ def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
     assert {"kdablate.heartbeat", "kdablate.worker_pid", "kdablate.worker_host"} <= set(ce)
     assert not {"heartbeat", "worker_pid", "worker_host"} & set(ce)
     assert "kdablate.teacher_key" in kd
+    # Provenance under 'env.'; the factors are the first keys, the order the UI's menus list them in.
+    assert {"env.git_commit", "env.code_sha256", "env.cpu_model", "env.torch_version", "env.device"} <= set(kd)
+    assert not {"git_commit", "cpu_model", "device", "study", "failure_reason"} & set(kd)
+    assert [k for k in kd if not k.startswith("mlflow.")][:9] == ["arm", "role", "objective", "mass", "structure", "T", "alpha", "source", "seed"]
+    # Summary accuracies in percent, which the UI's two decimals show to a hundredth of a point;
+    # read back as the fractions kdablate computed.
+    stored, read = runs["ce/seed0"].data.metrics, tracking.summary(runs["ce/seed0"])
+    assert stored["report/test_acc"] == 100 * read["report/test_acc"] and 0 < read["report/test_acc"] <= 1
+    assert stored["report/val_ece"] == 100 * read["report/val_ece"]
+    assert stored["time/wall_s"] == read["time/wall_s"] and stored["report/epoch"] == read["report/epoch"]
+    assert tracking.summary(runs["teacher+teacher/seed0"])["teacher/val_acc"] <= 1
 
 
 class _Run:
@@ -83,3 +94,14 @@ def test_factor_tags_carry_the_parameters_that_tell_arms_apart():
     assert mass(0.1) == "constant" != mass(0.45) == "constant(eps=0.45)"  # eps 0.1 is the default
     dkd = factor_tags(CellConfig(arm="d", seed=0, knowledge={"objective": {"name": "dkd", "beta": 2.0}, "alpha": 1.0}))
     assert dkd["objective"] == "dkd(beta=2.0)" and dkd["mass"] == "n/a"
+
+
+def test_summaries_of_an_older_store_are_fractions_already():
+    """A run logged before summaries went to percent has no units tag: its values are read as they are."""
+    old = _Run({})
+    old.data.metrics = {"report/test_acc": 0.8125, "teacher/val_acc": 0.9, "report/epoch": 3.0}
+    new = _Run({tracking.UNITS: "percent"})
+    new.data.metrics = {"report/test_acc": 81.25, "teacher/val_acc": 90.0, "report/epoch": 3.0}
+    assert tracking.summary(old) == tracking.summary(new) == old.data.metrics
+    assert [tracking.in_percent(n) for n in ("report/test_acc", "report/member1_val_acc", "teacher/test_agreement",
+                                             "report/test_nll", "report/epoch", "val/acc")] == [1, 1, 1, 0, 0, 0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -110,23 +111,41 @@ def smoke(chromium, tmp_path_factory) -> Smoke:
     return Smoke(folder, uri, study, exp, parents[0], children, folder / "figures" / study.name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Ui:
+    """`kdablate ui smoke` serving the store: its base URL and the link it printed."""
+
+    url: str
+    link: str
+    printed: str
+
+
 @pytest.fixture(scope="module")
-def server(smoke):
-    """`mlflow ui` (what `kdablate ui` runs) on the store, on a free port of 127.0.0.1."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    with open(smoke.folder / "mlflow_ui.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", smoke.uri, "--host",
-                                 "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=smoke.folder, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+def ui(smoke):
+    """`kdablate ui` on the store, on a free port of 127.0.0.1, as a user starts it beside the study
+    file (./smoke.yaml); what it prints, read once its link line appears."""
+    port, out = free_port(), smoke.folder / "kdablate_ui.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": smoke.uri, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    with open(out, "w") as log:  # its own session: the mlflow server it starts goes with it
+        proc = subprocess.Popen([sys.executable, "-m", "kdablate.cli", "ui", "smoke", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=smoke.folder, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is not None or healthy(url), 120, "the MLflow UI to answer")
-        assert proc.poll() is None, (smoke.folder / "mlflow_ui.log").read_text()[-3000:]
-        yield url
+        printed = wait_until(lambda: proc.poll() is not None or ("MLflow UI on" in out.read_text() and out.read_text()),
+                             180, "kdablate ui to print its link")
+        assert proc.poll() is None, out.read_text()[-3000:]
+        assert healthy(url)  # the link is printed only once the server answers
+        link = re.search(r"MLflow UI on \S+: (\S+)", printed).group(1)
+        yield Ui(url, link, printed)
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(ui) -> str:
+    return ui.url
 
 
 def healthy(url: str) -> bool:
@@ -219,7 +238,7 @@ def test_the_parents_report_md_links_its_files_through_the_server(page, smoke, s
 def group_by(page, key: str) -> set[str]:
     """Group the runs table by the tag ``key``; the groups' names once they are drawn."""
     page.get_by_role("button", name="Group by").click()
-    page.get_by_placeholder("Search").fill(key)
+    page.get_by_role("menu").get_by_placeholder("Search").fill(key)
     # The menu lists Tags, then Params (cells also log 'arm' as a param): the first item after 'Tags'.
     page.locator("xpath=//div[text()='Tags']/following-sibling::div[@role='menuitemcheckbox'][1]").click()
     page.keyboard.press("Escape")
@@ -276,3 +295,58 @@ def test_the_chart_view_draws_summaries_as_bars_and_epochs_as_lines(page, smoke,
     assert drawn["val/acc"]["lines"] > 0 and drawn["val/acc"]["bars"] == 0, drawn
     assert drawn["val/acc"]["x"] == "Step", drawn
     page.screenshot(path=shots / "chart_view.png")
+
+
+def ml_mode(page) -> bool:
+    """Whether the UI shows Model training mode (its nav: Runs, Models, Model registry), not GenAI
+    mode (Overview, Observability, Sessions, ... and the runs as 'Training runs')."""
+    nav = page.get_by_role("link", name="Model registry")
+    nav.first.wait_for()
+    return nav.first.is_visible() and page.get_by_text("Observability", exact=True).count() == 0
+
+
+def test_the_printed_link_opens_the_runs_in_model_training_mode(page, smoke, ui, shots):
+    """`kdablate ui smoke`, run beside ./smoke.yaml, prints the experiment's link once the server
+    answers, with the two recipes; the link opens the runs table in Model training mode. (MLflow
+    3.17 keeps the mode in the URL only: a run opened from the table, whose link lacks it, shows
+    GenAI mode's sidebar, so the page links below carry it too.)"""
+    assert ui.link == f"{ui.url}/#/experiments/{smoke.experiment}/runs?workflowType=machine_learning"
+    assert "tags.role != 'arm'" in ui.printed and "Group by -> tag `arm`" in ui.printed
+    page.goto(ui.link)
+    page.locator(f'.ag-row[row-id="{smoke.parent}"]').first.wait_for()
+    assert ml_mode(page)
+    page.screenshot(path=shots / "ui_landing.png")
+
+
+def test_the_parent_run_page_shows_each_arms_answer(page, smoke, shots):
+    """The parent's page lists, per arm, the mean, std and n of the reported test accuracy in percent,
+    with the values `kdablate report` logged, and its description points at report.html."""
+    from analysis.report import metric_name
+
+    logged = tracking.client(smoke.uri).get_run(smoke.parent).data.metrics
+    page.goto(f"/#/experiments/{smoke.experiment}/runs/{smoke.parent}?workflowType=machine_learning")
+    page.get_by_text("answer/ce/mean", exact=True).first.wait_for()
+    assert ml_mode(page)
+    text = page.locator("body").inner_text()  # the metrics table: each name, then its value
+    for arm in dict.fromkeys(c.arm for c in smoke.study.cells):
+        for what in ("mean", "std", "n"):
+            name = f"answer/{metric_name(arm)}/{what}"
+            assert re.search(rf"^{re.escape(name)}\s+{logged[name]:g}$", text, flags=re.M), (name, logged[name])
+    assert page.get_by_text("report.html at this run's artifact root", exact=False).first.is_visible()
+    page.screenshot(path=shots / "parent_answer.png", full_page=True)
+
+
+def test_a_chart_grouped_by_arm_draws_one_bar_per_arm(page, smoke, shots):
+    """Group by -> tag `arm` in the chart view: report/test_acc is one bar per arm (the group's
+    mean, in percent), every arm named on the axis (ungrouped, the chart holds 10 runs only)."""
+    page.goto(f"/#/experiments/{smoke.experiment}/runs?compareRunsMode=CHART&workflowType=machine_learning")
+    page.locator(f'.ag-row[row-id="{smoke.parent}"]').first.wait_for()
+    arms = list(dict.fromkeys(c.arm for c in smoke.study.cells))
+    assert group_by(page, "arm") == set(arms)
+    page.get_by_placeholder("Search metric charts").fill("^report/test_acc$")
+    card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
+        has=page.locator('h4[title="report/test_acc"]'))
+    traces = wait_until(lambda: card.count() and (t := card.evaluate(PLOT_TRACES))["bars"] and t, what="the bars")
+    labels = card.inner_text().split("\n")  # the bars' arm names, their values, the axis ticks
+    assert traces["bars"] == len(arms) and set(arms) <= set(labels), (traces, labels)
+    page.screenshot(path=shots / "grouped_chart.png")

@@ -22,9 +22,9 @@ def test_every_cell_records_the_code_that_made_it(mlflow_store, tmp_path):
     assert run_study(load_study(study(tmp_path)), RunOptions(cache_dir=tmp_path / "c", progress=False)) == 0
     tags = runs("s")["ce"][0].data.tags
     mine = tracking.code_state()
-    assert tags["code_sha256"] == mine["code_sha256"] == tracking.source_digest("kdablate") != "unknown"
-    assert tags["git_commit"] == mine["git_commit"] and tags["git_dirty"] in ("true", "false")
-    assert tags["plugins_sha256"] == "none"
+    assert tags["env.code_sha256"] == mine["code_sha256"] == tracking.source_digest("kdablate") != "unknown"
+    assert tags["env.git_commit"] == mine["git_commit"] and tags["env.git_dirty"] in ("true", "false")
+    assert tags["env.plugins_sha256"] == "none"
 
 
 def test_a_plugin_source_is_hashed_and_an_edit_changes_it(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_adding_cells_made_by_other_code_is_refused(mlflow_store, tmp_path):
     assert run_study(load_study(study(tmp_path)), opts) == 0
     client = tracking.client()
     for r in runs("s")["ce"]:  # as if an older checkout had made them
-        client.set_tag(r.info.run_id, "code_sha256", "0123456789abcdef")
+        client.set_tag(r.info.run_id, "env.code_sha256", "0123456789abcdef")
     more = load_study(study(tmp_path, "[0, 1]"))
     with pytest.raises(ConfigError, match=r"1 finished cell\(s\) were made by other code \(source 0123456789abcdef"):
         run_study(more, opts)

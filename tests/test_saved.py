@@ -32,7 +32,7 @@ def test_saved_student_reproduces_its_reported_test_accuracy(mlflow_store, tmp_p
     x, y = data.split("test")
     with torch.no_grad():
         acc = (model(data.prepare(x, train=False)).argmax(1) == y).float().mean().item()
-    assert acc == pytest.approx(run.data.metrics["report/test_acc"], abs=1e-6)
+    assert acc == pytest.approx(tracking.summary(run)["report/test_acc"], abs=1e-6)
 
 
 def test_a_run_without_a_saved_model_says_how_to_save_one(mlflow_store, tmp_path):

@@ -487,7 +487,7 @@ arms:
     assert on["ls/seed0"].data.tags["kdablate.stacked"] == on["il/seed1"].data.tags["kdablate.stacked"] == "2"
     assert "kdablate.stacked" not in on["cam/seed0"].data.tags
     for name in on:
-        assert abs(on[name].data.metrics["report/test_acc"] - off[name].data.metrics["report/test_acc"]) <= 0.002
+        assert abs(tracking.summary(on[name])["report/test_acc"] - tracking.summary(off[name])["report/test_acc"]) <= 0.002
 
 
 @pytest.mark.parametrize("name", [n for n in MODELS.names() if hasattr(MODELS.get(n), "stacked_forward")])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdablate import tracking
 from kdablate.config import CellConfig
 from kdablate.data import load_dataset
 from kdablate.data.fake import write_cifar
@@ -366,7 +367,7 @@ def test_an_ensemble_teacher_is_the_mean_of_its_members(mlflow_store, tmp_path):
     assert run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 0
     kd = runs("s")["kd"][0]
     assert kd.data.tags["kdablate.teacher_source"] == "ensemble"
-    assert kd.data.metrics["teacher/test_acc"] == pytest.approx(teacher.metrics["report/test_acc"])
+    assert tracking.summary(kd)["teacher/test_acc"] == pytest.approx(teacher.metrics["report/test_acc"])
     assert "teacher/member0_val_acc" in kd.data.metrics
 
 
@@ -374,7 +375,7 @@ def test_each_ensemble_member_is_gated(mlflow_store, tmp_path):
     path = write(tmp_path, ENSEMBLE.replace("TEACHER", f"[{member(0)}, {member(1, 0.99)}]"))
     assert run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 1
     kd = runs("s")["kd"][0]
-    assert kd.info.status == "FAILED" and "below teacher.min_accuracy 0.9900" in kd.data.tags["failure_reason"]
+    assert kd.info.status == "FAILED" and "below teacher.min_accuracy 0.9900" in kd.data.tags["kdablate.failure_reason"]
 
 
 def test_ensemble_members_with_views_are_refused(tmp_path):

@@ -177,7 +177,7 @@ def test_teacher_below_its_gate_fails_the_cells_that_read_it(mlflow_store, tmp_p
     failed = run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False))
     by_arm = runs("s")
     assert failed == 2 and {r.info.status for r in by_arm["kd"]} == {"FAILED"}
-    reason = by_arm["kd"][0].data.tags["failure_reason"]
+    reason = by_arm["kd"][0].data.tags["kdablate.failure_reason"]
     assert "TeacherRejected" in reason and "below teacher.min_accuracy 0.9900" in reason
     acc = float(reason.split("validation accuracy ")[1].split(",")[0])
     assert 0 <= acc < 0.99
@@ -192,7 +192,7 @@ def test_a_diverging_teacher_fails_its_cells_and_the_rest_run(mlflow_store, tmp_
     failed = run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False))
     by_arm = runs("s")
     assert failed == 2 and {r.info.status for r in by_arm["ce"]} == {"FINISHED"}
-    assert all("the teacher failed to train (NonFiniteLoss" in r.data.tags["failure_reason"] for r in by_arm["kd"])
+    assert all("the teacher failed to train (NonFiniteLoss" in r.data.tags["kdablate.failure_reason"] for r in by_arm["kd"])
 
 
 def test_teacher_metrics_and_provenance_are_logged_and_precision_cannot_mix(mlflow_store, tmp_path):
@@ -201,7 +201,7 @@ def test_teacher_metrics_and_provenance_are_logged_and_precision_cannot_mix(mlfl
     assert run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 0
     kd = runs("s")["kd"][0]
     assert {"teacher/val_acc", "teacher/test_acc"} <= set(kd.data.metrics)
-    assert {"cpu_model", "cpu_capability", "torch_version", "torch_cuda", "threads", "amp", "device"} <= set(kd.data.tags)
+    assert {"env." + t for t in ("cpu_model", "cpu_capability", "torch_version", "torch_cuda", "threads", "amp", "device")} <= set(kd.data.tags)
     with pytest.raises(ConfigError, match=r"2 finished cell\(s\) ran on cpu with --amp none.*--amp bf16"):
         run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False, amp="bf16"))
     out = cli("run", str(path), "--amp", "bf16", "--no-progress", cwd=tmp_path)

@@ -116,7 +116,7 @@ def run_mode(study_path: Path, mode: str, folder: Path, threads: int) -> ModeRes
     images = cell_s = 0.0
     stacks = sum("kdablate.stacked" in r.data.tags for r in runs)
     for r in sorted(runs, key=lambda r: int(r.data.tags["seed"])):
-        acc.setdefault(r.data.tags["arm"], []).append(r.data.metrics["report/test_acc"])
+        acc.setdefault(r.data.tags["arm"], []).append(tracking.summary(r)["report/test_acc"])
         subset, val = int(r.data.params["data.train_subset"]), float(r.data.params.get("data.val_fraction", 0.1))
         images += (subset - round(subset * val)) * int(r.data.params["optim.epochs"])
         cell_s += r.data.metrics["time/wall_s"]
