@@ -13,6 +13,7 @@ import pandas as pd
 
 from analysis.figures import COLUMN_IN, PAGE_IN, pyplot
 from analysis.stats import MIN_INTERVAL_N, t_ci
+from kdablate.factors import FACTOR_TABLE
 
 
 def _rotate(ax: Any) -> None:
@@ -79,8 +80,7 @@ def _delta_bars(ax: Any, summary: pd.DataFrame, vs: pd.DataFrame) -> None:
     ax.margins(y=0.15)
 
 
-AXIS = {"structure": "class-similarity structure", "mass": "non-GT mass", "temperature": "temperature T",
-        "alpha": "α", "source": "explanation source", "objective": "objective"}
+AXIS = {f.name: f.label for f in FACTOR_TABLE}
 
 
 def interaction(grid: pd.DataFrame, metric: str, factors: tuple[str, str] = ("mass", "structure")) -> Any:

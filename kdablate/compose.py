@@ -24,12 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kdablate.config import ArmConfig
 from kdablate.registry import ConfigError, brief
 
 MAX_EXTENDS = 8  # a chain longer than this is a mistake, not a design
 TOP_LEVEL = ("name", "description", "base", "seeds", "arms", "axes", "analysis", "published", "extends", "plugins")
-ARM_FIELDS = ("name", "objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "warmup_by",
-              "entropy_penalty", "grid", "set")
 ENTRY_POINT_GROUP = "kdablate.plugins"
 _loaded_entry_points: set[str] = set()
 
@@ -120,7 +119,7 @@ def apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str)
     path under ``base`` (``optim.epochs`` means ``base.optim.epochs``)."""
     if parts[0] == "arms" and len(parts) >= 3:
         arm, field = find_arm(raw, parts[1:], text)
-        if field in ARM_FIELDS:
+        if field in ArmConfig.model_fields:
             arm[field] = value
         else:
             arm.setdefault("set", {})[field] = value

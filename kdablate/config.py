@@ -12,7 +12,9 @@ import dataclasses
 import functools
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag,
+                      create_model, field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 from kdablate.components import MASSES, STRUCTURES, Need
 from kdablate.data import DATASETS
@@ -217,6 +219,37 @@ class KnowledgeConfig(Frozen):
     def needs(self) -> Need:
         """What this knowledge reads beyond the student, computed once per distinct config."""
         return _needs(self.model_dump_json())
+
+
+def check_axes(v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    for key, values in v.items():
+        if not values:
+            raise ValueError(f"axis '{key}' is empty; give at least one value")
+    return v
+
+
+def optional_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s fields, each with its constraints but optional (default None: not set)."""
+    return {name: (f.annotation | None, FieldInfo.merge_field_infos(f, default=None))
+            for name, f in model.model_fields.items()}
+
+
+# An arm sets any of the knowledge's fields; they are declared once, in KnowledgeConfig.
+ArmKnowledge = create_model("ArmKnowledge", __base__=Frozen, **optional_fields(KnowledgeConfig))
+
+
+class ArmConfig(ArmKnowledge):
+    """One arm: knowledge overrides (any field of ``KnowledgeConfig``), optional ``set`` overrides
+    of any other field (dotted paths), and an optional ``grid`` crossed into sub-arms."""
+
+    name: str = Field(min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of base, e.g. {optim.lr: 0.1}
+
+    @field_validator("grid")
+    @classmethod
+    def _nonempty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return check_axes(v)
 
 
 class CellConfig(Frozen):

@@ -8,12 +8,28 @@ and an objective other than the soft target stands in for mass and structure.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Sequence
 
-# The factors ``analysis.factorial`` may name, and the crossing ``factorial: true`` means.
-FACTORS = ("mass", "structure", "temperature", "alpha", "source", "objective")
-DEFAULT_FACTORS = ("mass", "structure")
+
+@dataclasses.dataclass(frozen=True)
+class Factor:
+    """A factor a study crosses: its name (``analysis.factorial``, the analysis' columns), the
+    cell run's tag that carries its level, and its axis label in the figures."""
+
+    name: str
+    tag: str
+    label: str
+
+
+# Every factor, declared here only; the order is the cell runs' tag order in the MLflow UI.
+FACTOR_TABLE = (Factor("objective", "objective", "objective"), Factor("mass", "mass", "non-GT mass"),
+                Factor("structure", "structure", "class-similarity structure"),
+                Factor("temperature", "T", "temperature T"), Factor("alpha", "alpha", "α"),
+                Factor("source", "source", "explanation source"))
+FACTORS = tuple(f.name for f in FACTOR_TABLE)
+DEFAULT_FACTORS = ("mass", "structure")  # the crossing ``factorial: true`` means
 
 
 def factor_levels(params: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from kdablate.compose import import_plugins
 from kdablate.components import Need
 from kdablate.config import CellConfig, canonical, flatten
 from kdablate.data import DataBundle, load_dataset
+from kdablate.factors import FACTOR_TABLE
 from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
 from kdablate.saved import save_student
@@ -203,18 +204,18 @@ def factor_tags(cell: CellConfig) -> dict[str, str]:
     uses_t = k.alpha > 0
     params = {**k.structure.params, **k.structure.params.get("base_params", {})}
     source = params.get("source", "saliency") if "explanation" in (k.structure.name, params.get("base")) else "n/a"
-    return {"objective": spec_label(k.objective), "mass": spec_label(k.mass) if target else "n/a",
-            "structure": spec_label(k.structure) if target else "n/a", "T": f"{k.temperature:g}" if uses_t else "n/a",
-            "alpha": f"{k.alpha:g}", "source": source if target else "n/a"}
+    levels = {"objective": spec_label(k.objective), "mass": spec_label(k.mass) if target else "n/a",
+              "structure": spec_label(k.structure) if target else "n/a",
+              "temperature": f"{k.temperature:g}" if uses_t else "n/a", "alpha": f"{k.alpha:g}",
+              "source": source if target else "n/a"}
+    return {f.tag: levels[f.name] for f in FACTOR_TABLE}
 
 
 def describe(cell: CellConfig) -> str:
     """The arm's definition in a line, for the run's description in the MLflow UI: the factor tags'
     values (an arm at alpha 0 reads no mass, structure or T, and says so)."""
     tags = factor_tags(cell)
-    parts = [f"{name} {tags[key]}" for name, key in (("objective", "objective"), ("mass", "mass"),
-                                                     ("structure", "structure"), ("T", "T"), ("alpha", "alpha"))]
-    what = ", ".join(parts) + ("; alpha 0: plain cross-entropy, no soft target" if cell.knowledge.alpha == 0 else "")
+    what = ", ".join(f"{f.tag} {tags[f.tag]}" for f in FACTOR_TABLE) + ("; alpha 0: plain cross-entropy, no soft target" if cell.knowledge.alpha == 0 else "")
     return (f"Arm `{cell.arm}`, seed {cell.seed}: {what}; student {cell.student.name}, data {cell.data.name}; "
             f"config hash {cell.config_hash()} (full config: config.json).")
 

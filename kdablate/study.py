@@ -26,12 +26,12 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kdablate.checks import CellCheckError, check_cell
 from kdablate.compose import CompositionError, apply_overrides, import_plugins, resolve_extends
-from kdablate.config import (CellConfig, Float, Frozen, Int, KnowledgeConfig, MassSpec, ObjectiveSpec, Seed,
-                             StructureSpec, flatten)
+from kdablate.config import (ArmConfig, CellConfig, check_axes, Float, Frozen, Int, KnowledgeConfig, Seed,
+                             flatten)
 from kdablate.factors import DEFAULT_FACTORS, FACTORS, factor_levels, has_crossing
 from kdablate.registry import ConfigError, brief
 
-KNOWLEDGE_KEYS = ("objective", "mass", "structure", "temperature", "alpha", "warmup_epochs", "warmup_by", "entropy_penalty")
+KNOWLEDGE_KEYS = tuple(KnowledgeConfig.model_fields)  # an arm's fields, and the shortcuts of 'set' keys
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -159,28 +159,6 @@ class StudyError(Exception):
         super().__init__(f"{file}: {field}: {message}" if field else f"{file}: {message}")
 
 
-class ArmConfig(Frozen):
-    """One arm: knowledge overrides, optional ``set`` overrides of any other field
-    (dotted paths), and an optional ``grid`` crossed into sub-arms."""
-
-    name: str = Field(min_length=1)
-    objective: ObjectiveSpec | None = None
-    mass: MassSpec | None = None
-    structure: StructureSpec | None = None
-    temperature: Float | None = Field(None, gt=0)
-    alpha: Float | None = Field(None, ge=0, le=1)
-    warmup_epochs: Int | None = Field(None, ge=0)
-    warmup_by: Literal["step", "epoch"] | None = None
-    entropy_penalty: Float | None = Field(None, ge=0)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-    set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of base, e.g. {optim.lr: 0.1}
-
-    @field_validator("grid")
-    @classmethod
-    def _nonempty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return _check_axes(v)
-
-
 class EquivalenceConfig(Frozen):
     """TOST per comparison: is the difference within ±``margin`` points?"""
 
@@ -237,7 +215,7 @@ class StudyConfig(Frozen):
     @field_validator("axes")
     @classmethod
     def _axes(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return _check_axes(v)
+        return check_axes(v)
 
     @field_validator("seeds")
     @classmethod
@@ -253,13 +231,6 @@ class StudyConfig(Frozen):
         if dup:
             raise ValueError(f"duplicate arm name '{dup[0]}'; arm names must be unique")
         return self
-
-
-def _check_axes(v: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    for key, values in v.items():
-        if not values:
-            raise ValueError(f"axis '{key}' is empty; give at least one value")
-    return v
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,3 +72,16 @@ def test_an_upward_import_breaks_the_layers(tmp_path):
                           env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "kdablate is layered BROKEN" in done.stdout
+
+
+def test_a_knowledge_setting_is_declared_once():
+    """KnowledgeConfig's fields are the one list: an arm's fields, the 'set' shortcuts and the
+    override keys derive from it; the objectives' typed view (a lower layer, which cannot import
+    the config) names the same fields, so a new setting missing there fails here."""
+    from kdablate.config import ArmConfig, KnowledgeConfig
+    from kdablate.objectives import KnowledgeLike
+    from kdablate.study import KNOWLEDGE_KEYS
+
+    fields = list(KnowledgeConfig.model_fields)
+    assert KNOWLEDGE_KEYS == tuple(fields) and list(ArmConfig.model_fields)[: len(fields)] == fields
+    assert list(KnowledgeLike.__annotations__) == fields

@@ -27,7 +27,7 @@ def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
     assert (kd["mass"], kd["structure"], kd["T"], kd["alpha"]) == ("teacher", "teacher", "4", "0.9")
     assert ce["mlflow.note.content"].startswith("Arm `ce`, seed 0:")
     # The description says what the tags say: CE reads no mass, structure or T.
-    assert "mass n/a, structure n/a, T n/a, alpha 0; alpha 0: plain cross-entropy" in ce["mlflow.note.content"]
+    assert "mass n/a, structure n/a, T n/a, alpha 0, source n/a; alpha 0: plain cross-entropy" in ce["mlflow.note.content"]
     assert ce["mlflow.source.name"] == "kdablate" and ce["mlflow.user"]
     inputs = client.get_run(runs["ce/seed0"].info.run_id).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["mnist1d"] and len(inputs[0].dataset.digest) > 8
