@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -272,8 +273,6 @@ RECIPES = ("In the runs table: filter `tags.role != 'arm'` shows the baseline an
 def ui(args: argparse.Namespace) -> int:
     """The MLflow UI on the tracking store; its link (in Model training mode) printed once the server
     answers, with the two recipes that compare arms; blocks until interrupted."""
-    import subprocess
-
     from kdablate import tracking
 
     uri = tracking.tracking_uri()
@@ -291,7 +290,7 @@ def ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def answering(url: str, server: "subprocess.Popen", timeout: float = 300.0) -> bool:
+def answering(url: str, server: subprocess.Popen, timeout: float = 300.0) -> bool:
     """Wait until ``url`` answers (True) or the server process ends or ``timeout`` passes (False)."""
     import time
     import urllib.request

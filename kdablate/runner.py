@@ -31,7 +31,7 @@ from kdablate.checks import data_facts
 from kdablate.compose import import_plugins
 from kdablate.components import Need
 from kdablate.config import CellConfig, canonical, flatten
-from kdablate.data import DataBundle, load_dataset
+from kdablate.data import DataBundle, load_dataset, on_device
 from kdablate.factors import FACTOR_TABLE
 from kdablate.hashing import stable_hash
 from kdablate.registry import ConfigError
