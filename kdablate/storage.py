@@ -191,7 +191,7 @@ class Checkpoint:
 
     meta: caller data saved alongside (the MLflow run id, to resume into it).
     key: the identity of the cell the state belongs to (its config hash); '' means the
-    file's stem, which is the config hash in ``runner.checkpoint_path``.
+    file's stem, which is the config hash in ``runner.lifecycle.checkpoint_path``.
     """
 
     path: Path

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdablate import runner, tracking
+from kdablate import tracking
+from kdablate.runner import checks
 from kdablate.data import load_dataset
 from kdablate.registry import ConfigError
 from kdablate.study import load_study
@@ -116,17 +117,17 @@ def test_cache_that_is_a_file_or_unwritable_or_full_is_refused_in_one_line(tmp_p
     path = tmp_path / "cache"
     path.write_text("not a folder")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
-        runner.check_folder(path, "the cache")
+        checks.check_folder(path, "the cache")
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as m:  # as an unwritable folder answers (root ignores mode bits)
-        m.setattr(runner.tempfile, "TemporaryFile", denied)
+        m.setattr(checks.tempfile, "TemporaryFile", denied)
         with pytest.raises(ConfigError, match="cannot write the cache .*: Permission denied"):
-            runner.check_folder(tmp_path, "the cache")
-    monkeypatch.setattr(runner, "MIN_FREE_MIB", 10**12)
+            checks.check_folder(tmp_path, "the cache")
+    monkeypatch.setattr(checks, "MIN_FREE_MIB", 10**12)
     with pytest.raises(ConfigError, match=r"has only \d+ MiB free \(need 1000000000000\)"):
-        runner.check_folder(tmp_path, "the cache")
+        checks.check_folder(tmp_path, "the cache")
 
 
 def test_the_cli_refuses_a_bad_cache_before_training(mlflow_store, tmp_path):

@@ -530,7 +530,8 @@ def test_a_component_that_declares_it_reads_features_is_refused():
 def test_a_seed_that_fails_after_the_stack_trained_fails_alone(mlflow_store, tmp_path, monkeypatch, capsys):
     """Logging one seed's results fails: that seed is FAILED with the reason, the others are
     FINISHED once, and nothing trains again one by one."""
-    from kdablate import runner, tracking
+    from kdablate import tracking
+    from kdablate.runner import cells
     from kdablate.runner import RunOptions, run_study
     from kdablate.study import load_study
 
@@ -540,14 +541,14 @@ base: {data: {name: mnist1d, num_samples: 500}, student: {name: mlp, hidden: 16,
 seeds: [0, 1, 2]
 arms: [{name: ce, mass: none, alpha: 0.0}]
 """)
-    real = runner.record_result
+    real = cells.record_result
 
     def flaky(client, run_id, cell, *rest):
         if cell.seed == 1:
             raise OSError("disk full")
         return real(client, run_id, cell, *rest)
 
-    monkeypatch.setattr(runner, "record_result", flaky)
+    monkeypatch.setattr(cells, "record_result", flaky)
     assert run_study(load_study(path), RunOptions(cache_dir=tmp_path / "cache", progress=False)) == 1
     client = tracking.client()
     runs = tracking.search_cells(client, client.get_experiment_by_name("fs").experiment_id)
