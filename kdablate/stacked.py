@@ -39,16 +39,9 @@ from kdablate.metrics import evaluate
 from kdablate.models.vmap_norm import with_math_norm
 from kdablate.storage import Checkpoint
 from kdablate.trainer import (
-    CPU, FitResult, Member, NoTrainingSteps, NonFiniteLoss, Runtime, TeacherSignal, EpochEnv, cohort_size,
-    epoch_means, epoch_steps, epoch_summary, make_member, make_optimizer, reference_similarities, report_result,
-    restore, seeded_generator, step_context,
+    CPU, EpochEnv, FitResult, Member, NonFiniteLoss, Runtime, SeedEpochCallback, TeacherSignal, cohort_size,
+    epoch_means, epoch_steps, fit_seeds, make_optimizer, step_context,
 )
-
-SeedEpochCallback = Callable[[int, int, dict[str, float]], None]  # (seed index, epoch, metrics)
-
-
-class StackMismatch(RuntimeError):
-    """The seeds cannot continue as one stack (their checkpoints are at different epochs)."""
 
 
 def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequence[TeacherSignal | None],
@@ -197,20 +190,6 @@ def seed_snapshot(st: Stack, s: int, gens: tuple, epoch: int, step: int, best: d
     return {"epoch": epoch, "step": step, "best": best, "gens": [g.get_state() for g in gens], "members": [member]}
 
 
-def resume(members: list[Member], gens: list[tuple], checkpoints: Sequence[Checkpoint | None],
-           bests: list[dict]) -> tuple[int, int]:
-    """Load each seed's checkpoint into its member; (epoch, step) to continue after, (0, 0) for
-    none. StackMismatch when some seeds have one and others not, or at different epochs."""
-    saved = [c.load() if c is not None else None for c in checkpoints]
-    if all(s is None for s in saved):
-        return 0, 0
-    if any(s is None for s in saved) or len({(s["epoch"], s["step"]) for s in saved}) > 1:
-        raise StackMismatch("the seeds' checkpoints are at different epochs")
-    for i, state in enumerate(saved):
-        epoch, step, bests[i] = restore(state, [members[i]], gens[i])
-    return epoch, step
-
-
 def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> list[dict[str, torch.Tensor]]:
     """One optimisation step of every seed on its own batch; per seed, its loss parts."""
     runtime = envs[0].runtime
@@ -283,11 +262,11 @@ def stacked_epoch(st: Stack, data: DataBundle, batch_size: int, gens: list[tuple
     return [epoch_means([log], p, y, batch_size, step, seconds)[0] for log, p, y in zip(logged, preds, labels)], step
 
 
-def stacked_metrics(st: Stack, data: DataBundle, teachers: list[TeacherSignal],
-                    runtime: Runtime) -> list[dict[str, float]]:
-    """Per seed, 'val/*' and 'test/*' (``trainer.evaluate_model``'s), from one stacked pass per split."""
+def stacked_metrics(st: Stack, data: DataBundle, teachers: list[TeacherSignal], runtime: Runtime,
+                    splits: Sequence[str] = ("val", "test")) -> list[dict[str, float]]:
+    """Per seed, '<split>/*' (``trainer.evaluate_model``'s), from one stacked pass per split."""
     out: list[dict[str, float]] = [{} for _ in st.members]
-    for split in ("val", "test"):
+    for split in splits:
         x, y = data.split(split)
         logits = st.predict(x, data.prepare, runtime)
         for s, teacher in enumerate(teachers):
@@ -297,42 +276,40 @@ def stacked_metrics(st: Stack, data: DataBundle, teachers: list[TeacherSignal],
     return out
 
 
+class Stacked:
+    """S seeds as one vmapped stack (``Stack``): ``trainer.fit_seeds``' seeds, trained together.
+    Each seed's cohort is one module; the stack holds their weights, stacked, until ``finish``."""
+
+    def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
+        if any(len(c) != 1 for c in cohorts):
+            raise ValueError("a stack trains one student per seed (refusal: a DML cohort does not stack)")
+        self.cohorts = cohorts
+        self.st = build_stack([c[0] for c in cohorts], optim, steps_per_epoch)
+
+    def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
+              teachers: list[TeacherSignal], runtime: Runtime, splits: tuple[str, ...]) -> tuple[list[dict], int]:
+        """Every seed's epoch in stacked steps, then one stacked pass per split: per seed its metrics."""
+        parts, step = stacked_epoch(self.st, data, batch_size, gens, epoch, step, teachers, runtime)
+        evaluated = stacked_metrics(self.st, data, teachers, runtime, splits)
+        return [{**p, **m} for p, m in zip(parts, evaluated)], step
+
+    def seed_state(self, s: int) -> dict[str, torch.Tensor]:
+        return self.st.seed_state(s)
+
+    def snapshot(self, s: int, gens: tuple, epoch: int, step: int, best: dict) -> dict:
+        return seed_snapshot(self.st, s, gens, epoch, step, best)
+
+    def finish(self) -> None:
+        """The last epoch's weights back into each seed's module (for report 'last')."""
+        for s, cohort in enumerate(self.cohorts):
+            cohort[0].model.load_state_dict(self.st.seed_state(s))
+
+
 def fit_stacked(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
                 seeds: Sequence[int], teachers: Sequence[TeacherSignal | None], report: str = "best_val",
                 on_epoch: SeedEpochCallback | None = None, checkpoints: Sequence[Checkpoint | None] = (),
                 runtime: Runtime = CPU) -> list[FitResult]:
-    """``trainer.fit`` for several seeds of one cell at once; one ``FitResult`` per seed, in order.
-
-    teachers: each seed's ``TeacherSignal`` (or None). checkpoints: each seed's, or empty.
-    StackMismatch when the seeds' checkpoints cannot resume together (train them alone).
-    """
-    signals = [TeacherSignal() if t is None else t for t in teachers]
-    steps_per_epoch = len(data.y_train) // optim.batch_size
-    if steps_per_epoch < 1:
-        raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
-    members = [make_member(model_spec, data, optim, knowledge, seed, steps_per_epoch, runtime) for seed in seeds]
-    gens = [tuple(seeded_generator(seed, i) for i in range(3)) for seed in seeds]
-    bests = [{"state": None, "epoch": 0, "val": -1.0, "artifacts": {}} for _ in seeds]
-    checkpoints = list(checkpoints) or [None] * len(seeds)
-    epoch, step = resume(members, gens, checkpoints, bests)
-    st = build_stack(members, optim, steps_per_epoch)
-    refs = [reference_similarities(data, t.split_logits("train"), m.objective.temperature)
-            for t, m in zip(signals, members)]
-    for epoch in range(epoch + 1, optim.epochs + 1):
-        parts, step = stacked_epoch(st, data, optim.batch_size, gens, epoch, step, signals, runtime)
-        for s, metrics in enumerate(stacked_metrics(st, data, signals, runtime)):
-            metrics = {**parts[s], **metrics}
-            summary, bests[s]["artifacts"] = epoch_summary(members[s].objective, refs[s])
-            metrics.update(summary)
-            if on_epoch is not None:
-                on_epoch(s, epoch, metrics)
-            if report == "best_val" and metrics["val/acc"] > bests[s]["val"]:
-                bests[s].update(state=st.seed_state(s), epoch=epoch, val=metrics["val/acc"])
-        if checkpoints[0] is not None and checkpoints[0].due(epoch, optim.epochs):
-            for s, ckpt in enumerate(checkpoints):
-                ckpt.save(seed_snapshot(st, s, gens[s], epoch, step, bests[s]))
-    results = []
-    for s, m in enumerate(members):
-        m.model.load_state_dict(st.seed_state(s))  # the last epoch's weights, for report 'last'
-        results.append(report_result(m.model, data, signals[s], report, bests[s], optim.epochs, runtime))
-    return results
+    """``trainer.fit_seeds`` with the seeds stacked; one ``FitResult`` per seed, in order.
+    SeedsMismatch when the seeds' checkpoints cannot resume together (train them alone)."""
+    return fit_seeds(model_spec, data, optim, knowledge, seeds, teachers, report, on_epoch, checkpoints, runtime,
+                     ("val", "test"), kind=Stacked)

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from kdablate.objectives import Objective, build_objective
 from kdablate.storage import Checkpoint
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+SeedEpochCallback = Callable[[int, int, dict[str, float]], None]  # (seed index, epoch, metrics)
 SPLITS = ("train", "val", "test")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -537,43 +538,115 @@ def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...
     return state["epoch"], state["step"], state["best"]
 
 
+class SeedsMismatch(RuntimeError):
+    """The seeds cannot continue as one unit (their checkpoints are at different epochs)."""
+
+
+class Looped:
+    """S seeds as S ordinary cohorts (one module each, or a DML cohort of two), trained one after
+    another within each epoch; each seed's trajectory is its own, as if it trained alone."""
+
+    def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
+        self.cohorts = cohorts
+
+    def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
+              teachers: list[TeacherSignal], runtime: Runtime, splits: tuple[str, ...]) -> tuple[list[dict], int]:
+        """Train every seed one epoch and evaluate it on ``splits``: per seed its metrics, and the step after."""
+        out, after = [], step
+        for cohort, g, teacher in zip(self.cohorts, gens, teachers):
+            parts, after = train_epoch(cohort, data, batch_size, g, epoch, step, teacher, runtime)
+            out.append(epoch_metrics(cohort, parts, data, teacher, runtime, splits))
+        return out, after
+
+    def seed_state(self, s: int) -> dict[str, torch.Tensor]:
+        """Seed s's student weights (member 0 of its cohort), copied."""
+        return copy.deepcopy(self.cohorts[s][0].model.state_dict())
+
+    def snapshot(self, s: int, gens: tuple, epoch: int, step: int, best: dict) -> dict:
+        return snapshot(self.cohorts[s], gens, epoch, step, best)
+
+    def finish(self) -> None:
+        """Nothing to hand back: each cohort's modules hold their own weights."""
+
+
+def make_cohort(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
+                seed: int, steps_per_epoch: int, runtime: Runtime = CPU) -> list[Member]:
+    """A seed's students: one, or two for a DML cohort (member 0 uses the seed, so its init
+    matches the single-student arms')."""
+    return [make_member(spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch, runtime)
+            for i in range(cohort_size(knowledge))]
+
+
+def resume(cohorts: list[list[Member]], gens: list[tuple], checkpoints: Sequence[Checkpoint | None],
+           bests: list[dict]) -> tuple[int, int]:
+    """Load each seed's checkpoint into its cohort and generators; (epoch, step) to continue after,
+    (0, 0) for none. SeedsMismatch when some seeds have one and others not, or at other epochs."""
+    saved = [c.load() if c is not None else None for c in checkpoints]
+    if all(s is None for s in saved):
+        return 0, 0
+    if any(s is None for s in saved) or len({(s["epoch"], s["step"]) for s in saved}) > 1:
+        raise SeedsMismatch("the seeds' checkpoints are at different epochs")
+    for i, state in enumerate(saved):
+        epoch, step, bests[i] = restore(state, cohorts[i], gens[i])
+    return epoch, step
+
+
+def fit_seeds(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
+              seeds: Sequence[int], teachers: Sequence[TeacherSignal | None] = (), report: str = "best_val",
+              on_epoch: SeedEpochCallback | None = None, checkpoints: Sequence[Checkpoint | None] = (),
+              runtime: Runtime = CPU, splits: tuple[str, ...] | None = None,
+              kind: Callable[..., Any] = Looped) -> list[FitResult]:
+    """Train S fresh students of ``model_spec`` on ``data``, one per seed; report each seed's last
+    or best-on-val epoch. The one training loop: ``kind`` trains the seeds (``Looped``, or the
+    vmapped ``kdablate.stacked.Stacked``), everything else is shared.
+
+    teachers, checkpoints: per seed (or empty). splits: evaluated every epoch (default: val and
+    test with ``on_epoch``, else val alone). Selection only ever looks at val accuracy.
+    """
+    signals = [NO_TEACHER if t is None else t for t in (teachers or [None] * len(seeds))]
+    steps_per_epoch = len(data.y_train) // optim.batch_size
+    if steps_per_epoch < 1:  # refused when the study loads; a FitResult at chance must never come out
+        raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
+    cohorts = [make_cohort(model_spec, data, optim, knowledge, seed, steps_per_epoch, runtime) for seed in seeds]
+    gens = [tuple(seeded_generator(seed, i) for i in range(3)) for seed in seeds]
+    bests = [{"state": None, "epoch": 0, "val": -1.0, "artifacts": {}} for _ in seeds]
+    refs = [reference_similarities(data, t.split_logits("train"), c[0].objective.temperature)
+            for t, c in zip(signals, cohorts)]
+    checkpoints = list(checkpoints) or [None] * len(seeds)
+    epoch, step = resume(cohorts, gens, checkpoints, bests)
+    unit = kind(cohorts, optim, steps_per_epoch)  # after resume: a stack stacks the restored weights
+    splits = splits or (("val",) if on_epoch is None else ("val", "test"))  # val alone picks the epoch
+    for epoch in range(epoch + 1, optim.epochs + 1):
+        metrics, step = unit.epoch(data, optim.batch_size, gens, epoch, step, signals, runtime, splits)
+        for s, m in enumerate(metrics):
+            epoch_done(unit, s, m, refs[s], bests[s], epoch, report, on_epoch)
+        if checkpoints[0] is not None and checkpoints[0].due(epoch, optim.epochs):
+            for s, ckpt in enumerate(checkpoints):
+                ckpt.save(unit.snapshot(s, gens[s], epoch, step, bests[s]))
+    unit.finish()
+    return [report_result(c[0].model, data, t, report, b, optim.epochs, runtime)
+            for c, t, b in zip(cohorts, signals, bests)]
+
+
+def epoch_done(unit: Any, s: int, metrics: dict[str, float], refs: dict, best: dict, epoch: int, report: str,
+               on_epoch: SeedEpochCallback | None) -> None:
+    """Seed s's epoch, trained and evaluated: its summary, its callback, its best epoch so far."""
+    summary, best["artifacts"] = epoch_summary(unit.cohorts[s][0].objective, refs)
+    metrics.update(summary)
+    if on_epoch is not None:
+        on_epoch(s, epoch, metrics)
+    if report == "best_val" and metrics["val/acc"] > best["val"]:
+        best.update(state=unit.seed_state(s), epoch=epoch, val=metrics["val/acc"])
+
+
 def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig, seed: int,
         teacher: TeacherSignal | None = None, report: str = "best_val", on_epoch: EpochCallback | None = None,
         checkpoint: Checkpoint | None = None, runtime: Runtime = CPU,
         splits: tuple[str, ...] | None = None) -> FitResult:
-    """Train a fresh ``model_spec`` (or a cohort) on ``data``; report the last or best-on-val epoch.
-
-    teacher: the cell's teacher (``TeacherSignal``), or None.
-    splits: evaluated every epoch (default: val and test for ``on_epoch``, else val alone).
-    checkpoint: save the state every few epochs and, if one exists, resume from it.
-    Selection only ever looks at val accuracy; test is logged, never chosen on.
-    """
-    teacher = NO_TEACHER if teacher is None else teacher
-    steps_per_epoch = len(data.y_train) // optim.batch_size
-    if steps_per_epoch < 1:  # refused when the study loads; a FitResult at chance must never come out
-        raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
-    # Member 0 uses the cell's seed, so its init matches the single-student arms.
-    members = [make_member(model_spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch, runtime)
-               for i in range(cohort_size(knowledge))]
-    gens = (seeded_generator(seed, 0), seeded_generator(seed, 1), seeded_generator(seed, 2))
-    epoch, step, best = 0, 0, {"state": None, "epoch": 0, "val": -1.0, "artifacts": {}}
-    references = reference_similarities(data, teacher.split_logits("train"), members[0].objective.temperature)
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
-        epoch, step, best = restore(saved, members, gens)
-    splits = splits or (("val",) if on_epoch is None else ("val", "test"))  # val alone picks the epoch
-    for epoch in range(epoch + 1, optim.epochs + 1):
-        parts, step = train_epoch(members, data, optim.batch_size, gens, epoch, step, teacher, runtime)
-        metrics = epoch_metrics(members, parts, data, teacher, runtime, splits)
-        summary, best["artifacts"] = epoch_summary(members[0].objective, references)
-        metrics.update(summary)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if report == "best_val" and metrics["val/acc"] > best["val"]:
-            best.update(state=copy.deepcopy(members[0].model.state_dict()), epoch=epoch, val=metrics["val/acc"])
-        if checkpoint is not None and checkpoint.due(epoch, optim.epochs):
-            checkpoint.save(snapshot(members, gens, epoch, step, best))
-    return report_result(members[0].model, data, teacher, report, best, optim.epochs, runtime)
+    """``fit_seeds`` for one seed (S = 1): the cell trained alone, ``on_epoch(epoch, metrics)``."""
+    each = None if on_epoch is None else (lambda s, epoch, metrics: on_epoch(epoch, metrics))
+    return fit_seeds(model_spec, data, optim, knowledge, [seed], [teacher], report, each, [checkpoint], runtime,
+                     splits)[0]
 
 
 def epoch_metrics(members: list[Member], parts: list[dict[str, float]], data: DataBundle, teacher: TeacherSignal,

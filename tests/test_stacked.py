@@ -19,9 +19,9 @@ from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
 from kdablate.models import MODELS, build_model
 from kdablate.models.vmap_norm import MathBatchNorm, with_math_norm
-from kdablate.stacked import StackMismatch, fit_stacked, refusal, step_targets
+from kdablate.stacked import fit_stacked, refusal, step_targets
 from kdablate.storage import Checkpoint
-from kdablate.trainer import CPU, TeacherSignal, fit, make_member
+from kdablate.trainer import CPU, SeedsMismatch, TeacherSignal, fit, make_member
 
 SEEDS = (0, 1, 2)
 KNOWLEDGE = {
@@ -190,7 +190,7 @@ def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path, arm):
     alone = fit(spec, tiny, optim, k, SEEDS[1], checkpoint=Checkpoint(tmp_path / "1.pt", every=1))
     assert_same(alone, whole[1], len(tiny.y_test))
     (tmp_path / "1.pt").unlink()
-    with pytest.raises(StackMismatch):
+    with pytest.raises(SeedsMismatch):
         fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3, checkpoints=ckpts())
 
 

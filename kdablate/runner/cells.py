@@ -1,12 +1,14 @@
-"""A unit of work, trained: one cell, or the seeds of one cell config as one stack
-(``kdablate.stacked``); a stack that refuses or fails retrains its seeds one by one.
+"""A unit of work, trained: 1 to S cells of one cell config that differ only in seed, claimed and
+trained on one path (``train_unit`` -> ``trainer.fit_seeds``): the seeds stacked
+(``kdablate.stacked.Stacked``) where they stack, else looped. A stack that refuses or fails
+trains its seeds again looped, one by one, each from its own checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -15,29 +17,14 @@ from kdablate.config import CellConfig
 from kdablate.data import DataBundle, load_dataset, on_device
 from kdablate.hashing import stable_hash
 from kdablate.runner.lifecycle import (cell_checkpoint, checkpoint_path, end, failed, finish, finished, open_run,
-    record_result)
+                                      record_result)
 from kdablate.runner.options import CellOutcome, RunOptions
 from kdablate.runner.teachers import load_teacher
 from kdablate.storage import Checkpoint
 from kdablate.teacher import Teacher
-from kdablate.trainer import FitResult, Runtime, fit
+from kdablate.trainer import FitResult, Looped, Runtime, fit_seeds
 
-
-def train_cell(client: tracking.MlflowClient, run_id: str, cell: CellConfig, opts: RunOptions,
-               on_epoch: Callable[[int, dict[str, float]], None],
-               before_save: Callable[[], None] | None = None) -> dict[str, float]:
-    """Train one cell, handing each epoch's metrics to ``on_epoch``; returns the reported metrics.
-    ``before_save`` runs before each checkpoint is written."""
-    runtime = opts.runtime()
-    data = cell_data(cell, runtime, opts.cache_dir)
-    tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
-    teacher = load_teacher(cell, data, opts, runtime)
-    # The teacher, resolved once into what the trainer reads: cached logits, cached views or online.
-    signal = None if teacher is None else teacher.signal(cell, data, runtime)
-    ckpt = cell_checkpoint(cell, opts, run_id, before_save)
-    result = fit(cell.student, data, cell.optim, cell.knowledge, cell.seed, teacher=signal, report=cell.report,
-                 on_epoch=on_epoch, checkpoint=ckpt, runtime=runtime)
-    return record_result(client, run_id, cell, result, teacher, data)
+Claim = tuple[CellConfig, str, int]  # a cell this process owns, its run, the epoch it resumes after
 
 
 def cell_data(cell: CellConfig, runtime: Runtime, cache_dir: Path) -> DataBundle:
@@ -49,48 +36,6 @@ def cell_data(cell: CellConfig, runtime: Runtime, cache_dir: Path) -> DataBundle
         data = moved if moved is not data else dataclasses.replace(
             data, x_train=data.x_train.pin_memory(), y_train=data.y_train.pin_memory())
     return data
-
-
-def run_cell(cell: CellConfig, exp_id: str, parent: str, tags: dict[str, str], opts: RunOptions) -> CellOutcome:
-    """One child run, FINISHED or FAILED (SKIPPED when another process owns the cell); a
-    KeyboardInterrupt marks it KILLED and propagates."""
-    client = tracking.client(opts.uri)
-    run_id, resumed, why = open_run(client, exp_id, parent, cell, opts, tags)
-    if run_id is None:
-        return CellOutcome(cell.arm, cell.seed, "SKIPPED", why)
-    return train_claimed(client, cell, run_id, resumed, opts)
-
-
-def train_claimed(client: tracking.MlflowClient, cell: CellConfig, run_id: str, resumed: int,
-                  opts: RunOptions) -> CellOutcome:
-    """Train a cell this process has claimed (``open_run``), resuming after epoch ``resumed``."""
-    carried, logged = tracking.resume_point(client, run_id, resumed)
-    t0 = time.time()
-    bar = cell_bar(cell, opts)
-    buffer = tracking.MetricBuffer(client, run_id)
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        if epoch > logged:  # an epoch retrained after a resume is logged once
-            buffer.add({**metrics, "time/elapsed_s": carried + time.time() - t0}, epoch)
-        if bar is not None:
-            bar.update(epoch - bar.n)
-            bar.set_postfix({"val/acc": f"{metrics['val/acc']:.3f}"})
-
-    try:
-        final = train_cell(client, run_id, cell, opts, on_epoch, buffer.flush)
-        final["time/wall_s"] = carried + time.time() - t0
-        buffer.flush()
-        finish(client, run_id, final)
-        checkpoint_path(cell, opts).unlink(missing_ok=True)  # only once every metric is written
-    except KeyboardInterrupt:
-        end(client, run_id, buffer, "KILLED", "interrupted")
-        raise
-    except Exception as e:  # noqa: BLE001 - one failing cell must not stop the study
-        return failed(client, run_id, cell, e, buffer)
-    finally:
-        if bar is not None:
-            bar.close()
-    return finished(cell, final, resumed)
 
 
 # Per device type, the models whose seeds ``--stack auto`` stacks: where the 'stacked seeds' rows
@@ -130,11 +75,10 @@ def work_units(cells: list[CellConfig], opts: RunOptions) -> list[list[CellConfi
 
 def run_unit(cells: list[CellConfig], exp_id: str, parent: str, tags: dict[str, str],
              opts: RunOptions) -> list[CellOutcome]:
-    """A unit of work: one cell, or the seeds of one cell trained as one stack (``kdablate.stacked``).
-    A stack that cannot train (its objective reads the model, its seeds' checkpoints disagree, or
-    it fails) trains its seeds one by one, with a message, so every seed keeps its own outcome."""
-    if len(cells) == 1:
-        return [run_cell(cells[0], exp_id, parent, tags, opts)]
+    """Claim the unit's cells (SKIPPED: finished, or another process owns one) and train them:
+    stacked when there are several, looped otherwise. A stack that cannot train (it refuses, its
+    seeds' checkpoints disagree, or it fails) trains its seeds looped, one by one, with a message,
+    so every seed keeps its own outcome."""
     client = tracking.client(opts.uri)
     outcomes, claimed = [], []
     for cell in cells:
@@ -143,75 +87,126 @@ def run_unit(cells: list[CellConfig], exp_id: str, parent: str, tags: dict[str, 
             outcomes.append(CellOutcome(cell.arm, cell.seed, "SKIPPED", why))
         else:
             claimed.append((cell, run_id, resumed))
-    try:
-        return outcomes + train_stack(client, claimed, opts)
-    except KeyboardInterrupt:
-        for _, run_id, _ in claimed:  # not the seeds a stack already finished
-            if client.get_run(run_id).info.status == "RUNNING":
-                tracking.terminate(client, run_id, "KILLED", "interrupted")
-        raise
-    except Exception as e:  # noqa: BLE001 - the seeds then train alone, each with its own outcome
-        if claimed:
-            print(f"note: {claimed[0][0].arm}: {len(claimed)} seed(s) train one by one, not stacked: "
-                  f"{type(e).__name__}: {e}", flush=True)
-    for cell, run_id, _ in claimed:
-        saved = Checkpoint(checkpoint_path(cell, opts), key=cell.config_hash()).load()
-        outcomes.append(train_claimed(client, cell, run_id, saved["epoch"] if saved else 0, opts))
+    if len(claimed) > 1:
+        try:
+            return outcomes + train_unit(client, claimed, opts, stack=True)
+        except StackFailed as e:
+            print(f"note: {claimed[0][0].arm}: {len(claimed)} seed(s) train one by one, not stacked: {e}", flush=True)
+        claimed = [(cell, run_id, resumed_epoch(cell, opts)) for cell, run_id, _ in claimed]
+    for claim in claimed:
+        outcomes += train_unit(client, [claim], opts, stack=False)
     return outcomes
 
 
-class StackRefused(RuntimeError):
-    """These seeds do not stack (``kdablate.stacked.refusal`` says why)."""
+def resumed_epoch(cell: CellConfig, opts: RunOptions) -> int:
+    """The epoch the cell's own checkpoint continues after (0: none)."""
+    saved = Checkpoint(checkpoint_path(cell, opts), key=cell.config_hash()).load()
+    return saved["epoch"] if saved else 0
 
 
-def train_stack(client: tracking.MlflowClient, claimed: list[tuple[CellConfig, str, int]],
-                opts: RunOptions) -> list[CellOutcome]:
-    """Train claimed seeds of one cell config as one stack; each seed logs to its own run."""
-    if len(claimed) < 2:
-        raise StackRefused("fewer than two seeds to train")
-    cells, runs = [c for c, _, _ in claimed], [r for _, r, _ in claimed]
+class StackFailed(RuntimeError):
+    """These seeds did not train as one stack (it refused, or failed): train them looped."""
+
+
+def train_unit(client: tracking.MlflowClient, claimed: list[Claim], opts: RunOptions, stack: bool) -> list[CellOutcome]:
+    """Train claimed seeds of one cell config in one ``fit_seeds`` call, each logging to its own
+    run. Looped, an error FAILS the seeds with it as the reason; stacked, it raises StackFailed.
+    A KeyboardInterrupt marks the runs KILLED (their curves written first) and propagates."""
+    progress = Progress(client, claimed, opts, bar=len(claimed) == 1)
+    try:
+        results, teachers, data = fit_unit(claimed, opts, progress, stack)
+        walls = [progress.elapsed(s) for s in range(len(claimed))]
+        progress.flush()
+        size = len(claimed) if stack else 1
+        return [finish_seed(client, claim, result, teacher, data, wall, size, opts)
+                for claim, result, teacher, wall in zip(claimed, results, teachers, walls)]
+    except KeyboardInterrupt:
+        progress.end("KILLED", "interrupted")
+        raise
+    except Exception as e:  # noqa: BLE001 - one failing cell must not stop the study
+        progress.flush()  # the curves so far, also when the stack's seeds go on alone
+        if stack:
+            raise StackFailed(f"{type(e).__name__}: {e}") from e
+        return progress.fail(e)
+    finally:
+        progress.close()
+
+
+def fit_unit(claimed: list[Claim], opts: RunOptions, progress: Progress,
+             stack: bool) -> tuple[list[FitResult], list[Teacher | None], DataBundle]:
+    """The seeds' data and teachers, loaded once, then ``fit_seeds``: per seed its result and teacher."""
+    cells = [cell for cell, _, _ in claimed]
     runtime = opts.runtime()
     data = cell_data(cells[0], runtime, opts.cache_dir)
     teachers = [load_teacher(cell, data, opts, runtime) for cell in cells]
+    # Each teacher, resolved once into what the trainer reads: cached logits, cached views or online.
     signals = [None if t is None else t.signal(c, data, runtime) for t, c in zip(teachers, cells)]
-    why = stacked.refusal(cells[0].student, cells[0].knowledge, signals, runtime)
+    why = stacked.refusal(cells[0].student, cells[0].knowledge, signals, runtime) if stack else ""
     if why:
-        raise StackRefused(why)
-    points = [tracking.resume_point(client, r, e) for _, r, e in claimed]
-    t0, size = time.time(), len(cells)
-    buffers = [tracking.MetricBuffer(client, r) for r in runs]
-
-    def on_epoch(s: int, epoch: int, metrics: dict[str, float]) -> None:
-        if epoch > points[s][1]:  # each seed's time is its share of the stack's
-            buffers[s].add({**metrics, "time/elapsed_s": points[s][0] + (time.time() - t0) / size}, epoch)
-
-    ckpts = [cell_checkpoint(c, opts, r, b.flush) for c, r, b in zip(cells, runs, buffers)]
-    for cell, run_id in zip(cells, runs):
-        tracking.log_dataset(client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
-    try:
-        results = stacked.fit_stacked(cells[0].student, data, cells[0].optim, cells[0].knowledge,
-                                      [c.seed for c in cells], signals, cells[0].report, on_epoch, ckpts, runtime)
-    finally:  # the curves so far, also when the stack fails and its seeds go on alone
-        for b in buffers:
-            b.flush()
-    wall = (time.time() - t0) / size
-    return [finish_seed(client, claimed[s], results[s], teachers[s], data, points[s][0] + wall, size, opts)
-            for s in range(size)]
+        raise StackFailed(why)
+    for cell, run_id, _ in claimed:
+        tracking.log_dataset(progress.client, run_id, cell.data.name, data.fingerprint, cell.data.model_dump(mode="json"))
+    ckpts = [cell_checkpoint(c, opts, r, b.flush) for (c, r, _), b in zip(claimed, progress.buffers)]
+    first = cells[0]
+    results = fit_seeds(first.student, data, first.optim, first.knowledge, [c.seed for c in cells], signals,
+                        first.report, progress.on_epoch, ckpts, runtime, kind=stacked.Stacked if stack else Looped)
+    return results, teachers, data
 
 
-def finish_seed(client: tracking.MlflowClient, claim: tuple[CellConfig, str, int], result: FitResult,
-                teacher: Teacher | None, data: DataBundle, wall_s: float, size: int, opts: RunOptions) -> CellOutcome:
-    """Log one trained seed of a stack to its run. A failure here fails this seed alone: the
-    stack's training is done, and the seeds already finished must not train again."""
+class Progress:
+    """The runs of a unit's seeds while they train: each seed's metric buffer, where its earlier
+    attempts left off (the seconds they took, the last epoch they logged: epochs retrained after a
+    resume are logged once), and an epoch bar for a cell alone. A seed's time is its share of the unit's."""
+
+    def __init__(self, client: tracking.MlflowClient, claimed: list[Claim], opts: RunOptions, bar: bool) -> None:
+        self.client, self.claimed, self.t0 = client, claimed, time.time()
+        self.points = [tracking.resume_point(client, run_id, epoch) for _, run_id, epoch in claimed]
+        self.buffers = [tracking.MetricBuffer(client, run_id) for _, run_id, _ in claimed]
+        self.bar = cell_bar(claimed[0][0], opts) if bar else None
+
+    def elapsed(self, s: int) -> float:
+        return self.points[s][0] + (time.time() - self.t0) / len(self.claimed)
+
+    def on_epoch(self, s: int, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch > self.points[s][1]:
+            self.buffers[s].add({**metrics, "time/elapsed_s": self.elapsed(s)}, epoch)
+        if self.bar is not None:
+            self.bar.update(epoch - self.bar.n)
+            self.bar.set_postfix({"val/acc": f"{metrics['val/acc']:.3f}"})
+
+    def flush(self) -> None:
+        for buffer in self.buffers:
+            buffer.flush()
+
+    def end(self, status: str, why: str) -> None:
+        """End the seeds' runs that have not finished, their curves written first."""
+        for (_, run_id, _), buffer in zip(self.claimed, self.buffers):
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                end(self.client, run_id, buffer, status, why)
+
+    def fail(self, error: Exception) -> list[CellOutcome]:
+        return [failed(self.client, run_id, cell, error, buffer)
+                for (cell, run_id, _), buffer in zip(self.claimed, self.buffers)]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def finish_seed(client: tracking.MlflowClient, claim: Claim, result: FitResult, teacher: Teacher | None,
+                data: DataBundle, wall_s: float, size: int, opts: RunOptions) -> CellOutcome:
+    """Log one trained seed to its run. A failure here fails this seed alone: training is done,
+    and the seeds already finished must not train again."""
     cell, run_id, resumed = claim
     try:
-        tracking.set_tags(client, run_id, {"kdablate.stacked": str(size)})
+        if size > 1:
+            tracking.set_tags(client, run_id, {"kdablate.stacked": str(size)})
         final = {**record_result(client, run_id, cell, result, teacher, data), "time/wall_s": wall_s}
         finish(client, run_id, final)
-    except Exception as e:  # noqa: BLE001 - as train_claimed: this cell FAILED, the study goes on
+    except Exception as e:  # noqa: BLE001 - this cell FAILED, the study goes on
         return failed(client, run_id, cell, e)
-    checkpoint_path(cell, opts).unlink(missing_ok=True)
-    return finished(cell, final, resumed, f", 1/{size} of a stack")
+    checkpoint_path(cell, opts).unlink(missing_ok=True)  # only once every metric is written
+    return finished(cell, final, resumed, f", 1/{size} of a stack" if size > 1 else "")
 
 
 def cell_bar(cell: CellConfig, opts: RunOptions) -> Any:
