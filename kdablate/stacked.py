@@ -24,7 +24,6 @@ stack as one model over the seeds' rows, each row through its own seed's weights
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -40,7 +39,7 @@ from kdablate.models.vmap_norm import with_math_norm
 from kdablate.storage import Checkpoint
 from kdablate.trainer import (
     CPU, EpochEnv, FitResult, Member, NonFiniteLoss, Runtime, SeedEpochCallback, TeacherSignal, cohort_size,
-    epoch_means, epoch_steps, fit_seeds, make_optimizer, step_context,
+    fit_seeds, make_optimizer, step_context, train_epochs,
 )
 
 
@@ -238,30 +237,6 @@ def step_targets(members: list[Member], ctxs: list[TargetContext]) -> None:
         ctx.target = part
 
 
-def stacked_epoch(st: Stack, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
-                  teachers: list[TeacherSignal], runtime: Runtime) -> tuple[list[dict[str, float]], int]:
-    """One pass over the train split for every seed, each in its own order; per seed
-    'train/<part>' means (``trainer.train_epoch``'s, seed by seed), and the step after it."""
-    st.base.train()
-    envs, streams, labels, preds = [], [], [], []
-    for s, (order_gen, component_gen, augment_gen) in enumerate(gens):
-        perm = torch.randperm(len(data.y_train), generator=order_gen)
-        order = perm[: len(perm) - len(perm) % batch_size]
-        env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,
-                       runtime.to(data.class_groups), teachers[s], runtime)
-        batches, p, y = epoch_steps([st.members[s]], data, order, batch_size, env, augment_gen)
-        envs.append(env), streams.append(batches), preds.append(p), labels.append(y)
-    logged: list[dict[str, list[torch.Tensor]]] = [{} for _ in gens]
-    t0 = time.perf_counter()
-    for batches in zip(*streams):
-        for log, parts in zip(logged, stacked_step(st, list(batches), step, envs)):
-            for k, v in parts.items():
-                log.setdefault(k, []).append(v.detach() if v.requires_grad else v)
-        step += 1
-    seconds = (time.perf_counter() - t0) / len(gens)  # each seed's share of the stacked steps
-    return [epoch_means([log], p, y, batch_size, step, seconds)[0] for log, p, y in zip(logged, preds, labels)], step
-
-
 def stacked_metrics(st: Stack, data: DataBundle, teachers: list[TeacherSignal], runtime: Runtime,
                     splits: Sequence[str] = ("val", "test")) -> list[dict[str, float]]:
     """Per seed, '<split>/*' (``trainer.evaluate_model``'s), from one stacked pass per split."""
@@ -289,9 +264,16 @@ class Stacked:
     def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
               teachers: list[TeacherSignal], runtime: Runtime, splits: tuple[str, ...]) -> tuple[list[dict], int]:
         """Every seed's epoch in stacked steps, then one stacked pass per split: per seed its metrics."""
-        parts, step = stacked_epoch(self.st, data, batch_size, gens, epoch, step, teachers, runtime)
+        parts, step = self.train(data, batch_size, gens, epoch, step, teachers, runtime)
         evaluated = stacked_metrics(self.st, data, teachers, runtime, splits)
-        return [{**p, **m} for p, m in zip(parts, evaluated)], step
+        return [{**p[0], **m} for p, m in zip(parts, evaluated)], step
+
+    def train(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
+              teachers: list[TeacherSignal], runtime: Runtime) -> tuple[list[list[dict[str, float]]], int]:
+        """``trainer.train_epochs`` in stacked steps: per seed its 'train/<part>' means, and the step after."""
+        self.st.base.train()
+        return train_epochs(lambda batches, step, envs: [[p] for p in stacked_step(self.st, batches, step, envs)],
+                            self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime)
 
     def seed_state(self, s: int) -> dict[str, torch.Tensor]:
         return self.st.seed_state(s)

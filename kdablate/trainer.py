@@ -360,32 +360,47 @@ def epoch_steps(members: list[Member], data: DataBundle, order: torch.Tensor, ba
     return (batch(b, *row) for b, row in enumerate(rows)), preds, labels
 
 
+StepFn = Callable[[list[Batch], int, list[EpochEnv]], list[list[dict[str, torch.Tensor]]]]
+
+
+def train_epochs(step_fn: StepFn, cohorts: list[list[Member]], data: DataBundle, batch_size: int,
+                 gens: list[tuple[torch.Generator, ...]], epoch: int, step: int, teachers: list[TeacherSignal],
+                 runtime: Runtime = CPU) -> tuple[list[list[dict[str, float]]], int]:
+    """One pass over the train split for every seed, epoch ``epoch`` (from 1) from global ``step``:
+    each seed in its own order (``gens``: its data order, components and augmentation generators),
+    ``step_fn(batches, step, envs)`` taking one step of every seed; per seed and member, the mean of
+    each loss part ('train/<part>'), and the global step after the epoch."""
+    envs, streams, preds, labels = [], [], [], []
+    for cohort, (order_gen, component_gen, augment_gen), teacher in zip(cohorts, gens, teachers):
+        perm = torch.randperm(len(data.y_train), generator=order_gen)
+        order = perm[: len(perm) - len(perm) % batch_size]  # drop the ragged last batch: BatchNorm cannot train on 1
+        env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,
+                       runtime.to(data.class_groups), teacher, runtime)  # class groups moved once per epoch
+        batches, p, y = epoch_steps(cohort, data, order, batch_size, env, augment_gen)
+        envs.append(env), streams.append(batches), preds.append(p), labels.append(y)
+    # Per seed, member and part, the step's detached scalar; reduced once at the end of the epoch,
+    # so a step adds no tensor ops and no host sync for its metrics.
+    logged: list[list[dict[str, list[torch.Tensor]]]] = [[{} for _ in cohort] for cohort in cohorts]
+    t0 = time.perf_counter()
+    for batches in zip(*streams):
+        for seed_log, seed_parts in zip(logged, step_fn(list(batches), step, envs)):
+            for log, parts in zip(seed_log, seed_parts):
+                for k, v in parts.items():
+                    log.setdefault(k, []).append(v.detach() if v.requires_grad else v)
+        step += 1
+    seconds = (time.perf_counter() - t0) / len(cohorts)  # each seed's share of the epoch's steps
+    return [epoch_means(log, p, y, batch_size, step, seconds) for log, p, y in zip(logged, preds, labels)], step
+
+
 def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
                 epoch: int, step: int, teacher: TeacherSignal = NO_TEACHER,
                 runtime: Runtime = CPU) -> tuple[list[dict[str, float]], int]:
-    """One pass over the train split, epoch ``epoch`` (from 1) starting at global ``step``; per
-    member, the mean of each loss part ('train/<part>'), and the global step after the epoch.
-
-    gens: the cell's (data order, components, augmentation) generators.
-    """
+    """``train_epochs`` of one cohort (one seed): per member its 'train/<part>' means, and the step after."""
     for m in members:
         m.model.train()
-    order_gen, component_gen, augment_gen = gens
-    perm = torch.randperm(len(data.y_train), generator=order_gen)
-    order = perm[: len(perm) - len(perm) % batch_size]  # drop the ragged last batch: BatchNorm cannot train on 1
-    env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,
-                   runtime.to(data.class_groups), teacher, runtime)  # class groups moved once per epoch
-    batches, preds, labels = epoch_steps(members, data, order, batch_size, env, augment_gen)
-    # Per member and part, the step's detached scalar; reduced once at the end of the epoch, so
-    # a step adds no tensor ops and no host sync for its metrics.
-    logged: list[dict[str, list[torch.Tensor]]] = [{} for _ in members]
-    t0 = time.perf_counter()
-    for batch in batches:
-        for log, parts in zip(logged, train_step(members, batch, step, env)):
-            for k, v in parts.items():
-                log.setdefault(k, []).append(v.detach() if v.requires_grad else v)
-        step += 1
-    return epoch_means(logged, preds, labels, batch_size, step, time.perf_counter() - t0), step
+    parts, step = train_epochs(lambda batches, step, envs: [train_step(members, batches[0], step, envs[0])],
+                               [members], data, batch_size, [gens], epoch, step, [teacher], runtime)
+    return parts[0], step
 
 
 def epoch_means(logged: list[dict[str, list[torch.Tensor]]], preds: list[torch.Tensor], y_epoch: torch.Tensor,
@@ -552,11 +567,15 @@ class Looped:
     def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
               teachers: list[TeacherSignal], runtime: Runtime, splits: tuple[str, ...]) -> tuple[list[dict], int]:
         """Train every seed one epoch and evaluate it on ``splits``: per seed its metrics, and the step after."""
-        out, after = [], step
-        for cohort, g, teacher in zip(self.cohorts, gens, teachers):
-            parts, after = train_epoch(cohort, data, batch_size, g, epoch, step, teacher, runtime)
-            out.append(epoch_metrics(cohort, parts, data, teacher, runtime, splits))
-        return out, after
+        for cohort in self.cohorts:
+            for m in cohort:
+                m.model.train()
+
+        def steps(batches: list[Batch], step: int, envs: list[EpochEnv]) -> list[list[dict[str, torch.Tensor]]]:
+            return [train_step(c, b, step, env) for c, b, env in zip(self.cohorts, batches, envs)]
+
+        parts, step = train_epochs(steps, self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime)
+        return [epoch_metrics(c, p, data, t, runtime, splits) for c, p, t in zip(self.cohorts, parts, teachers)], step
 
     def seed_state(self, s: int) -> dict[str, torch.Tensor]:
         """Seed s's student weights (member 0 of its cohort), copied."""

@@ -23,7 +23,7 @@ from kdablate.config import ModelSpec, OptimConfig
 from kdablate.data import DataBundle, on_device
 from kdablate.models import build_model
 from kdablate.models.factory import place_model
-from kdablate.stacked import build_stack, stacked_epoch
+from kdablate.stacked import Stacked
 from kdablate.trainer import Runtime, TeacherSignal, make_member, seeded_generator, train_epoch
 
 STUDENT, TEACHER, CLASSES, BATCH = "resnet8x4", "resnet32x4", 100, 64
@@ -52,7 +52,7 @@ def variants(data: DataBundle, runtime: Runtime, seeds: int, views: int,
     steps = len(data.y_train) // BATCH
     spec = ModelSpec(name=models[0])
     one = make_member(spec, data, optim, KD, 0, steps, runtime)
-    stack = build_stack([make_member(spec, data, optim, KD, s, steps, runtime) for s in range(seeds)], optim, steps)
+    stack = Stacked([[make_member(spec, data, optim, KD, s, steps, runtime)] for s in range(seeds)], optim, steps)
     gens = [tuple(seeded_generator(s, i) for i in range(3)) for s in range(seeds)]
     sync = torch.cuda.synchronize if runtime.device.startswith("cuda") else (lambda: None)
 
@@ -63,7 +63,7 @@ def variants(data: DataBundle, runtime: Runtime, seeds: int, views: int,
         "1 seed, online teacher": run(lambda: train_epoch([one], data, BATCH, gens[0], 1, 0, online, runtime)),
         "1 seed, teacher views": run(lambda: train_epoch([one], data, BATCH, gens[0], 1, 0, cached, runtime)),
         f"{seeds} seeds stacked, teacher views": run(
-            lambda: stacked_epoch(stack, data, BATCH, gens, 1, 0, [cached] * seeds, runtime)),
+            lambda: stack.train(data, BATCH, gens, 1, 0, [cached] * seeds, runtime)),
     }
 
 

@@ -1,6 +1,6 @@
 """Seed-stacked training rows: S seeds as one stacked model against S models one after another.
 
-* step rows: one epoch of S seeds through ``kdablate.stacked.stacked_epoch`` against S calls of
+* step rows: one epoch of S seeds through ``kdablate.stacked.Stacked.train`` against S calls of
   ``kdablate.trainer.train_epoch``, on the same data, for the MLP (CE, and the IL saliency arm,
   whose explanations a stack computes in one call) and the 1-D CNN of the default data and a
   CIFAR ResNet: these decide where ``--stack auto`` stacks on a CPU;
@@ -18,7 +18,7 @@ from kdablate.bench.core import Row, Scale, interleave, ratio, synthetic
 from kdablate.bench.system import run_study, write_study
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
-from kdablate.stacked import build_stack, stacked_epoch
+from kdablate.stacked import Stacked
 from kdablate.trainer import CPU, NO_TEACHER, Runtime, make_member, seeded_generator, train_epoch
 
 SEEDS = 10  # the default study's seeds per arm
@@ -35,14 +35,13 @@ def epoch_variants(spec: ModelSpec, data: DataBundle, seeds: int, batch: int, ru
     optim = OptimConfig(epochs=1, batch_size=batch)
     steps = len(data.y_train) // batch
     alone = [make_member(spec, data, optim, knowledge, s, steps, runtime) for s in range(seeds)]
-    stack = build_stack([make_member(spec, data, optim, knowledge, s, steps, runtime) for s in range(seeds)],
-                        optim, steps)
+    stack = Stacked([[make_member(spec, data, optim, knowledge, s, steps, runtime)] for s in range(seeds)], optim, steps)
     gens = [tuple(seeded_generator(s, i) for i in range(3)) for s in range(seeds)]
     # A CUDA step returns before its kernels finish: time up to the last of them.
     sync = torch.cuda.synchronize if runtime.device.startswith("cuda") else (lambda: None)
 
     def stacked() -> None:
-        stacked_epoch(stack, data, batch, gens, 1, 0, [NO_TEACHER] * seeds, runtime)
+        stack.train(data, batch, gens, 1, 0, [NO_TEACHER] * seeds, runtime)
         sync()
 
     def one_by_one() -> None:
