@@ -11,6 +11,8 @@ against mdistiller's own values, ``tests/golden/feature_losses.json``, to 1e-10 
 * RKD (Park et al., CVPR 2019): smooth-L1 between the students' and teacher's pairwise distances
   (each over its mean) and between their triplet angles.
 * PKT (Passalis & Tefas, ECCV 2018): KL between the cosine-similarity distributions of the batch.
+* CRD (Tian et al., ICLR 2020): a noise-contrastive estimate over a memory bank of every training
+  sample's embedding; each side's anchor is scored against the other side's memory.
 
 Teacher features are targets: no gradient flows into them.
 """
@@ -32,14 +34,20 @@ def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
     return F.normalize(feat.pow(p).mean(1).flatten(1))
 
 
+def pool_to(feat: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, L) or (B, C, H, W) -> average-pooled to L = ``size`` (or ``size`` x ``size``) when larger."""
+    if feat.shape[2] <= size:
+        return feat
+    return F.adaptive_avg_pool1d(feat, size) if feat.dim() == 3 else F.adaptive_avg_pool2d(feat, size)
+
+
 def attention_transfer(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], p: float = 2) -> torch.Tensor:
-    """Stages of (B, C, H, W) maps -> the sum over stages of the mean squared attention difference."""
+    """Stages of (B, C, H, W) (or (B, C, L)) maps -> the sum over stages of the mean squared
+    attention difference."""
     total = torch.zeros((), dtype=student[0].dtype, device=student[0].device)
     for s, t in zip(student, teacher):
-        t = t.detach()
         size = min(s.shape[2], t.shape[2])
-        s = F.adaptive_avg_pool2d(s, size) if s.shape[2] > size else s
-        t = F.adaptive_avg_pool2d(t, size) if t.shape[2] > size else t
+        s, t = pool_to(s, size), pool_to(t.detach(), size)
         total = total + (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
     return total
 
@@ -91,3 +99,26 @@ def probabilistic_transfer(student: torch.Tensor, teacher: torch.Tensor, eps: fl
 
     p, q = distribution(student), distribution(teacher.detach())
     return (q * torch.log((q + eps) / (p + eps))).mean()
+
+
+def nce_loss(scores: torch.Tensor, num_samples: int, eps: float = 1e-7) -> torch.Tensor:
+    """(B, 1 + K) normalised scores, the positive first -> CRD's NCE loss: -(sum log h(pos) +
+    sum log(1 - h(neg))) / B, h(x) = x / (x + K Pn), the noise distribution uniform (Pn = 1 / N)."""
+    k, noise = scores.shape[1] - 1, 1.0 / num_samples
+    pos, neg = scores[:, 0], scores[:, 1:]
+    log_d1 = torch.log(pos / (pos + k * noise + eps))
+    log_d0 = torch.log((k * noise) / (neg + k * noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+def contrast_scores(anchor: torch.Tensor, memory: torch.Tensor, contrast: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """(B, d) unit embeddings, (N, d) the other side's memory, (B, 1 + K) indices (the positive
+    first) -> (B, 1 + K) exp(<memory[j], anchor> / T), unnormalised."""
+    return torch.exp(torch.bmm(memory[contrast].detach(), anchor[:, :, None]).squeeze(2) / temperature)
+
+
+def momentum_update(memory: torch.Tensor, idx: torch.Tensor, embedding: torch.Tensor, momentum: float) -> None:
+    """memory[idx] <- normalise(momentum * memory[idx] + (1 - momentum) * embedding), in place."""
+    with torch.no_grad():
+        memory[idx] = F.normalize(momentum * memory[idx] + (1 - momentum) * embedding.detach().to(memory.dtype))
