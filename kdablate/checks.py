@@ -21,12 +21,14 @@ from torch import nn
 
 from kdablate.components import Need
 from kdablate.components.context import Probe
+from kdablate.components.feature import FEATURE_TERMS
 from kdablate.config import CellConfig, DataSpec, KnowledgeConfig, ModelSpec, TeacherConfig
 from kdablate.data import DataShape, describe_dataset
 from kdablate.models import build_model
 from kdablate.models.factory import MAX_PARAMS, param_count
 from kdablate.models.checkpoint import checkpoint_digest, fit_state_dict, read_checkpoint
 from kdablate.models.ensemble import Ensemble
+from kdablate.models import stages
 from kdablate.saved import read_saved, saved_mismatch
 from kdablate.objectives import build_objective
 from kdablate.registry import ConfigError
@@ -225,8 +227,25 @@ def _probe(knowledge_json: str, probe: Probe, field: str) -> None:
     key = (knowledge_json, *(id(m) for m in probe.models.values()))
     if key in _probed:  # models are cached, so their ids name them
         return
+    knowledge = KnowledgeConfig.model_validate_json(knowledge_json)
     try:
-        build_objective(KnowledgeConfig.model_validate_json(knowledge_json)).check(probe)
+        build_objective(knowledge).check(probe)
     except ConfigError as e:
         raise CellCheckError(field, str(e)) from None
+    check_features(knowledge, probe, field)
     _probed.add(key)
+
+
+def check_features(knowledge: KnowledgeConfig, probe: Probe, field: str) -> None:
+    """Each feature term against the student's and the teacher's features on the probe inputs."""
+    if not knowledge.feature:
+        return
+    if not all(hasattr(probe.models[who], m) for who in ("self", "teacher") for m in ("features", "head")):
+        raise CellCheckError(f"{field}.feature", "feature terms read one student's and one teacher's stage outputs; "
+                                                 "a teacher ensemble has none: give the arm a single teacher")
+    feats = {who: stages.probe(probe.models[who], probe.inputs) for who in ("self", "teacher")}
+    for i, spec in enumerate(knowledge.feature):
+        why = FEATURE_TERMS.build(spec.name, spec.params).refusal(feats["self"], feats["teacher"])
+        if why:
+            raise CellCheckError(f"{field}.feature[{i}]", f"{why} (student {probe.names['self']}, teacher "
+                                                          f"{probe.names['teacher']}); remove the term or change the models")

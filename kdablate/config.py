@@ -17,6 +17,7 @@ from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discr
 from pydantic.fields import FieldInfo
 
 from kdablate.components import MASSES, STRUCTURES, Need
+from kdablate.components.feature import FEATURE_TERMS
 from kdablate.data import DATASETS
 from kdablate.hashing import file_digest, stable_hash
 from kdablate.models import MODELS
@@ -79,6 +80,10 @@ class StructureSpec(PluginSpec):
 
 class ObjectiveSpec(PluginSpec):
     registry = OBJECTIVES
+
+
+class FeatureSpec(PluginSpec):
+    registry = FEATURE_TERMS
 
 
 class ModelSpec(PluginSpec):
@@ -205,6 +210,8 @@ class KnowledgeConfig(Frozen):
     warmup_epochs: alpha ramps linearly from 0 over these epochs.
     warmup_by: 'step' ramps every step; 'epoch' holds epoch e's weight at e / warmup_epochs (mdistiller's DKD).
     entropy_penalty: beta of the confidence penalty, loss - beta * H(p_student).
+    feature: feature and relation terms added to the loss, each ``weight * loss`` of the student's
+        and the teacher's features (``kdablate.components.feature``): e.g. [{name: at}].
     """
 
     objective: ObjectiveSpec = ObjectiveSpec(name="soft_target")
@@ -215,6 +222,7 @@ class KnowledgeConfig(Frozen):
     warmup_epochs: Int = Field(0, ge=0)
     warmup_by: Literal["step", "epoch"] = "step"
     entropy_penalty: Float = Field(0.0, ge=0)
+    feature: tuple[FeatureSpec, ...] = ()
 
     def needs(self) -> Need:
         """What this knowledge reads beyond the student, computed once per distinct config."""
@@ -320,7 +328,9 @@ def _digest_or_missing(path: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _needs(knowledge_json: str) -> Need:
-    return build_objective(KnowledgeConfig.model_validate_json(knowledge_json)).needs
+    knowledge = KnowledgeConfig.model_validate_json(knowledge_json)
+    # A feature term reads the teacher network's features, run online on each batch.
+    return build_objective(knowledge).needs | (Need.TEACHER_MODEL if knowledge.feature else Need.NONE)
 
 
 # Bump when a default *changes meaning*: canonical() leaves defaults out of the hash.

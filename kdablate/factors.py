@@ -8,6 +8,7 @@ and an objective other than the soft target stands in for mass and structure.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ class Factor:
 FACTOR_TABLE = (Factor("objective", "objective", "objective"), Factor("mass", "mass", "non-GT mass"),
                 Factor("structure", "structure", "class-similarity structure"),
                 Factor("temperature", "T", "temperature T"), Factor("alpha", "alpha", "α"),
-                Factor("source", "source", "explanation source"))
+                Factor("source", "source", "explanation source"), Factor("feature", "feature", "feature knowledge"))
 FACTORS = tuple(f.name for f in FACTOR_TABLE)
 DEFAULT_FACTORS = ("mass", "structure")  # the crossing ``factorial: true`` means
 
@@ -44,14 +45,25 @@ def factor_levels(params: dict[str, Any]) -> dict[str, Any]:
         mass, structure = str(params.get("knowledge.mass.name", "none")), f"{s}:{detail}" if detail else str(s)
     return {"mass": mass, "structure": structure, "temperature": params.get("knowledge.temperature"),
             "alpha": params.get("knowledge.alpha"), "source": params.get("knowledge.structure.source") or "n/a",
-            "objective": objective}
+            "objective": objective, "feature": feature_level(params.get("knowledge.feature"))}
+
+
+def feature_level(terms: Any) -> str:
+    """The feature terms' names joined by '+' ('at+rkd'), 'none' without any; from the config's
+    list of specs or its run param (the list's repr)."""
+    if isinstance(terms, str):
+        try:
+            terms = ast.literal_eval(terms)
+        except (ValueError, SyntaxError):
+            return terms
+    return "+".join(t["name"] if isinstance(t, dict) else str(t) for t in terms or ()) or "none"
 
 
 def held_constant(factors: Sequence[str]) -> list[str]:
     """The factors a crossing of ``factors`` keeps fixed (the arms compared share them). The
     explanation source is part of the structure's label, so crossing it frees the structure."""
     free = set(factors) | ({"structure"} if "source" in factors else set())
-    return [f for f in ("temperature", "alpha", "mass", "structure") if f not in free]
+    return [f for f in ("temperature", "alpha", "mass", "structure", "feature") if f not in free]
 
 
 def distils(row: dict[str, Any]) -> bool:
@@ -84,7 +96,7 @@ def crossing_groups(rows: Sequence[dict[str, Any]], factors: Sequence[str]) -> l
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if distils(r):
-            groups.setdefault(tuple(r[f] for f in held), []).append(r)
+            groups.setdefault(tuple(r.get(f) for f in held), []).append(r)  # rows made before a factor existed lack it
     return list(groups.values())
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,7 @@ class KnowledgeLike(Protocol):
     warmup_epochs: int
     warmup_by: str
     entropy_penalty: float
+    feature: Sequence[PluginSpecLike]  # read by the trainer, not by an objective
 
 
 class Objective(abc.ABC):

@@ -51,6 +51,8 @@ def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequenc
 
     if cohort_size(knowledge) > 1:
         return "a DML cohort trains two students per cell"
+    if knowledge.feature:
+        return "its feature terms read each seed's own stage outputs and run the teacher online"
     # A stacked step runs no member's own module and hands no model, inputs or features to the
     # components: refuse whatever declares it reads them, whether or not it sets reads_model.
     if Need.FEATURES in knowledge.needs():

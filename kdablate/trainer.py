@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from kdablate.components import Need, TargetContext
+from kdablate.components.feature import FEATURE_TERMS, TermBatch
 from kdablate.components.structure import class_mean_structure, nongt_distribution, oracle_structure
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
 from kdablate.metrics import evaluate, offdiagonal, reliability, spearman
-from kdablate.models import build_model
+from kdablate.models import build_model, stages
 from kdablate.models.factory import place_model
 from kdablate.objectives import Objective, build_objective
 from kdablate.storage import Checkpoint
@@ -99,6 +100,18 @@ class Member:
     features: list[torch.Tensor] = dataclasses.field(default_factory=list)
     scaler: torch.amp.GradScaler | None = None
     static_target: tuple[tuple, torch.Tensor | None] | None = None  # (key, q) kept across epochs
+    feature: FeatureKnowledge | None = None  # the knowledge's feature terms, if it has any
+
+
+@dataclasses.dataclass
+class FeatureKnowledge:
+    """A member's feature terms (``kdablate.components.feature``; the modules they train among them),
+    their names, and where the student's and the teacher's stages end (``kdablate.models.stages``)."""
+
+    terms: nn.ModuleList
+    names: tuple[str, ...]
+    ends: tuple[int, ...]
+    teacher_ends: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +184,7 @@ class Batch:
     teacher_logits: torch.Tensor | None = None
     targets: Sequence[torch.Tensor | None] = ()
     preds: Sequence[torch.Tensor] | None = None
+    idx: torch.Tensor | None = None  # (B,) the samples' training-set indices (a memory bank reads them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,19 +259,51 @@ def evaluate_model(model: nn.Module, data: DataBundle, teacher: TeacherSignal = 
 
 
 def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
-                seed: int, steps_per_epoch: int, runtime: Runtime = CPU) -> Member:
-    """A freshly initialised student (init seeded by ``seed``), its optimiser and schedule, its objective."""
+                seed: int, steps_per_epoch: int, runtime: Runtime = CPU, teacher: nn.Module | None = None) -> Member:
+    """A freshly initialised student (init seeded by ``seed``), its optimiser and schedule, its objective,
+    and its feature terms (``teacher``: the teacher network they read, built once per cell)."""
     torch.manual_seed(seed)  # the init is drawn on the CPU, so it is the same on every device
     model = place_model(build_model(spec.name, spec.params, data.input_shape, data.num_classes), data.input_shape,
                         runtime.device)
-    opt, sched = make_optimizer(model, optim, max(optim.epochs * steps_per_epoch, 1), steps_per_epoch)
-    member = Member(model, opt, sched, build_objective(knowledge))
+    feature = feature_knowledge(knowledge, model, teacher, data, runtime)
+    # The terms' modules (a FitNet regressor, CRD's heads) train with the student.
+    trained = model if feature is None else [*model.parameters(), *feature.terms.parameters()]
+    opt, sched = make_optimizer(trained, optim, max(optim.epochs * steps_per_epoch, 1), steps_per_epoch)
+    member = Member(model, opt, sched, build_objective(knowledge), feature=feature)
     if runtime.amp == "fp16":  # fp16 needs loss scaling; bf16 has fp32's range and does not
         member.scaler = torch.amp.GradScaler(torch.device(runtime.device).type)
     if Need.FEATURES in member.objective.needs:
         # The training forward's last feature map, so CAM needs no second forward.
         model.features.register_forward_hook(lambda m, i, out: member.features.append(out))
     return member
+
+
+def feature_knowledge(knowledge: KnowledgeConfig, model: nn.Module, teacher: nn.Module | None, data: DataBundle,
+                      runtime: Runtime) -> FeatureKnowledge | None:
+    """The knowledge's feature terms, bound to the student's and the teacher's feature shapes on two
+    training inputs; None when it has none."""
+    if not knowledge.feature:
+        return None
+    if teacher is None:
+        raise RuntimeError("feature terms read the teacher network, and none is loaded for this cell")
+    x = runtime.to(data.prepare(data.x_train[:2], train=False))
+    student, reference = stages.probe(model, x), stages.probe(teacher, x)
+    terms = nn.ModuleList()
+    for spec in knowledge.feature:
+        terms.append(FEATURE_TERMS.build(spec.name, spec.params))
+        terms[-1].bind(student, reference, len(data.y_train))
+    return FeatureKnowledge(terms.to(runtime.device), tuple(spec.name for spec in knowledge.feature),
+                            stages.stage_ends(model, data.input_shape), stages.stage_ends(teacher, data.input_shape))
+
+
+def add_feature_terms(parts: dict[str, torch.Tensor], feature: FeatureKnowledge, student: stages.Features,
+                      teacher: stages.Features, batch: Batch, env: EpochEnv) -> None:
+    """Each term's weighted loss into the member's 'loss', its unweighted value as 'feature_<name>'."""
+    at = TermBatch(batch.idx, env.generator)
+    for i, (name, term) in enumerate(zip(feature.names, feature.terms)):
+        value = term.loss(student, teacher, at).float()
+        parts["loss"] = parts["loss"] + term.weight * value
+        parts[f"feature_{name}" if feature.names.count(name) == 1 else f"feature_{name}{i}"] = value.detach()
 
 
 def step_context(members: list[Member], outputs: list[torch.Tensor], i: int, batch: Batch, step: int,
@@ -288,14 +334,21 @@ def optimizer_step(m: Member) -> None:
 def train_step(members: list[Member], batch: Batch, step: int, env: EpochEnv) -> list[dict[str, torch.Tensor]]:
     """One optimisation step of every cohort member on ``batch`` (global ``step``, 0-based), all on
     ``env.runtime.device``; per member, its loss parts (scalars; all but 'loss' detached)."""
-    outputs = []
+    outputs, feats = [], []
     for m in members:
         m.features.clear()
         with env.runtime.autocast():
-            outputs.append(m.model(batch.x).float())
+            if m.feature is None:
+                outputs.append(m.model(batch.x).float())
+            else:  # the same forward, its stage outputs kept for the feature terms
+                feats.append(stages.extract(m.model, batch.x, m.feature.ends))
+                outputs.append(feats[-1].logits.float())
+    reference = teacher_features(members[0], batch, env) if feats else None
     results = []
     for i, (m, logits) in enumerate(zip(members, outputs)):
         parts = m.objective(logits, step_context(members, outputs, i, batch, step, env))
+        if m.feature is not None:
+            add_feature_terms(parts, m.feature, feats[i], reference, batch, env)
         m.opt.zero_grad(set_to_none=True)
         (m.scaler.scale(parts["loss"]) if m.scaler else parts["loss"]).backward()
         if batch.preds is None:
@@ -306,6 +359,12 @@ def train_step(members: list[Member], batch: Batch, step: int, env: EpochEnv) ->
     for m in members:  # after every member's backward: peers saw the same weights
         optimizer_step(m)
     return results
+
+
+def teacher_features(member: Member, batch: Batch, env: EpochEnv) -> stages.Features:
+    """The teacher's features on the step's (augmented) batch: online, never cached, no gradient."""
+    with torch.no_grad(), env.runtime.autocast():
+        return stages.extract(env.teacher.model, batch.x, member.feature.teacher_ends)
 
 
 def epoch_batches(t: torch.Tensor | None, order: torch.Tensor, batch_size: int,
@@ -353,9 +412,12 @@ def epoch_steps(members: list[Member], data: DataBundle, order: torch.Tensor, ba
     qs = [epoch_batches(q, order, batch_size, runtime) for q in targets]
     pred_batches = [p.split(batch_size) for p in preds]
 
+    idx = order.split(batch_size)
+
     def batch(b: int, xb: torch.Tensor, yb: torch.Tensor, vb: torch.Tensor | None, tb: torch.Tensor | None) -> Batch:
         x = runtime.to(data.prepare(xb, train=True, generator=augment, views=vb))
-        return Batch(x, yb, teacher.logits_for(x, tb, runtime), [q[b] for q in qs], [p[b] for p in pred_batches])
+        return Batch(x, yb, teacher.logits_for(x, tb, runtime), [q[b] for q in qs], [p[b] for p in pred_batches],
+                     idx[b])
 
     return (batch(b, *row) for b, row in enumerate(rows)), preds, labels
 
@@ -521,6 +583,8 @@ def member_state(m: Member) -> dict:
            "method": m.objective.state_dict()}
     if m.scaler is not None:  # fp16: the loss scale and its growth counter change every step
         out["scaler"] = m.scaler.state_dict()
+    if m.feature is not None:  # the terms' trained modules and memory banks
+        out["feature"] = m.feature.terms.state_dict()
     return out
 
 
@@ -548,6 +612,8 @@ def restore(state: dict, members: list[Member], gens: tuple[torch.Generator, ...
                                      for k, v in saved["method"].items()})
         if m.scaler is not None and "scaler" in saved:
             m.scaler.load_state_dict(saved["scaler"])
+        if m.feature is not None:
+            m.feature.terms.load_state_dict(saved["feature"])
     for g, saved in zip(gens, state["gens"]):
         g.set_state(saved)
     return state["epoch"], state["step"], state["best"]
@@ -589,10 +655,10 @@ class Looped:
 
 
 def make_cohort(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
-                seed: int, steps_per_epoch: int, runtime: Runtime = CPU) -> list[Member]:
+                seed: int, steps_per_epoch: int, runtime: Runtime = CPU, teacher: nn.Module | None = None) -> list[Member]:
     """A seed's students: one, or two for a DML cohort (member 0 uses the seed, so its init
     matches the single-student arms')."""
-    return [make_member(spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch, runtime)
+    return [make_member(spec, data, optim, knowledge, seed + 7919 * i, steps_per_epoch, runtime, teacher)
             for i in range(cohort_size(knowledge))]
 
 
@@ -626,7 +692,8 @@ def fit_seeds(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowl
     steps_per_epoch = len(data.y_train) // optim.batch_size
     if steps_per_epoch < 1:  # refused when the study loads; a FitResult at chance must never come out
         raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")
-    cohorts = [make_cohort(model_spec, data, optim, knowledge, seed, steps_per_epoch, runtime) for seed in seeds]
+    cohorts = [make_cohort(model_spec, data, optim, knowledge, seed, steps_per_epoch, runtime, t.model)
+               for seed, t in zip(seeds, signals)]
     gens = [tuple(seeded_generator(seed, i) for i in range(3)) for seed in seeds]
     bests = [{"state": None, "epoch": 0, "val": -1.0, "artifacts": {}} for _ in seeds]
     refs = [reference_similarities(data, t.split_logits("train"), c[0].objective.temperature)

@@ -27,7 +27,7 @@ def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
     assert (kd["mass"], kd["structure"], kd["T"], kd["alpha"]) == ("teacher", "teacher", "4", "0.9")
     assert ce["mlflow.note.content"].startswith("Arm `ce`, seed 0:")
     # The description says what the tags say: CE reads no mass, structure or T.
-    assert "mass n/a, structure n/a, T n/a, alpha 0, source n/a; alpha 0: plain cross-entropy" in ce["mlflow.note.content"]
+    assert "mass n/a, structure n/a, T n/a, alpha 0, source n/a, feature none; alpha 0: plain cross-entropy" in ce["mlflow.note.content"]
     assert ce["mlflow.source.name"] == "kdablate" and ce["mlflow.user"]
     inputs = client.get_run(runs["ce/seed0"].info.run_id).inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["mnist1d"] and len(inputs[0].dataset.digest) > 8
@@ -45,7 +45,8 @@ def test_runs_carry_what_the_ui_needs(mlflow_store, tmp_path, capsys):
     # Provenance under 'env.'; the factors are the first keys, the order the UI's menus list them in.
     assert {"env.git_commit", "env.code_sha256", "env.cpu_model", "env.torch_version", "env.device"} <= set(kd)
     assert not {"git_commit", "cpu_model", "device", "study", "failure_reason"} & set(kd)
-    assert [k for k in kd if not k.startswith("mlflow.")][:9] == ["arm", "role", "objective", "mass", "structure", "T", "alpha", "source", "seed"]
+    assert [k for k in kd if not k.startswith("mlflow.")][:10] == ["arm", "role", "objective", "mass", "structure", "T", "alpha", "source",
+                                                                         "feature", "seed"]
     # Summary accuracies in percent, which the UI's two decimals show to a hundredth of a point;
     # read back as the fractions kdablate computed.
     stored, read = runs["ce/seed0"].data.metrics, tracking.summary(runs["ce/seed0"])

@@ -230,3 +230,15 @@ def test_every_shipped_study_validates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study = load_study(path)
     assert study.cells and len({c.config_hash() for c in study.cells}) == len(study.cells)
+
+
+def test_the_shipped_studies_cell_hashes_stay_what_they_were():
+    """A cell's hash names its runs in every user's store: a refactor that changes one orphans them.
+    tests/golden/cell_hashes.json holds the hashes of the shipped studies that load without data
+    files, as commit 359250e computed them (the CIFAR studies need their data to load)."""
+    import json
+
+    golden = json.loads((Path(__file__).parent / "golden" / "cell_hashes.json").read_text())
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    for name, hashes in golden.items():
+        assert [c.config_hash() for c in load_study(studies / name).cells] == hashes, name

@@ -83,3 +83,14 @@ def stage(features: Features, index: int, what: str) -> torch.Tensor:
     if not -n <= index < n:
         raise ValueError(f"{what}: stage {index} does not exist; this model has {n} (0 = the stem .. {n - 1})")
     return features.stages[index]
+
+
+def probe(model: nn.Module, inputs: torch.Tensor) -> Features:
+    """One eval-mode, gradient-free forward's ``Features`` of ``model`` (shapes for checks and builds)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return extract(model, inputs, stage_ends(model, tuple(inputs.shape[1:])))
+    finally:
+        model.train(was)

@@ -66,7 +66,8 @@ def factor_tags(cell: CellConfig) -> dict[str, str]:
     levels = {"objective": spec_label(k.objective), "mass": spec_label(k.mass) if target else "n/a",
               "structure": spec_label(k.structure) if target else "n/a",
               "temperature": f"{k.temperature:g}" if uses_t else "n/a", "alpha": f"{k.alpha:g}",
-              "source": source if target else "n/a"}
+              "source": source if target else "n/a",
+              "feature": "+".join(spec_label(spec) for spec in k.feature) or "none"}
     return {f.tag: levels[f.name] for f in FACTOR_TABLE}
 
 
