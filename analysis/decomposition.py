@@ -18,7 +18,7 @@ from kdablate.factors import DEFAULT_FACTORS, crossing_groups, largest_crossing
 
 
 def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Per arm: mass, structure, T, alpha, mean, std, n, ci_low, ci_high, and the mean of each ``extra``."""
+    """Per arm: mass, structure, T, alpha, feature, mean, std, n, ci_low, ci_high, and the mean of each ``extra``."""
     rows = []
     for arm in order:
         g = cells[cells.arm == arm]
@@ -27,7 +27,8 @@ def summarize(cells: pd.DataFrame, order: list[str], metric: str, extra: tuple[s
             continue
         lo, hi = t_ci(v)
         rows.append({"arm": arm, "mass": g.mass.iat[0], "structure": g.structure.iat[0],
-                     "T": g.temperature.iat[0], "alpha": g.alpha.iat[0], "mean": v.mean(),
+                     "T": g.temperature.iat[0], "alpha": g.alpha.iat[0],
+                     "feature": g.feature.iat[0] if "feature" in g else "none", "mean": v.mean(),
                      "std": v.std(ddof=1) if len(v) > 1 else float("nan"), "n": len(v), "ci_low": lo, "ci_high": hi,
                      **{m: g[m].mean() if m in g else float("nan") for m in extra}})
     return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from analysis.stats import ALPHA, MARKS, fmt_p, pm
 DISPLAY = {"report/test_ece": ("ECE (%)", True), "report/test_agreement": ("agree. (%)", True),
            "time/step_ms": ("ms/step", False), "time/explain_ms": ("explain ms", False),
            "train/similarity_spearman": ("ρ(expl., teacher) per run", False)}
-TEXT_COLUMNS = {"arm", "mass", "structure", "effect"}
+TEXT_COLUMNS = {"arm", "mass", "structure", "feature", "effect"}
 Row = dict[str, Any]
 
 
@@ -122,7 +122,9 @@ def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str],
               published: dict[str, float] | None = None, target: float = 1.0) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the per-arm table (strings, format-neutral); the power columns when
     ``vs`` has them, and a "Δ to published" column when the study declares published values."""
-    head = ["arm", "mass", "structure", "T", "α", "mean ± std", "n", "95% CI"]
+    # The feature column only where some arm has feature terms: a logit-only study's table is unchanged.
+    features = "feature" in summary and bool((summary.feature != "none").any())
+    head = ["arm", "mass", "structure", "T", "α", *(["feature"] if features else []), "mean ± std", "n", "95% CI"]
     planning = power_head(vs, target)
     if vs is not None:
         head += ["Δ [95% CI]", "p_t", "p_W", "d_z", *planning]
@@ -133,8 +135,8 @@ def main_rows(summary: pd.DataFrame, vs: pd.DataFrame | None, extra: list[str],
     rows = []
     for d in summary.to_dict("records"):
         ci = "—" if math.isnan(d["ci_low"]) else f"[{d['ci_low'] * 100:.2f}, {d['ci_high'] * 100:.2f}]"
-        row = [d["arm"], d["mass"], d["structure"], f"{d['T']:g}", f"{d['alpha']:g}", pm(d["mean"], d["std"]),
-               str(d["n"]), ci]
+        row = [d["arm"], d["mass"], d["structure"], f"{d['T']:g}", f"{d['alpha']:g}",
+               *([d["feature"]] if features else []), pm(d["mean"], d["std"]), str(d["n"]), ci]
         if vs is not None:
             c = by_arm.get(d["arm"])
             row += (["ref.", "", "", ""] + [""] * len(planning) if c is None
