@@ -174,11 +174,15 @@ def dry_run(study: Study, args: argparse.Namespace) -> int:
     """The cells of ``study``, one line each, with their config hashes."""
     print(f"study {study.name} ({study.path}): {len(study.arms())} arms x {len({c.seed for c in study.cells})} seeds "
           f"= {len(study.cells)} cells")
-    print(f"{'arm':32} {'seed':>4} {'mass':>10} {'structure':>10} {'T':>5} {'alpha':>5}  hash")
+    # A feature column only where some arm has feature terms: other studies print as they always have.
+    features = any(c.knowledge.feature for c in study.cells)
+    print(f"{'arm':32} {'seed':>4} {'mass':>10} {'structure':>10} {'T':>5} {'alpha':>5}"
+          + (f" {'feature':>10}" if features else "") + "  hash")
     for c in study.cells:
         k = c.knowledge
-        print(f"{c.arm:32} {c.seed:>4} {k.mass.name:>10} {k.structure.name:>10} "
-              f"{k.temperature:>5g} {k.alpha:>5g}  {c.config_hash()}")
+        terms = "+".join(t.name for t in k.feature) or "none"
+        print(f"{c.arm:32} {c.seed:>4} {k.mass.name:>10} {k.structure.name:>10} {k.temperature:>5g} {k.alpha:>5g}"
+              + (f" {terms:>10}" if features else "") + f"  {c.config_hash()}")
     return 0
 
 

@@ -112,3 +112,9 @@ def test_feature_arms_train_unstacked_and_say_so_once(mlflow_store, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("note: feat: seeds train one by one, not stacked: its feature terms read") == 1
     assert "training 4 cells as 3 units" in out.stdout  # ce's two seeds stacked, feat's alone
+
+
+def test_dry_run_names_each_cells_feature_terms(tmp_path):
+    out = cli("dry-run", str(study(tmp_path, "{name: cnn1d, channels: 8, depth: 2}", "at, rkd")), cwd=tmp_path)
+    lines = out.stdout.splitlines()
+    assert "feature" in lines[1] and lines[2].split()[6] == "none" and lines[4].split()[6] == "at+rkd", out.stdout
