@@ -61,8 +61,10 @@ def feature_level(terms: Any) -> str:
 
 def held_constant(factors: Sequence[str]) -> list[str]:
     """The factors a crossing of ``factors`` keeps fixed (the arms compared share them). The
-    explanation source is part of the structure's label, so crossing it frees the structure."""
+    explanation source is part of the structure's label, so crossing it frees the structure;
+    crossing alpha (logit knowledge or none: CE is alpha 0) frees what the soft target is made of."""
     free = set(factors) | ({"structure"} if "source" in factors else set())
+    free |= {"mass", "structure", "temperature"} if "alpha" in factors else set()
     return [f for f in ("temperature", "alpha", "mass", "structure", "feature") if f not in free]
 
 
@@ -91,11 +93,12 @@ def largest_crossing(rows: Sequence[dict[str, Any]], f1: str, f2: str) -> list[d
 
 
 def crossing_groups(rows: Sequence[dict[str, Any]], factors: Sequence[str]) -> list[list[dict[str, Any]]]:
-    """The distilling rows grouped by the factors a crossing of ``factors`` holds constant, in study order."""
+    """The distilling rows (every row when alpha is crossed) grouped by the factors a crossing of
+    ``factors`` holds constant, in study order."""
     held = held_constant(factors)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if distils(r):
+        if distils(r) or "alpha" in factors:
             groups.setdefault(tuple(r.get(f) for f in held), []).append(r)  # rows made before a factor existed lack it
     return list(groups.values())
 

@@ -64,3 +64,20 @@ def test_study_declares_the_factors(tmp_path, value, arms, ok):
     else:
         with pytest.raises(StudyError, match="analysis.factorial"):
             load_study(path)
+
+
+def test_crossing_alpha_takes_ce_as_its_none_level_and_frees_the_soft_targets_parts():
+    """Logit knowledge {none, KD} x feature knowledge: CE (alpha 0, no mass) is the 'none' level of
+    alpha, so crossing alpha keeps the rows that distil nothing and frees mass, structure and T."""
+    from kdablate.factors import has_crossing, held_constant, largest_crossing
+
+    def row(arm, alpha, mass, structure, feature):
+        return {"arm": arm, "alpha": alpha, "mass": mass, "structure": structure, "temperature": 4.0 if alpha else 1.0,
+                "source": "n/a", "objective": "soft_target", "feature": feature}
+
+    rows = [row("ce", 0.0, "none", "uniform", "none"), row("at", 0.0, "none", "uniform", "at"),
+            row("kd", 0.9, "teacher", "teacher", "none"), row("kd+at", 0.9, "teacher", "teacher", "at")]
+    assert held_constant(("alpha", "feature")) == []
+    assert has_crossing(rows, ("alpha", "feature"))
+    assert {r["arm"] for r in largest_crossing(rows, "alpha", "feature")} == {"ce", "at", "kd", "kd+at"}
+    assert not has_crossing(rows, ("mass", "feature"))  # without alpha, only the distilling rows cross
