@@ -48,7 +48,7 @@ def decomposition(summary: pd.DataFrame, cells: pd.DataFrame, metric: str, vs: p
         ax.axhline(float(summary.loc[summary.arm == ref, "mean"].iat[0]) * 100, ls="--", lw=0.8,
                    color=f"C{j + 1}", label=ref, zorder=1)
     if references:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="reference (mean)", frameon=True)
+        outside_legend(ax, title="reference (mean)")
     ax.set(ylabel=f"{metric} (%)", title=title)
     if vs is not None:
         _delta_bars(axes[1, 0], summary, vs)
@@ -96,8 +96,13 @@ def interaction(grid: pd.DataFrame, metric: str, factors: tuple[str, str] = ("ma
                     color=f"C{j}")
     ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else v for v in xs])
     ax.set(xlabel=AXIS.get(x, x), ylabel=f"{metric} (%)", title=f"{lines} × {x}")
-    ax.legend(title=AXIS.get(lines, lines), frameon=True)
+    outside_legend(ax, title=AXIS.get(lines, lines))
     return fig
+
+
+def outside_legend(ax: Any, **kw: Any) -> None:
+    """The axes' legend to the right of them, where it covers no data (the figure grows to hold it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=True, **kw)
 
 
 def temperature(cells: pd.DataFrame, metric: str, references: dict[str, float]) -> Any:
@@ -117,7 +122,7 @@ def temperature(cells: pd.DataFrame, metric: str, references: dict[str, float]) 
     ax.set_xticks(temps, [f"{t:g}" for t in temps])
     ax.minorticks_off()
     ax.set(xlabel="temperature T", ylabel=f"{metric} (%)", title="accuracy against temperature")
-    ax.legend(frameon=True, ncols=2)
+    outside_legend(ax)
     return fig
 
 

@@ -740,3 +740,18 @@ def test_figures_draw_no_interval_for_arms_of_two_seeds_and_their_captions_say_s
     rep.figure(plots.metric_points(cells, ["ce", "kd"], "report/test_acc", "t"), "a", "Mean and 95% CI.")
     rep.figure(plots.metric_points(cells, ["ce", "kd"], "report/test_acc", "t"), "b", "Points only.")
     assert "95% CI. No interval is drawn for kd (n = 2)" in rep.markdown and "Points only.*" in rep.markdown
+
+
+def test_the_interaction_and_temperature_legends_sit_outside_the_data():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    grid = pd.DataFrame({"mass": ["a", "a", "b", "b"] * 3, "structure": ["u", "t"] * 6,
+                         "report/test_acc": np.linspace(0.5, 0.7, 12)})
+    cells = pd.DataFrame({"family": ["kd"] * 6, "temperature": [1.0, 1.0, 4.0, 4.0, 8.0, 8.0],
+                          "report/test_acc": np.linspace(0.5, 0.7, 6)})
+    for fig in (plots.interaction(grid, "report/test_acc"), plots.temperature(cells, "report/test_acc", {"ce": 0.6})):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        legend, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.x0 >= frame.x1, (legend, frame)
