@@ -624,8 +624,9 @@ class SeedsMismatch(RuntimeError):
 
 
 class Looped:
-    """S seeds as S ordinary cohorts (one module each, or a DML cohort of two), trained one after
-    another within each epoch; each seed's trajectory is its own, as if it trained alone."""
+    """S seeds as S ordinary cohorts (one module each, or a DML cohort of two): each step of the
+    epoch takes every seed's own step in turn, on its own batch; each seed's trajectory is its
+    own, as if it trained alone."""
 
     def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
         self.cohorts = cohorts
