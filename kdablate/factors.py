@@ -8,7 +8,6 @@ and an objective other than the soft target stands in for mass and structure.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import itertools
 from typing import Any, Sequence
@@ -49,14 +48,9 @@ def factor_levels(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def feature_level(terms: Any) -> str:
-    """The feature terms' names joined by '+' ('at+rkd'), 'none' without any; from the config's
-    list of specs or its run param (the list's repr)."""
-    if isinstance(terms, str):
-        try:
-            terms = ast.literal_eval(terms)
-        except (ValueError, SyntaxError):
-            return terms
-    return "+".join(t["name"] if isinstance(t, dict) else str(t) for t in terms or ()) or "none"
+    """The feature terms' names joined by '+' ('at+rkd'), 'none' without any, from the flattened
+    config's list of specs (a run's param arrives parsed: ``analysis.runs.cast_param``)."""
+    return "+".join(t["name"] for t in terms or ()) or "none"
 
 
 def held_constant(factors: Sequence[str]) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdablate.models import MODELS, build_model
-from kdablate.models.stages import extract, stage, stage_ends
+from kdablate.models.stages import extract, stage_ends
 
 
 def built(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -50,11 +50,3 @@ def test_the_cifar_resnet_stages_are_the_reference_feats():
     feats = extract(model, torch.randn(2, *shape), stage_ends(model, shape))
     assert [tuple(s.shape[1:]) for s in feats.stages] == [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
     assert tuple(feats.pooled.shape) == (2, 64)
-
-
-def test_a_stage_that_does_not_exist_is_named_with_the_count():
-    model, shape = built("mlp")
-    feats = extract(model, torch.randn(2, *shape), stage_ends(model, shape))
-    assert stage(feats, -1, "fitnet hint") is feats.stages[-1]
-    with pytest.raises(ValueError, match=r"fitnet hint: stage 7 does not exist; this model has \d+"):
-        stage(feats, 7, "fitnet hint")

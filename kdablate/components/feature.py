@@ -10,6 +10,7 @@ mdistiller's CIFAR-100 value.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -33,7 +34,7 @@ class TermBatch:
     generator: torch.Generator | None = None
 
 
-class FeatureTerm(nn.Module):
+class FeatureTerm(nn.Module, abc.ABC):
     """Base of the feature terms: ``params.weight * loss(student, teacher, batch)``.
 
     ``refusal`` says, from the two models' probe features at load, why the term cannot read
@@ -54,8 +55,9 @@ class FeatureTerm(nn.Module):
     def bind(self, student: Features, teacher: Features, num_samples: int) -> None:
         """Build the modules this term trains (none by default)."""
 
+    @abc.abstractmethod
     def loss(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
-        raise NotImplementedError
+        """The term's unweighted scalar loss on the two models' features of this batch."""
 
 
 def spatial(f: torch.Tensor) -> bool:

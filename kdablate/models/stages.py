@@ -77,14 +77,6 @@ def extract(model: nn.Module, x: torch.Tensor, ends: tuple[int, ...]) -> Feature
     return Features(tuple(caught[i] for i in ends), pooled[0], logits)
 
 
-def stage(features: Features, index: int, what: str) -> torch.Tensor:
-    """Stage ``index`` (0: the stem; negative from the last), or a ValueError naming how many there are."""
-    n = len(features.stages)
-    if not -n <= index < n:
-        raise ValueError(f"{what}: stage {index} does not exist; this model has {n} (0 = the stem .. {n - 1})")
-    return features.stages[index]
-
-
 def probe(model: nn.Module, inputs: torch.Tensor) -> Features:
     """One eval-mode, gradient-free forward's ``Features`` of ``model`` (shapes for checks and builds)."""
     was = model.training
