@@ -65,10 +65,10 @@ class AttributionContext:
 
     features: (B, C, *L) the output of ``model.features`` in this step's training forward, or
         None (then a source that wants it runs ``model.features`` itself).
-    generator: the RNG of any noise a source draws (SmoothGrad), so a seed reproduces its maps.
+    generators: the RNG of each seed whose rows the inputs hold (one, or a stack's several, its
+        rows seed-major in equal blocks), so a seed reproduces its draws (``directions``) whether it
+        is explained alone or stacked; none: the global RNG.
     create_graph: keep the graph through the maps, so a loss on them trains the model.
-    generators: for inputs of several seeds (a stack's, seed-major in equal blocks), each seed's
-        RNG; then ``generator`` refuses draws and directions come from ``directions``.
     pattern: the activation pattern of a forward this step already ran on the inputs
         (``linearized.recording``), so a piecewise-linear model's products need no forward of
         their own; used only where it is the model's pattern at exactly these inputs, as they and
@@ -76,10 +76,19 @@ class AttributionContext:
     """
 
     features: torch.Tensor | None = None
-    generator: torch.Generator | None = None
+    generators: tuple[torch.Generator, ...] = ()
     create_graph: bool = False
-    generators: tuple[torch.Generator | None, ...] = ()
     pattern: linearized.Pattern | None = None
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The RNG of a source's noise (SmoothGrad) when the inputs are one seed's; None when none
+        is given. Refused (TypeError) over several seeds' rows, where one stream would break each
+        seed's draws; such a source is not ``stackable``."""
+        if len(self.generators) > 1:
+            raise TypeError(f"these inputs hold {len(self.generators)} seeds' rows: draw each seed's block "
+                            "from its own generator (ctx.generators), as ``directions`` does")
+        return self.generators[0] if self.generators else None
 
 
 PLAIN = AttributionContext()  # no features, no RNG, maps detached from the model
@@ -199,11 +208,10 @@ def rademacher_directions(inputs: torch.Tensor, m: int, generator: torch.Generat
 
 
 def directions(inputs: torch.Tensor, m: int, ctx: AttributionContext, centre: bool = False) -> torch.Tensor:
-    """(B, *S) inputs -> (m, B, *S) Rademacher directions (``rademacher_directions``) from
-    ``ctx.generator``, or, for several seeds' inputs (``ctx.generators``), each seed's block from its
-    own generator: the directions that seed draws alone."""
+    """(B, *S) inputs -> (m, B, *S) Rademacher directions (``rademacher_directions``), each seed's
+    block of rows from its own generator (``ctx.generators``): the directions that seed draws alone."""
     if not ctx.generators:
-        return rademacher_directions(inputs, m, ctx.generator, centre)
+        return rademacher_directions(inputs, m, None, centre)
     blocks = inputs.split(len(inputs) // len(ctx.generators))
     return torch.cat([rademacher_directions(b, m, g, centre) for b, g in zip(blocks, ctx.generators, strict=True)], 1)
 

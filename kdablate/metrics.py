@@ -44,18 +44,14 @@ def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
     return (logits_a.argmax(1) == logits_b.argmax(1)).double().mean().item()
 
 
-def evaluate(
-    logits: torch.Tensor, labels: torch.Tensor, split: str, teacher_logits: torch.Tensor | None = None
-) -> dict[str, float]:
-    """All metrics of one split, named '<split>/<metric>'."""
-    out = {
+def evaluate(logits: torch.Tensor, labels: torch.Tensor, split: str) -> dict[str, float]:
+    """A model's (N, K) logits against the (N,) labels of one split: '<split>/acc', 'nll' and 'ece'
+    (what else is read off them is a measurement's, ``kdablate.measures``)."""
+    return {
         f"{split}/acc": accuracy(logits, labels),
         f"{split}/nll": nll(logits, labels),
         f"{split}/ece": ece(logits, labels),
     }
-    if teacher_logits is not None:
-        out[f"{split}/agreement"] = agreement(logits, teacher_logits)
-    return out
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -118,9 +118,8 @@ class KnowledgeLike(Protocol):
 class Objective(abc.ABC):
     """A cell's full loss: the objective's own ``loss``, the warm-up ramp and the confidence penalty.
 
-    Owns T (``temperature``) and alpha, read once from the cell's knowledge. Components see T
-    in the context their objective hands them: it writes ``TargetContext.temperature`` just
-    before it calls them (``SoftTargetObjective.target``), and nothing else does.
+    Owns T (``temperature``) and alpha, read once from the cell's knowledge, and passes them to
+    what needs them: T to its components' calls, alpha to the loss.
     ``params``: the registered plugin's checked ``Params``.
     """
 
@@ -137,7 +136,7 @@ class Objective(abc.ABC):
         """(B, K) logits -> {'loss', ...} scalars, the distillation term weighted by ``ramp`` in [0, 1]."""
 
     def __call__(self, logits: torch.Tensor, ctx: TargetContext) -> dict[str, torch.Tensor]:
-        """(B, K) logits -> {'loss': the training loss, its detached parts ...}."""
+        """(B, K) logits of one seed's rows -> {'loss': the training loss, its detached parts ...}."""
         ramp = warmup_ramp(ctx.step, self.warmup_epochs, ctx.steps_per_epoch, self.warmup_by)
         parts = self.loss(logits, ctx, ramp)
         if self.entropy_penalty:
@@ -148,22 +147,10 @@ class Objective(abc.ABC):
 
     @property
     def stackable(self) -> bool:
-        """Whether the loss reads only its seed's own logits, labels, targets, teacher logits and
-        generator, and a model, if any, only through a stack's ``StackSeat``. Only then may the seeds
-        of an arm train as one stacked model (``kdablate.stacked``). Off unless an objective says so."""
-        return False
-
-    @property
-    def reads_model(self) -> bool:
-        """Whether the loss reads a model (explanations). A stackable objective that does reads it
-        only through its context's ``StackSeat`` in a stack (``Component.shares_stack``)."""
-        return False
-
-    @property
-    def row_wise(self) -> bool:
-        """Whether ``step_target`` gives each row of a ``merged`` context (several seeds' batches)
-        what that seed's own call gives it (``Component.row_wise``), so a stack may build every
-        seed's target in one call. Off unless an objective says so."""
+        """Whether the seeds of an arm may train as one stacked model (``kdablate.stacked``): the
+        loss reads its seed's own rows of the context alone, and any target is built by row-wise
+        components (``Component.row_wise``), so one call over every seed's rows builds each seed's.
+        Off unless an objective says so."""
         return False
 
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
@@ -172,23 +159,18 @@ class Objective(abc.ABC):
         return None
 
     def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        """(B, K) stop-gradient q of the batch in ``ctx``, built as ``loss`` would build it (the same
-        draws from the seed's generator), so a stack can build each seed's (all at once on a
-        ``merged`` context where ``row_wise``) and then take all seeds in one ``stacked_loss``; None
-        where the objective builds none."""
+        """(N, K) q of every row of ``ctx`` (a stack's S seeds' rows, where ``stackable``), built as
+        ``loss`` would build each seed's (the same draws from each seed's generator), with the graph
+        through it where the target is differentiable; None where the objective builds none."""
         return None
 
-    def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],
+    def stacked_loss(self, logits: torch.Tensor, ctx: TargetContext,
                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
-        """(S, B, K) logits of S seeds of one cell config (each with its own ``ctxs[s]``, all at
-        the same step) -> (the sum of the seeds' losses, each seed's detached parts), in one call;
-        equal to calling the objective seed by seed up to float rounding. None where the
+        """(S, B, K) logits of S seeds of one cell config and their ``ctx`` of S*B rows (its target
+        built) -> (the sum of the seeds' losses, each seed's detached parts), in one call; equal to
+        calling the objective seed by seed (``ctx.seed(s)``) up to float rounding. None where the
         objective has no such path: the stack then calls it per seed."""
         return None
-
-    def summary(self) -> dict[str, torch.Tensor]:
-        """Per-epoch statistics of the objective's parts (e.g. a class-similarity matrix)."""
-        return {}
 
     def check(self, probe: Probe) -> None:
         """Raise ConfigError when the objective cannot work with the cell's data and models."""
@@ -225,24 +207,15 @@ class SoftTargetObjective(Objective):
 
     @property
     def stackable(self) -> bool:  # type: ignore[override]
-        """CE alone, or a target whose components read no model (``Component.reads_model``) or
-        share the stacked one (``Component.shares_stack``)."""
-        return self.alpha == 0 or all(not c.reads_model or c.shares_stack for c in (self.mass, self.structure))
-
-    @property
-    def reads_model(self) -> bool:  # type: ignore[override]
-        return self.alpha != 0 and (self.mass.reads_model or self.structure.reads_model)
-
-    @property
-    def row_wise(self) -> bool:  # type: ignore[override]
-        return self.mass.row_wise and self.structure.row_wise
+        """CE alone, or a target whose components are both row-wise (``Component.row_wise``)."""
+        return self.alpha == 0 or (self.mass.row_wise and self.structure.row_wise)
 
     def target(self, ctx: TargetContext) -> torch.Tensor:
-        """(B, K) q for the batch in ``ctx``; a stop-gradient target unless the structure
+        """(N, K) q for the rows of ``ctx``; a stop-gradient target unless the structure
         is differentiable (then gradients flow through the explanations into the model)."""
-        ctx.temperature = self.temperature  # the components' T, from its one owner
         with torch.set_grad_enabled(self.structure.differentiable and torch.is_grad_enabled()):
-            return assemble_target(self.mass(ctx), self.structure(ctx), ctx.labels)
+            return assemble_target(self.mass(ctx, self.temperature), self.structure(ctx, self.temperature),
+                                   ctx.labels)
 
     def loss(self, logits: torch.Tensor, ctx: TargetContext, ramp: float) -> dict[str, torch.Tensor]:
         if self.alpha == 0:  # CE only: no source needs to be present, no target to build
@@ -256,24 +229,22 @@ class SoftTargetObjective(Objective):
         return self.target(ctx) if self.static else None
 
     def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        return None if self.alpha == 0 or self.structure.differentiable else self.target(ctx)
+        return None if self.alpha == 0 else self.target(ctx)
 
-    def stacked_loss(self, logits: torch.Tensor, ctxs: list[TargetContext],
+    def stacked_loss(self, logits: torch.Tensor, ctx: TargetContext,
                      ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
-        """CE alone, or stop-gradient targets already in the contexts: one fused node for every seed."""
-        ramp = warmup_ramp(ctxs[0].step, self.warmup_epochs, ctxs[0].steps_per_epoch, self.warmup_by)
-        if self.entropy_penalty or (self.alpha != 0 and any(c.target is None for c in ctxs)):
+        """CE alone, or a stop-gradient target already in the context: one fused node for every seed."""
+        ramp = warmup_ramp(ctx.step, self.warmup_epochs, ctx.steps_per_epoch, self.warmup_by)
+        if self.entropy_penalty or (self.alpha != 0 and (ctx.target is None or ctx.target.requires_grad)):
             return None
-        labels = torch.stack([c.labels for c in ctxs])
-        q = None if self.alpha == 0 else torch.stack([c.target for c in ctxs])
+        s, b, k = logits.shape
+        labels = ctx.labels.view(s, b)
+        q = None if self.alpha == 0 else ctx.target.view(s, b, k)
         total, parts = stacked_soft_target_loss(logits, labels, q, self.temperature, self.alpha * ramp)
         if q is not None:
             parts["target_mass"] = 1.0 - q.gather(2, labels[..., None]).mean((1, 2))
         per_seed = [dict(zip(parts, values)) for values in zip(*(v.unbind(0) for v in parts.values()))]
         return total, per_seed
-
-    def summary(self) -> dict[str, torch.Tensor]:
-        return {**self.mass.summary(), **self.structure.summary()}
 
     def check(self, probe: Probe) -> None:
         """Both components' load-time checks (``Component.check``), unless alpha is 0."""

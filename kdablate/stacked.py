@@ -13,13 +13,14 @@ stacked or alone. The loss is the sum of the per-seed losses, so seed s's weight
 exactly seed s's gradient, and SGD updates elementwise: each seed follows its unstacked
 trajectory up to float rounding (``tests/test_stacked.py`` checks weights and accuracy).
 
-Only what is per seed by construction is stacked (``refusal``): one student per cell (no
-DML cohort), an objective that reads no model (``Objective.stackable``: CE, targets from
-labels, logits and the seed's generator, DKD) or reads the student's own explanations from a
-source that calls it row by row (saliency, grad_input, integrated gradients, sketched or not:
-``Component.shares_stack``), no online teacher, no fp16 loss scaling. Explanations are per
-sample in eval mode, so every seed's rows are explained in one call on ``StackView``, the
-stack as one model over the seeds' rows, each row through its own seed's weights.
+A step hands the objective one ``TargetContext`` over the S seeds' batches (S*B rows,
+seed-major), each seed's rows drawing from its own generator, and 'self' the stack as one model
+over those rows (``StackView``). Only what is per seed by construction is stacked
+(``refusal``): one student per cell (no DML cohort), an objective whose target is built by
+row-wise components (``Objective.stackable``, ``Component.row_wise``: CE, targets from labels,
+logits and the seed's generator, the student's own explanations from a source that calls it row
+by row, at every step), no online teacher, no fp16 loss scaling. Explanations are per sample in
+eval mode, so every seed's rows are explained in one call on ``StackView``.
 """
 from __future__ import annotations
 
@@ -31,15 +32,15 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from kdablate.components import Need, TargetContext
-from kdablate.components.context import StackSeat, merged
+from kdablate.components.context import Observation
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
-from kdablate.metrics import evaluate
 from kdablate.models.vmap_norm import with_math_norm
 from kdablate.storage import Checkpoint
+from kdablate.measures import Measurements
 from kdablate.trainer import (
     CPU, EpochEnv, FitResult, Member, NonFiniteLoss, Runtime, SeedEpochCallback, TeacherSignal, cohort_size,
-    fit_seeds, make_optimizer, step_context, train_epochs,
+    fit_seeds, make_optimizer, split_metrics, train_epochs,
 )
 
 
@@ -60,8 +61,8 @@ def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequenc
     if Need.TEACHER_MODEL in knowledge.needs():
         return "its target reads a model: the teacher network's explanations"
     if not build_objective(knowledge).stackable:
-        return ("its target reads a model in a way a stack cannot share (an explanation source not "
-                "marked stackable, e.g. CAM's or Grad-CAM's modules and hooks)")
+        return ("its target is not row-wise (a component keeps state, e.g. an explanation schedule's "
+                "class EMA, or reads the model through modules and hooks, e.g. CAM's or Grad-CAM's)")
     if any(t is not None and t.online for t in teachers):
         return "its teacher runs online"
     if runtime.amp == "fp16":
@@ -146,16 +147,6 @@ class StackView(nn.Module):
         return out.reshape(s, j, r, -1).transpose(0, 1).reshape(len(x), -1)
 
 
-def seats(st: Stack, ctxs: list[TargetContext]) -> list[TargetContext]:
-    """The seeds' contexts, each with its ``StackSeat`` over all of them and one cache for the step."""
-    cache: dict = {}
-
-    def view(rows: int) -> nn.Module:
-        return StackView(st, rows)
-
-    return [dataclasses.replace(c, stack=StackSeat(s, ctxs, view, cache)) for s, c in enumerate(ctxs)]
-
-
 # Devices whose batch norm cannot run under vmap (CUDA's asks a memory-format question vmap
 # does not answer): there the stack's structure computes it as plain tensor math instead.
 MATH_NORM_DEVICES = ("cuda",)
@@ -194,20 +185,16 @@ def seed_snapshot(st: Stack, s: int, gens: tuple, epoch: int, step: int, best: d
 def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> list[dict[str, torch.Tensor]]:
     """One optimisation step of every seed on its own batch; per seed, its loss parts."""
     runtime = envs[0].runtime
+    x = torch.stack([b.x for b in batches])
     with runtime.autocast():
-        out = st.forward(torch.stack([b.x for b in batches])).float()
-    # No model in the contexts (a member's own module does not hold the stacked weights): an
-    # objective that reads one reads the stack, through each seed's seat.
-    reads = st.members[0].objective.reads_model
-    ctxs = [dataclasses.replace(step_context([m], [out[s]], 0, b, step, env), models={}, inputs=b.x if reads else None)
-            for s, (m, b, env) in enumerate(zip(st.members, batches, envs))]
-    if reads:
-        ctxs = seats(st, ctxs)
-    step_targets(st.members, ctxs)
-    # The seeds share their cell's config, so one objective may take them all in one call.
-    fused = st.members[0].objective.stacked_loss(out, ctxs)
+        out = st.forward(x).float()
+    ctx = stack_context(st, x, out, batches, step, envs)
+    objective = st.members[0].objective  # the seeds share their cell's config, and a stackable target
+    if ctx.target is None:
+        ctx = dataclasses.replace(ctx, target=objective.step_target(ctx))
+    fused = objective.stacked_loss(out, ctx)
     if fused is None:
-        results = [m.objective(out[s], ctx) for s, (m, ctx) in enumerate(zip(st.members, ctxs))]
+        results = [m.objective(out[s], ctx.seed(s)) for s, m in enumerate(st.members)]
         total = sum(parts["loss"] for parts in results)
     else:
         total, results = fused
@@ -220,36 +207,43 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     return results
 
 
-def step_targets(members: list[Member], ctxs: list[TargetContext]) -> None:
-    """Each seed's step target into its context, unless precomputed (static): in one call on the
-    seeds' rows merged where the objective is row-wise (the same values: each seed's draws come
-    from its own generator), else each from its own objective. Measured on the default permuted
-    stack of 10 seeds: 17.7 s -> 14.1 s (the per-seed calls were a third of its steps)."""
-    if ctxs[0].target is not None:
-        return
-    objective = members[0].objective
-    if objective.row_wise:
-        q = objective.step_target(merged(ctxs))
-        if q is not None and len(q) != sum(len(c.labels) for c in ctxs):
-            raise RuntimeError(f"a row-wise target gave {len(q)} rows for {len(ctxs)} seeds' batches")
-        parts = [None] * len(ctxs) if q is None else q.split(len(ctxs[0].labels))
-    else:
-        parts = [m.objective.step_target(ctx) for m, ctx in zip(members, ctxs)]
-    for ctx, part in zip(ctxs, parts, strict=True):
-        ctx.target = part
+def stack_context(st: Stack, x: torch.Tensor, out: torch.Tensor, batches: list, step: int,
+                  envs: list[EpochEnv]) -> TargetContext:
+    """The step's one context over the S seeds' rows: (S, B, *shape) inputs and (S, B, K) logits,
+    each seed's generator, 'self' the stack over B rows per seed, the seeds' precomputed targets if
+    any, and observations split among the seeds' measurements."""
+    env, flat = envs[0], lambda t: t.reshape(-1, *t.shape[2:])
+    rows = {"labels": [b.y for b in batches], "teacher_logits": [b.teacher_logits for b in batches],
+            "target": [b.targets[0] if b.targets else None for b in batches]}
+    rows = {k: None if v[0] is None else torch.cat(v) for k, v in rows.items()}
+    return TargetContext(num_classes=env.num_classes, student_logits=flat(out.detach()), inputs=flat(x),
+                         generators=tuple(e.generator for e in envs), models={"self": StackView(st, x.shape[1])},
+                         step=step, epoch=env.epoch, steps_per_epoch=env.steps_per_epoch,
+                         class_groups=env.class_groups, observe=split_observations(envs), **rows)
 
 
-def stacked_metrics(st: Stack, data: DataBundle, teachers: list[TeacherSignal], runtime: Runtime,
+def split_observations(envs: list[EpochEnv]) -> Callable[[Observation], None]:
+    """An observation of a stack's rows handed to each seed's listener as its own rows, each seed
+    charged an equal share of the time."""
+    def observe(seen: Observation) -> None:
+        n = len(seen.rows) // len(envs)
+        for s, env in enumerate(envs):
+            if env.observe is not None:
+                env.observe(Observation(seen.name, seen.rows[s * n:(s + 1) * n], seen.labels[s * n:(s + 1) * n],
+                                        seen.seconds / len(envs)))
+    return observe
+
+
+def stacked_metrics(st: Stack, data: DataBundle, measures: list[Measurements], runtime: Runtime,
                     splits: Sequence[str] = ("val", "test")) -> list[dict[str, float]]:
     """Per seed, '<split>/*' (``trainer.evaluate_model``'s), from one stacked pass per split."""
     out: list[dict[str, float]] = [{} for _ in st.members]
     for split in splits:
-        x, y = data.split(split)
-        logits = st.predict(x, data.prepare, runtime)
-        for s, teacher in enumerate(teachers):
+        logits = st.predict(data.split(split)[0], data.prepare, runtime)
+        for s, seen in enumerate(measures):
             if not torch.isfinite(logits[s]).all():
                 raise NonFiniteLoss(f"non-finite outputs on the {split} split (seed index {s})")
-            out[s].update(evaluate(logits[s], y, split, teacher.split_logits(split)))
+            out[s].update(split_metrics(logits[s], data, split, seen))
     return out
 
 
@@ -264,18 +258,20 @@ class Stacked:
         self.st = build_stack([c[0] for c in cohorts], optim, steps_per_epoch)
 
     def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
-              teachers: list[TeacherSignal], runtime: Runtime, splits: tuple[str, ...]) -> tuple[list[dict], int]:
+              teachers: list[TeacherSignal], measures: list[Measurements], runtime: Runtime,
+              splits: tuple[str, ...]) -> tuple[list[dict], int]:
         """Every seed's epoch in stacked steps, then one stacked pass per split: per seed its metrics."""
-        parts, step = self.train(data, batch_size, gens, epoch, step, teachers, runtime)
-        evaluated = stacked_metrics(self.st, data, teachers, runtime, splits)
+        parts, step = self.train(data, batch_size, gens, epoch, step, teachers, runtime, measures)
+        evaluated = stacked_metrics(self.st, data, measures, runtime, splits)
         return [{**p[0], **m} for p, m in zip(parts, evaluated)], step
 
     def train(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
-              teachers: list[TeacherSignal], runtime: Runtime) -> tuple[list[list[dict[str, float]]], int]:
+              teachers: list[TeacherSignal], runtime: Runtime,
+              measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
         """``trainer.train_epochs`` in stacked steps: per seed its 'train/<part>' means, and the step after."""
         self.st.base.train()
         return train_epochs(lambda batches, step, envs: [[p] for p in stacked_step(self.st, batches, step, envs)],
-                            self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime)
+                            self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime, measures)
 
     def seed_state(self, s: int) -> dict[str, torch.Tensor]:
         return self.st.seed_state(s)

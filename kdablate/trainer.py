@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from kdablate.components import Need, TargetContext
+from kdablate.components.context import Observation
 from kdablate.components.feature import FEATURE_TERMS, TermBatch
-from kdablate.components.structure import class_mean_structure, nongt_distribution, oracle_structure
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import DataBundle
-from kdablate.metrics import evaluate, offdiagonal, reliability, spearman
+from kdablate.measures import Measurements
+from kdablate import measures as measuring
+from kdablate.metrics import evaluate, reliability
 from kdablate.models import build_model, stages
 from kdablate.models.factory import place_model
 from kdablate.objectives import Objective, build_objective
@@ -189,9 +191,9 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class EpochEnv:
-    """What every step of one epoch shares: where it is in training (``epoch`` from 1,
+    """What every step of one seed's epoch shares: where it is in training (``epoch`` from 1,
     ``steps_per_epoch``), the components' RNG, the (K,) class groups on the device or None,
-    the teacher and the runtime."""
+    the teacher, the runtime, and where the components' observations go (the seed's measurements)."""
 
     num_classes: int
     epoch: int
@@ -200,6 +202,7 @@ class EpochEnv:
     class_groups: torch.Tensor | None = None
     teacher: TeacherSignal = NO_TEACHER
     runtime: Runtime = CPU
+    observe: Callable[[Observation], None] | None = None
 
 
 def seeded_generator(seed: int, stream: int) -> torch.Generator:
@@ -248,14 +251,19 @@ def split_logits(model: nn.Module, data: DataBundle, split: str, runtime: Runtim
     return logits
 
 
-def evaluate_model(model: nn.Module, data: DataBundle, teacher: TeacherSignal = NO_TEACHER,
+def evaluate_model(model: nn.Module, data: DataBundle, measures: Measurements = measuring.NONE,
                    splits: tuple[str, ...] = ("val", "test"), runtime: Runtime = CPU) -> dict[str, float]:
-    """'<split>/<metric>' of ``model`` on each split (agreement where the teacher has cached logits)."""
+    """'<split>/<metric>' of ``model`` on each split, the measurements' among them."""
     out: dict[str, float] = {}
     for split in splits:
-        logits = split_logits(model, data, split, runtime)
-        out.update(evaluate(logits, data.split(split)[1], split, teacher.split_logits(split)))
+        out.update(split_metrics(split_logits(model, data, split, runtime), data, split, measures))
     return out
+
+
+def split_metrics(logits: torch.Tensor, data: DataBundle, split: str, measures: Measurements) -> dict[str, float]:
+    """'<split>/<metric>' of a model's (N, K) logits on ``split``: its accuracy, NLL and ECE, and
+    what the seed's measurements read off them (agreement with the teacher)."""
+    return {**evaluate(logits, data.split(split)[1], split), **measures.evaluated(split, logits)}
 
 
 def make_member(spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: KnowledgeConfig,
@@ -308,16 +316,17 @@ def add_feature_terms(parts: dict[str, torch.Tensor], feature: FeatureKnowledge,
 
 def step_context(members: list[Member], outputs: list[torch.Tensor], i: int, batch: Batch, step: int,
                  env: EpochEnv) -> TargetContext:
-    """Member i's view of the step for its objective's components; ``outputs``: every member's (B, K) logits."""
+    """Member i's view of the step for its objective's components; ``outputs``: every member's (B, K)
+    logits. Member 0's observations go to the seed's measurements."""
     m = members[i]
     others = [o.detach() for j, o in enumerate(outputs) if j != i]
     models = {"self": m.model} if env.teacher.model is None else {"self": m.model, "teacher": env.teacher.model}
     return TargetContext(
-        batch.y, env.num_classes, outputs[i].detach(), batch.teacher_logits, env.generator,
+        batch.y, env.num_classes, outputs[i].detach(), batch.teacher_logits, (env.generator,),
         peer_logits=torch.stack(others).mean(0) if others else None, inputs=batch.x, models=models,
         features=m.features[-1] if m.features else None, step=step, epoch=env.epoch,
         steps_per_epoch=env.steps_per_epoch, class_groups=env.class_groups,
-        target=batch.targets[i] if batch.targets else None,
+        target=batch.targets[i] if batch.targets else None, observe=env.observe if i == 0 else None,
     )
 
 
@@ -427,17 +436,19 @@ StepFn = Callable[[list[Batch], int, list[EpochEnv]], list[list[dict[str, torch.
 
 def train_epochs(step_fn: StepFn, cohorts: list[list[Member]], data: DataBundle, batch_size: int,
                  gens: list[tuple[torch.Generator, ...]], epoch: int, step: int, teachers: list[TeacherSignal],
-                 runtime: Runtime = CPU) -> tuple[list[list[dict[str, float]]], int]:
+                 runtime: Runtime = CPU, measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
     """One pass over the train split for every seed, epoch ``epoch`` (from 1) from global ``step``:
     each seed in its own order (``gens``: its data order, components and augmentation generators),
     ``step_fn(batches, step, envs)`` taking one step of every seed; per seed and member, the mean of
-    each loss part ('train/<part>'), and the global step after the epoch."""
+    each loss part ('train/<part>'), and the global step after the epoch. ``measures``: per seed, what
+    its components' observations go to (none: nothing listens)."""
     envs, streams, preds, labels = [], [], [], []
-    for cohort, (order_gen, component_gen, augment_gen), teacher in zip(cohorts, gens, teachers):
+    measures = list(measures) or [measuring.NONE] * len(cohorts)
+    for cohort, (order_gen, component_gen, augment_gen), teacher, seen in zip(cohorts, gens, teachers, measures):
         perm = torch.randperm(len(data.y_train), generator=order_gen)
         order = perm[: len(perm) - len(perm) % batch_size]  # drop the ragged last batch: BatchNorm cannot train on 1
         env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,
-                       runtime.to(data.class_groups), teacher, runtime)  # class groups moved once per epoch
+                       runtime.to(data.class_groups), teacher, runtime, seen.observe)  # groups moved once per epoch
         batches, p, y = epoch_steps(cohort, data, order, batch_size, env, augment_gen)
         envs.append(env), streams.append(batches), preds.append(p), labels.append(y)
     # Per seed, member and part, the step's detached scalar; reduced once at the end of the epoch,
@@ -482,93 +493,6 @@ def epoch_means(logged: list[dict[str, list[torch.Tensor]]], preds: list[torch.T
     out = [{f"train/{k}": (v / steps).item() for k, v in s.items()} for s in sums]
     out[0]["time/step_ms"] = 1000 * seconds / steps
     return out
-
-
-def output_similarity(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, K) logits, (N,) labels -> (K, K) class similarity of a model's outputs: row y is the mean,
-    over the samples of class y, of softmax(logits) with the true class zeroed and the rest
-    renormalised (rows sum to 1 off the diagonal; a class without samples gets a uniform row).
-    Divide the logits by a temperature first to read the outputs at that temperature."""
-    p = torch.softmax(logits, 1)
-    return class_mean_structure(nongt_distribution(p, y), y, num_classes)
-
-
-def oracle_similarity(data: DataBundle) -> torch.Tensor | None:
-    """(K, K) the oracle hierarchy's class similarity where the data has class groups, else None."""
-    if data.class_groups is None:
-        return None
-    return oracle_structure(torch.arange(data.num_classes), data.class_groups, 1.0)
-
-
-def reference_similarities(data: DataBundle, teacher_train: torch.Tensor | None,
-                           temperature: float) -> dict[str, torch.Tensor]:
-    """(K, K) class-similarity matrices to hold explanations against, fixed for a cell: the
-    teacher's mean soft-target structure at T from its (N, K) train logits, if given, and the
-    oracle where the data has a hierarchy."""
-    refs = {}
-    if teacher_train is not None:
-        refs["teacher"] = output_similarity(teacher_train / temperature, data.y_train, data.num_classes)
-    oracle = oracle_similarity(data)
-    if oracle is not None:
-        refs["oracle"] = oracle
-    return refs
-
-
-# Where each reference's correlation with the explanation similarity is logged.
-SPEARMAN_METRICS = {"teacher": "train/similarity_spearman", "oracle": "train/similarity_oracle_spearman"}
-
-
-def epoch_summary(objective: Objective,
-                  references: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics and matrices from the objective's per-epoch summary (explanation similarity),
-    with its Spearman correlation against each of ``reference_similarities``."""
-    summary = objective.summary()
-    metrics: dict[str, float] = {}
-    artifacts: dict[str, torch.Tensor] = {}
-    if "explain_ms" in summary:
-        metrics["time/explain_ms"] = float(summary["explain_ms"])
-    if "similarity" in summary:
-        artifacts["similarity_explanation"] = summary["similarity"]
-        for name, matrix in references.items():
-            artifacts[f"similarity_{name}"] = matrix
-            metrics[SPEARMAN_METRICS[name]] = spearman(offdiagonal(summary["similarity"]), offdiagonal(matrix))
-    return metrics, artifacts
-
-
-# Where each reference's correlation with the reported student's own class similarity is logged.
-STUDENT_SPEARMAN_METRICS = {"teacher": "report/student_similarity_spearman",
-                            "oracle": "report/student_similarity_oracle_spearman"}
-
-
-def student_similarities(data: DataBundle, val_logits: torch.Tensor,
-                         teacher: TeacherSignal) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """The reported student's own class similarity, for every arm, and its Spearman correlation
-    (off-diagonal entries) with the teacher's and, where the data has class groups, the oracle's.
-
-    val_logits: (N_val, K) the reported student's logits on the validation split (never test).
-    Returns metrics ``STUDENT_SPEARMAN_METRICS`` (only for the references the cell has) and the
-    (K, K) artifacts 'similarity_student' and, with a teacher, 'similarity_teacher_t1'.
-
-    The teacher's matrix is read like the student's: at T = 1 (the temperature the student is
-    evaluated at), whatever the arm's T, and on the same validation samples. Softening only one
-    side would change its class means (a softer softmax weighs the samples of a class
-    differently), so the two would differ for a reason other than class similarity. The
-    explanation arms' 'similarity_teacher' (train split, at the arm's T) is another reference
-    and stays as it is.
-    """
-    y = data.split("val")[1]
-    student = output_similarity(val_logits, y, data.num_classes)
-    refs, artifacts = {}, {"similarity_student": student}
-    teacher_val = teacher.split_logits("val")
-    if teacher_val is not None:
-        # T = 1 on purpose (see the docstring): the student's temperature, not the arm's.
-        refs["teacher"] = artifacts["similarity_teacher_t1"] = output_similarity(teacher_val, y, data.num_classes)
-    oracle = oracle_similarity(data)
-    if oracle is not None:
-        refs["oracle"] = oracle
-    metrics = {STUDENT_SPEARMAN_METRICS[name]: spearman(offdiagonal(student), offdiagonal(matrix))
-               for name, matrix in refs.items()}
-    return metrics, artifacts
 
 
 def cohort_size(knowledge: KnowledgeConfig) -> int:
@@ -632,7 +556,8 @@ class Looped:
         self.cohorts = cohorts
 
     def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
-              teachers: list[TeacherSignal], runtime: Runtime, splits: tuple[str, ...]) -> tuple[list[dict], int]:
+              teachers: list[TeacherSignal], measures: list[Measurements], runtime: Runtime,
+              splits: tuple[str, ...]) -> tuple[list[dict], int]:
         """Train every seed one epoch and evaluate it on ``splits``: per seed its metrics, and the step after."""
         for cohort in self.cohorts:
             for m in cohort:
@@ -641,8 +566,10 @@ class Looped:
         def steps(batches: list[Batch], step: int, envs: list[EpochEnv]) -> list[list[dict[str, torch.Tensor]]]:
             return [train_step(c, b, step, env) for c, b, env in zip(self.cohorts, batches, envs)]
 
-        parts, step = train_epochs(steps, self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime)
-        return [epoch_metrics(c, p, data, t, runtime, splits) for c, p, t in zip(self.cohorts, parts, teachers)], step
+        parts, step = train_epochs(steps, self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime,
+                                   measures)
+        return [epoch_metrics(c, p, data, seen, runtime, splits)
+                for c, p, seen in zip(self.cohorts, parts, measures)], step
 
     def seed_state(self, s: int) -> dict[str, torch.Tensor]:
         """Seed s's student weights (member 0 of its cohort), copied."""
@@ -697,29 +624,28 @@ def fit_seeds(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowl
                for seed, t in zip(seeds, signals)]
     gens = [tuple(seeded_generator(seed, i) for i in range(3)) for seed in seeds]
     bests = [{"state": None, "epoch": 0, "val": -1.0, "artifacts": {}} for _ in seeds]
-    refs = [reference_similarities(data, t.split_logits("train"), c[0].objective.temperature)
-            for t, c in zip(signals, cohorts)]
+    measures = [measuring.for_cell(data, t.logits, c[0].objective.temperature) for t, c in zip(signals, cohorts)]
     checkpoints = list(checkpoints) or [None] * len(seeds)
     epoch, step = resume(cohorts, gens, checkpoints, bests)
     unit = kind(cohorts, optim, steps_per_epoch)  # after resume: a stack stacks the restored weights
     splits = splits or (("val",) if on_epoch is None else ("val", "test"))  # val alone picks the epoch
     for epoch in range(epoch + 1, optim.epochs + 1):
-        metrics, step = unit.epoch(data, optim.batch_size, gens, epoch, step, signals, runtime, splits)
+        metrics, step = unit.epoch(data, optim.batch_size, gens, epoch, step, signals, measures, runtime, splits)
         for s, m in enumerate(metrics):
-            epoch_done(unit, s, m, refs[s], bests[s], epoch, report, on_epoch)
+            epoch_done(unit, s, m, measures[s], bests[s], epoch, report, on_epoch)
         if checkpoints[0] is not None and checkpoints[0].due(epoch, optim.epochs):
             for s, ckpt in enumerate(checkpoints):
                 ckpt.save(unit.snapshot(s, gens[s], epoch, step, bests[s]))
     unit.finish()
-    return [report_result(c[0].model, data, t, report, b, optim.epochs, runtime)
-            for c, t, b in zip(cohorts, signals, bests)]
+    return [report_result(c[0].model, data, seen, report, b, optim.epochs, runtime)
+            for c, seen, b in zip(cohorts, measures, bests)]
 
 
-def epoch_done(unit: Any, s: int, metrics: dict[str, float], refs: dict, best: dict, epoch: int, report: str,
-               on_epoch: SeedEpochCallback | None) -> None:
-    """Seed s's epoch, trained and evaluated: its summary, its callback, its best epoch so far."""
-    summary, best["artifacts"] = epoch_summary(unit.cohorts[s][0].objective, refs)
-    metrics.update(summary)
+def epoch_done(unit: Any, s: int, metrics: dict[str, float], measures: Measurements, best: dict, epoch: int,
+               report: str, on_epoch: SeedEpochCallback | None) -> None:
+    """Seed s's epoch, trained and evaluated: its measurements, its callback, its best epoch so far."""
+    measured, best["artifacts"] = measures.epoch()
+    metrics.update(measured)
     if on_epoch is not None:
         on_epoch(s, epoch, metrics)
     if report == "best_val" and metrics["val/acc"] > best["val"]:
@@ -736,22 +662,22 @@ def fit(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowledge: 
                      splits)[0]
 
 
-def epoch_metrics(members: list[Member], parts: list[dict[str, float]], data: DataBundle, teacher: TeacherSignal,
+def epoch_metrics(members: list[Member], parts: list[dict[str, float]], data: DataBundle, measures: Measurements,
                   runtime: Runtime = CPU, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
     """An epoch's metrics: member 0's training ``parts`` and evaluation on ``splits``, each other
     member's under 'member<i>/' with the '/' of its keys made '_'."""
-    metrics = {**parts[0], **evaluate_model(members[0].model, data, teacher, splits, runtime)}
+    metrics = {**parts[0], **evaluate_model(members[0].model, data, measures, splits, runtime)}
     for i, m in enumerate(members[1:], 1):
-        extra = {**parts[i], **evaluate_model(m.model, data, teacher, splits, runtime)}
+        extra = {**parts[i], **evaluate_model(m.model, data, measures, splits, runtime)}
         metrics.update({f"member{i}/" + k.replace("/", "_"): v for k, v in extra.items()})
     return metrics
 
 
-def report_result(model: nn.Module, data: DataBundle, teacher: TeacherSignal, report: str,
+def report_result(model: nn.Module, data: DataBundle, measures: Measurements, report: str,
                   best: dict, epochs: int, runtime: Runtime = CPU) -> FitResult:
     """Load the reported weights and evaluate them: 'report/<split>_<metric>', 'report/epoch',
-    the reliability bins of val and test, and the student's own class similarity on val with its
-    correlations ('report/student_similarity_*', ``student_similarities``)."""
+    the reliability bins of val and test, and what the measurements read off the reported model
+    on val (its own class similarity and correlations, 'report/student_similarity_*')."""
     if report == "best_val" and best["state"] is not None:
         model.load_state_dict(best["state"])
         epoch = best["epoch"]
@@ -760,11 +686,11 @@ def report_result(model: nn.Module, data: DataBundle, teacher: TeacherSignal, re
     reported, calibration, artifacts = {"report/epoch": float(epoch)}, {}, dict(best["artifacts"])
     for split in ("val", "test"):
         logits, y = split_logits(model, data, split, runtime), data.split(split)[1]
-        metrics = evaluate(logits, y, split, teacher.split_logits(split))
+        metrics = split_metrics(logits, data, split, measures)
         reported.update({"report/" + k.replace("/", "_"): v for k, v in metrics.items()})
         calibration[split] = reliability(logits, y)
         if split == "val":  # the validation split only: nothing more is read off test
-            similarity, matrices = student_similarities(data, logits, teacher)
+            similarity, matrices = measures.reported(logits)
             reported.update(similarity)
             artifacts.update(matrices)
     return FitResult(model, reported, artifacts, calibration)

@@ -352,17 +352,17 @@ def test_trainer_logs_oracle_similarity_and_reliability_bins():
     from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
     from kdablate.data import DataBundle
     from kdablate.metrics import ece_from_bins
-    from kdablate.trainer import epoch_summary, fit, reference_similarities
+    from kdablate import measures
+    from kdablate.components.context import Observation
+    from kdablate.trainer import fit
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 1, 40, generator=g), torch.randint(0, 6, (96,), generator=g)
     data = DataBundle(x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:], 6, class_groups=torch.tensor([0, 0, 0, 1, 1, 2]))
 
-    class Explaining:  # a method whose epoch summary holds an explanation similarity matrix
-        def summary(self) -> dict:
-            return {"similarity": torch.softmax(torch.randn(6, 6, generator=g), 1)}
-
-    metrics, artifacts = epoch_summary(Explaining(), reference_similarities(data, None, 4.0))
+    measured = measures.for_cell(data, None, 4.0)  # an explanation's observation of a step's rows
+    measured.observe(Observation("explanation", torch.softmax(torch.randn(6, 6, generator=g), 1), torch.arange(6), 0.0))
+    metrics, artifacts = measured.epoch()
     oracle = artifacts["similarity_oracle"]
     assert oracle[0].tolist() == pytest.approx([0, 0.5, 0.5, 0, 0, 0]) and oracle[5].tolist() == pytest.approx([0.2] * 5 + [0])
     assert -1 <= metrics["train/similarity_oracle_spearman"] <= 1

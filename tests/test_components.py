@@ -18,20 +18,18 @@ def soft_target(mass: dict, structure: dict, temperature: float, alpha: float) -
     return build_objective(KnowledgeConfig(mass=mass, structure=structure, temperature=temperature, alpha=alpha))
 
 
-def ctx_for(batch: dict, temperature: float = 4.0, seed: int = 0) -> TargetContext:
-    """Every source a component may read: teacher and peer logits, inputs, models, features; and
-    the T an objective would hand its components (they are called directly here)."""
+def ctx_for(batch: dict, seed: int = 0) -> TargetContext:
+    """Every source a component may read: teacher and peer logits, inputs, models, features."""
     return TargetContext(batch["labels"], batch["k"], batch["student"], batch["teacher"],
-                         torch.Generator().manual_seed(seed), peer_logits=batch["peer"], inputs=batch["inputs"],
-                         models=batch["models"], features=batch["features"], class_groups=batch["groups"],
-                         temperature=temperature)
+                         (torch.Generator().manual_seed(seed),), peer_logits=batch["peer"], inputs=batch["inputs"],
+                         models=batch["models"], features=batch["features"], class_groups=batch["groups"])
 
 
 @pytest.mark.parametrize("mass,structure", list(itertools.product(MASSES.names(), STRUCTURES.names())))
 def test_every_target_is_a_distribution(batch, mass, structure):
     obj = soft_target({"name": mass}, {"name": structure}, 4.0, 0.9)
     ctx = ctx_for(batch)
-    m, r, q = obj.mass(ctx), obj.structure(ctx), obj.target(ctx)
+    m, r, q = obj.mass(ctx, 4.0), obj.structure(ctx, 4.0), obj.target(ctx)
     y = batch["labels"]
     assert q.shape == (16, 10)
     assert (q >= 0).all()
@@ -46,7 +44,7 @@ def test_every_target_is_a_distribution(batch, mass, structure):
 def test_teacher_mass_and_structure_is_hinton_kd(batch):
     T, alpha = 4.0, 0.9
     obj = soft_target({"name": "teacher"}, {"name": "teacher"}, T, alpha)
-    ctx = ctx_for(batch, T)
+    ctx = ctx_for(batch)
     p_t = torch.softmax(batch["teacher"] / T, 1)
     torch.testing.assert_close(obj.target(ctx), p_t, rtol=0, atol=1e-6)
     s = batch["student"].clone().requires_grad_()
@@ -67,7 +65,7 @@ def test_constant_mass_uniform_structure_is_label_smoothing(batch, ls):
     k = batch["k"]
     eps = ls * (k - 1) / k
     obj = soft_target({"name": "constant", "eps": eps}, {"name": "uniform"}, 1.0, 1.0)
-    ctx = ctx_for(batch, 1.0)
+    ctx = ctx_for(batch)
     q = obj.target(ctx)
     s1 = batch["student"].clone().requires_grad_()
     s2 = batch["student"].clone().requires_grad_()
@@ -113,7 +111,7 @@ def test_permutation_is_fresh_per_step_and_reproducible_per_seed(batch):
     r = torch.softmax(batch["teacher"], 1)
     y = batch["labels"]
     def ctx(seed: int) -> TargetContext:
-        return TargetContext(y, r.shape[1], r, generator=torch.Generator().manual_seed(seed))
+        return TargetContext(y, r.shape[1], r, generators=(torch.Generator().manual_seed(seed),))
 
     k, first = r.shape[1], ctx(3)
     a, b = permute_nongt(r, y, first.uniform(k - 1)), permute_nongt(r, y, first.uniform(k - 1))

@@ -97,7 +97,7 @@ def captum_maps(ref: Reference, model: torch.nn.Module, x: torch.Tensor) -> torc
 def check_matches_captum(source: str, ref: Reference, model_name: str) -> torch.Tensor:
     """Our maps of ``source`` with ``ref.params`` equal captum's to 1e-5; returns captum's."""
     model, x = model_and_inputs(model_name, ref.dtype)
-    ctx = AttributionContext(generator=torch.Generator().manual_seed(NOISE_SEED))
+    ctx = AttributionContext(generators=(torch.Generator().manual_seed(NOISE_SEED),))
     ours = EXPLANATIONS.build(source, ref.params).attribute(model, x, ctx=ctx)
     theirs = captum_maps(ref, model, x)
     assert ours.shape == theirs.shape and ours.shape[:2] == (len(x), K)
@@ -135,7 +135,7 @@ def test_every_source_declares_its_cost_and_quick_params(source):
     cls = EXPLANATIONS.get(source)
     assert isinstance(cls.cost, Cost) and isinstance(cls.quick_params, dict)
     model, x = model_and_inputs("cnn1d")
-    ctx = AttributionContext(generator=torch.Generator().manual_seed(NOISE_SEED))
+    ctx = AttributionContext(generators=(torch.Generator().manual_seed(NOISE_SEED),))
     maps = EXPLANATIONS.build(source, cls.quick_params).attribute(model, x, ctx=ctx)
     assert maps.shape[:2] == (len(x), K) and torch.isfinite(maps).all()
 
@@ -165,7 +165,7 @@ def check_source_in_structure(source: str, params: dict, ctx: TargetContext) -> 
     structure = STRUCTURES.build("explanation", {"source": source, "source_params": params})
     model = ctx.models["self"]
     structure.check(Probe(ctx.inputs[:4], K, {"self": model}, {"self": "cnn1d"}))
-    r = structure(ctx)
+    r = structure(ctx, 4.0)
     y = ctx.labels
     assert r.shape == (len(y), K) and torch.isfinite(r).all() and (r >= 0).all()
     assert (r.gather(1, y[:, None]) == 0).all()
@@ -177,7 +177,7 @@ def cnn_context(batch: dict) -> TargetContext:
     """A step's context whose explainer ('self') is the batch's cnn1d, with its feature map."""
     cnn = batch["models"]["teacher"]
     return TargetContext(labels=batch["labels"], num_classes=batch["k"], student_logits=batch["student"],
-                         generator=torch.Generator().manual_seed(0), inputs=batch["inputs"], models={"self": cnn},
+                         generators=(torch.Generator().manual_seed(0),), inputs=batch["inputs"], models={"self": cnn},
                          features=cnn.features(batch["inputs"]).detach(), step=0)
 
 
@@ -287,8 +287,8 @@ def test_a_frozen_teachers_similarities_are_computed_once_per_row_and_label():
 
     def step(structure, rows: list[int]) -> torch.Tensor:
         ctx = TargetContext(labels=y[rows], num_classes=K, student_logits=torch.zeros(len(rows), K),
-                            inputs=x[rows], models={"teacher": teacher}, step=0, temperature=4.0)
-        return structure(ctx)
+                            inputs=x[rows], models={"teacher": teacher}, step=0)
+        return structure(ctx, 4.0)
 
     memo = STRUCTURES.build("explanation", {"explainer": "teacher"})
     fresh = STRUCTURES.build("explanation", {"explainer": "teacher"})

@@ -11,6 +11,8 @@ where a wrong T factor in ``_FusedSoftTargetLoss.backward`` would show.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def test_kd_matches_mdistiller_and_torchdistill(case, fused):
     kd = soft_target({"name": "teacher"}, {"name": "teacher"}, T, alpha)
     ctx = TargetContext(y, s.shape[1], s.detach(), t)
     # A target that requires grad takes the plain autograd path; a constant one the fused node.
-    ctx.target = kd.target(ctx).detach().requires_grad_(not fused)
+    ctx = dataclasses.replace(ctx, target=kd.target(ctx).detach().requires_grad_(not fused))
     loss = kd(s, ctx)["loss"]
     assert ("Fused" in type(loss.grad_fn).__name__) == fused
     check(loss, s, case, grad)

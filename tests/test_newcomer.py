@@ -86,7 +86,7 @@ class LabelDistance(Component):
             if self.scale <= 0:
                 raise ValueError(f"scale must be > 0, got {self.scale}")
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
         return label_distance_structure(ctx.labels, ctx.num_classes, self.params.scale)
 
 
@@ -100,7 +100,7 @@ class RampedMass(Component):
         eps: float = 0.2
         ramp: int = 2
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
         m = self.params.eps * min(1.0, ctx.epoch / self.params.ramp)
         return torch.full(ctx.labels.shape, m, dtype=ctx.student_logits.dtype, device=ctx.labels.device)
 
@@ -157,7 +157,7 @@ def test_a_new_source_is_one_class_and_one_reference(newcomers, batch, monkeypat
 def test_smoothgrad_is_reproducible_through_the_context_generator(newcomers):
     model, x = explanation_tests.model_and_inputs("cnn1d")
     sg = EXPLANATIONS.build("smoothgrad", {"samples": 3})
-    maps = [sg.attribute(model, x, ctx=AttributionContext(generator=torch.Generator().manual_seed(s)))
+    maps = [sg.attribute(model, x, ctx=AttributionContext(generators=(torch.Generator().manual_seed(s),)))
             for s in (1, 1, 2)]
     assert torch.equal(maps[0], maps[1]) and not torch.equal(maps[0], maps[2])
     with pytest.raises(ValueError, match="ctx.generator"):
@@ -168,7 +168,7 @@ def test_a_new_structure_is_a_function_and_a_class(newcomers, batch, mnist1d):
     registry_tests.test_a_component_marked_static_is_the_same_at_every_step("structure", "label_distance", batch)
     for mass in MASSES.names():
         component_tests.test_every_target_is_a_distribution(batch, mass, "label_distance")
-    r = STRUCTURES.build("label_distance", {"scale": 2.0})(registry_tests.full_context(batch, 0))
+    r = STRUCTURES.build("label_distance", {"scale": 2.0})(registry_tests.full_context(batch, 0), 4.0)
     y = batch["labels"]
     r, y = r[y < 8], y[y < 8]  # the next class and the one after it are both real classes
     assert (r.gather(1, (y + 1)[:, None]) > r.gather(1, (y + 2)[:, None])).all()
@@ -182,7 +182,7 @@ def test_a_new_epoch_dependent_mass_is_one_class(newcomers, batch, mnist1d):
         component_tests.test_every_target_is_a_distribution(batch, "ramped", structure)
     ramped = MASSES.build("ramped", {"eps": 0.2, "ramp": 2})
     ctx = registry_tests.full_context(batch, 0)
-    by_epoch = [ramped(dataclasses.replace(ctx, epoch=e))[0].item() for e in (1, 2, 3)]  # epochs count from 1
+    by_epoch = [ramped(dataclasses.replace(ctx, epoch=e), 4.0)[0].item() for e in (1, 2, 3)]  # epochs count from 1
     assert by_epoch == pytest.approx([0.1, 0.2, 0.2])
 
     # The static trap sees the epoch: the same mass wrongly marked static is caught.
@@ -194,9 +194,9 @@ def test_a_new_epoch_dependent_mass_is_one_class(newcomers, batch, mnist1d):
     seen: set[tuple[int, int]] = set()
 
     class Recorded(RampedMass):
-        def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
             seen.add((ctx.epoch, ctx.steps_per_epoch))
-            return super().__call__(ctx)
+            return super().__call__(ctx, temperature)
 
     MASSES.register("ramped_recorded")(Recorded)
     logs = train_one_cell(mnist1d, KnowledgeConfig(mass={"name": "ramped_recorded"}, structure="uniform",

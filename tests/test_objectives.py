@@ -2,6 +2,8 @@
 ramps, DML on tiny data, and the new components' identities."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -139,8 +141,8 @@ def test_peer_components_are_kd_from_the_peer(batch):
 def test_self_mass_is_the_students_own_detached_mass(batch):
     obj = soft_target({"name": "self"}, {"name": "uniform"}, 4.0, 0.9)
     s = batch["student"].clone().requires_grad_()
-    ctx = TargetContext(batch["labels"], 10, s, temperature=4.0)  # not detached on purpose: the mass must detach
-    m = obj.mass(ctx)
+    ctx = TargetContext(batch["labels"], 10, s)  # not detached on purpose: the mass must detach
+    m = obj.mass(ctx, 4.0)
     p = torch.softmax(batch["student"] / 4.0, 1)
     torch.testing.assert_close(m, 1 - p.gather(1, batch["labels"][:, None]).squeeze(1))
     assert not m.requires_grad and obj.needs == Need.NONE
@@ -165,7 +167,7 @@ def test_confidence_penalty_and_warmup(batch):
     ce = F.cross_entropy(batch["student"], y)
     first = warm(batch["student"], ctx)
     torch.testing.assert_close(first["loss"], 0.9 * ce + 0.1 * first["loss_kd"])
-    ctx.step = 50
+    ctx = dataclasses.replace(ctx, step=50)
     torch.testing.assert_close(warm(batch["student"], ctx)["loss"], first["loss_kd"])
 
 
@@ -229,15 +231,19 @@ def test_dkd_method_warms_up_the_dkd_term(batch, by, ramps):
 
 
 def test_the_objective_owns_the_temperature(batch):
-    """T lives on the objective only: the trainer's context carries none, a component read
-    outside an objective says so, and the objective hands its own T to its components."""
+    """T lives on the objective only: the context carries none (it is frozen: nothing writes to it),
+    a component takes T as an argument, and the objective hands its own T to its components."""
     kd = soft_target({"name": "teacher"}, {"name": "teacher"}, 3.0, 0.9)
     ctx = TargetContext(batch["labels"], 10, batch["student"], batch["teacher"])
-    with pytest.raises(RuntimeError, match="temperature"):
+    assert "temperature" not in {f.name for f in dataclasses.fields(TargetContext)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.target = None
+    with pytest.raises(TypeError, match="temperature"):
         kd.mass(ctx)
     q = kd.target(ctx)
-    assert ctx.temperature == kd.temperature == 3.0
     torch.testing.assert_close(q, torch.softmax(batch["teacher"] / 3.0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(kd.mass(ctx, 3.0), 1 - torch.softmax(batch["teacher"] / 3.0, 1).gather(
+        1, batch["labels"][:, None]).squeeze(1))
     tfkd = build_objective(KnowledgeConfig(mass={"name": "virtual_teacher", "a": 0.9}, structure="uniform",
                                         temperature=2.0, alpha=0.5))
     m = tfkd.target(TargetContext(batch["labels"], 10, batch["student"]))
@@ -256,7 +262,7 @@ def test_an_epoch_dependent_mass_is_one_class(monkeypatch):
 
     @MASSES.register("by_epoch")
     class ByEpoch(Component):
-        def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
             seen.append((ctx.epoch, ctx.steps_per_epoch))
             return torch.full((len(ctx.labels),), 0.1 * ctx.epoch)
 

@@ -57,7 +57,7 @@ def test_a_new_structure_needs_one_class_and_no_other_edit(monkeypatch, batch):
         class Params:
             pass
 
-        def __call__(self, ctx: TargetContext) -> torch.Tensor:
+        def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
             return next_class(ctx.labels, ctx.num_classes)
 
     obj = build_objective(KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure="next_class", alpha=1.0))
@@ -103,9 +103,9 @@ def full_context(batch: dict, step: int, student_scale: float = 1.0) -> TargetCo
     own logits scaled (they change in training, while labels, cached teacher logits and class
     groups do not)."""
     return TargetContext(batch["labels"], batch["k"], batch["student"] * student_scale, batch["teacher"],
-                         torch.Generator().manual_seed(step), peer_logits=batch["peer"] * student_scale,
+                         (torch.Generator().manual_seed(step),), peer_logits=batch["peer"] * student_scale,
                          inputs=batch["inputs"], models=batch["models"], features=batch["features"], step=step,
-                         epoch=1 + step // 7, steps_per_epoch=7, class_groups=batch["groups"], temperature=4.0)
+                         epoch=1 + step // 7, steps_per_epoch=7, class_groups=batch["groups"])
 
 
 @pytest.mark.parametrize("kind,name", [("mass", n) for n in MASSES.names()] + [("structure", n) for n in STRUCTURES.names()])
@@ -117,5 +117,5 @@ def test_a_component_marked_static_is_the_same_at_every_step(kind, name, batch):
     component = (MASSES if kind == "mass" else STRUCTURES).build(name, {})
     if not component.static:
         return  # only a static claim is a promise to check here
-    early, late = (component(full_context(batch, s, scale)) for s, scale in ((0, 1.0), (10_007, 3.0)))
+    early, late = (component(full_context(batch, s, scale), 4.0) for s, scale in ((0, 1.0), (10_007, 3.0)))
     torch.testing.assert_close(early, late, rtol=0, atol=0)

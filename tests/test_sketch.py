@@ -40,7 +40,7 @@ def model_and_inputs(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Te
 
 
 def ctx(seed: int = 0) -> AttributionContext:
-    return AttributionContext(generator=torch.Generator().manual_seed(seed))
+    return AttributionContext(generators=(torch.Generator().manual_seed(seed),))
 
 
 def full_basis(inputs: torch.Tensor, m: int, generator: torch.Generator | None = None,
@@ -134,15 +134,15 @@ def test_the_same_generator_state_reproduces_the_sketch(batch):
             for seed in (5, 5, 6)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
     g = torch.Generator().manual_seed(5)
-    first = sketch(model, src, x, 8, centre=False, eval_mode=True, ctx=AttributionContext(generator=g))
-    second = sketch(model, src, x, 8, centre=False, eval_mode=True, ctx=AttributionContext(generator=g))
+    first = sketch(model, src, x, 8, centre=False, eval_mode=True, ctx=AttributionContext(generators=(g,)))
+    second = sketch(model, src, x, 8, centre=False, eval_mode=True, ctx=AttributionContext(generators=(g,)))
     assert not torch.equal(first, second)  # the generator advanced: a new step draws new directions
 
 
 def step_context(batch: dict, seed: int = 0) -> TargetContext:
     model = batch["models"]["teacher"]  # the cnn1d, with BatchNorm
     return TargetContext(labels=batch["labels"], num_classes=K, student_logits=batch["student"],
-                         generator=torch.Generator().manual_seed(seed), inputs=batch["inputs"],
+                         generators=(torch.Generator().manual_seed(seed),), inputs=batch["inputs"],
                          models={"self": model}, step=0)
 
 
@@ -153,7 +153,7 @@ def test_sketch_zero_is_todays_path_bit_for_bit(batch, similarity):
     maps = explain(model, EXPLANATIONS.build("saliency"), x, eval_mode=True, ctx=AttributionContext())
     today = structure_from_similarity(explanation_similarity(maps.detach(), y, similarity), y, 0.3)
     for params in ({"similarity": similarity}, {"similarity": similarity, "sketch": 0}):
-        r = STRUCTURES.build("explanation", params)(step_context(batch))
+        r = STRUCTURES.build("explanation", params)(step_context(batch), 4.0)
         assert torch.equal(r, today)
 
 
@@ -162,12 +162,12 @@ def test_a_sketched_structure_is_a_distribution_off_the_true_class(batch, simila
     structure = STRUCTURES.build("explanation", {"sketch": 8, "similarity": similarity})
     model = batch["models"]["teacher"]
     structure.check(Probe(batch["inputs"][:4], K, {"self": model}, {"self": "cnn1d"}))
-    r = structure(step_context(batch))
+    r = structure(step_context(batch), 4.0)
     y = batch["labels"]
     assert r.shape == (len(y), K) and torch.isfinite(r).all() and (r.gather(1, y[:, None]) == 0).all()
     torch.testing.assert_close(r.sum(1), torch.ones(len(y)))
     assert torch.equal(r, STRUCTURES.build("explanation", {"sketch": 8, "similarity": similarity})(
-        step_context(batch)))  # same seed, same target
+        step_context(batch), 4.0))  # same seed, same target
     assert model.training
 
 
@@ -226,7 +226,7 @@ def test_a_differentiable_sketch_carries_gradients():
     model, x, y = model_and_inputs("mlp")
     src = EXPLANATIONS.build("saliency")
     s = sketched_similarity(model, src, x, y, 4, centre=False, eval_mode=True,
-                            ctx=AttributionContext(generator=torch.Generator().manual_seed(0), create_graph=True))
+                            ctx=AttributionContext(generators=(torch.Generator().manual_seed(0),), create_graph=True))
     s.pow(2).sum().backward()
     assert model.features[1].weight.grad is not None and model.features[1].weight.grad.abs().sum() > 0
     assert not sketched_similarity(model, src, x, y, 4, centre=False, eval_mode=True, ctx=ctx()).requires_grad
@@ -238,7 +238,7 @@ def test_a_differentiable_sketch_has_the_exact_gradient_with_a_full_basis(centre
     one too: the control variate is applied after the products, through a live E_y."""
     model, x, y = model_and_inputs("mlp")
     src, kind = EXPLANATIONS.build("saliency"), "pearson" if centre else "cosine"
-    graph = AttributionContext(generator=torch.Generator().manual_seed(0), create_graph=True)
+    graph = AttributionContext(generators=(torch.Generator().manual_seed(0),), create_graph=True)
     weights = torch.rand(len(y), K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def grads(s: torch.Tensor) -> list[torch.Tensor]:

@@ -161,7 +161,7 @@ def similarity_rows(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
                     exact_row: bool = True, chunk: int = 100) -> torch.Tensor:
     """(N, *S), (N,) -> (N, K) saliency cosines cos(E_y, E_c): exact (m = 0), the structure's sketch
     (``exact_row``) or all-sketched; eval mode, ``chunk`` samples at a time (m tangents live at once)."""
-    source, ctx, out = EXPLANATIONS.build("saliency"), AttributionContext(generator=generator), []
+    source, ctx, out = EXPLANATIONS.build("saliency"), AttributionContext(generators=(generator,)), []
     for x, y in zip(inputs.split(chunk), labels.split(chunk)):
         if not m:
             s = explanation_similarity(explain(model, source, x, eval_mode=True, ctx=ctx), y)

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdablate.components.context import Component, MergedSeeds, Need, Probe, StackSeat, StateDict, TargetContext
+from kdablate.components.context import Component, Need, Observation, Probe, StateDict, TargetContext
 from kdablate.components.memo import STATE_KEYS as MEMO_STATE, RowMemo, row_keys
-from kdablate.components.structure import STRUCTURES, class_means, uniform_structure
+from kdablate.components.structure import STRUCTURES, uniform_structure
 from kdablate import linearized
 from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions, linearization_holds
 from kdablate.registry import ConfigError
@@ -149,8 +149,7 @@ def gram(maps: torch.Tensor, centre: bool = False) -> torch.Tensor:
 class ExplanationStructure(Component):
     """r from the similarity of per-class explanations; see the module docstring."""
 
-    reads_model = True
-    shares_stack = True  # when the instance's explainer and source allow it (``__init__``)
+    row_wise = True  # when the instance's explainer, source and schedule allow it (``__init__``)
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -203,38 +202,38 @@ class ExplanationStructure(Component):
         self.needs = (Need.TEACHER_MODEL if params.explainer == "teacher" else Need.NONE) | (
             Need.FEATURES if self.reuse else Need.NONE)
         self.differentiable = params.differentiable
-        # A stack explains every seed's rows in one call on its stacked model: the student's own
-        # explanations, recomputed (not the training forward's features), by a source that reads
-        # the model row by row (``Explanation.stackable``).
-        self.shares_stack = (type(self).shares_stack and params.explainer == "self" and not self.reuse
-                             and self.source.stackable)
+        # Row-wise, so a stack explains every seed's rows in one call on its stacked model: the
+        # student's own explanations, recomputed (not the training forward's features), by a source
+        # that reads the model row by row (``Explanation.stackable``), of every row at every step
+        # (a schedule fills the other rows from a class EMA: state, not a row's own value).
+        self.scheduled = params.every > 1 or params.fraction < 1
+        self.row_wise = (type(self).row_wise and params.explainer == "self" and not self.reuse
+                         and self.source.stackable and not self.scheduled)
         # The teacher is frozen, and in eval mode a row's maps do not depend on its batch: its
         # similarities for an input row and label are computed once (``_memoized_similarity``),
         # unless the sketch's draws or gradients through the maps are asked for.
         self.memoizes = (params.explainer == "teacher" and self.source.deterministic
                          and not (params.sketch or params.differentiable or self.reuse))
         self._memo = RowMemo()
-        self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class
-        self._epoch_sums: torch.Tensor | None = None
-        self._epoch_counts: torch.Tensor | None = None
-        self._seconds, self._steps = 0.0, 0
+        self.class_matrix: torch.Tensor | None = None  # (K, K) EMA of r per true class, when scheduled
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
+        """(N, K) r: the explained structure of the step's rows, or, on a schedule, of the first
+        ``fraction`` of them every ``every`` steps and the class EMA for the rest. Each call reports
+        the explained rows (``Observation`` 'explanation'; none on a skipped step) and their time."""
         k, y = ctx.num_classes, ctx.labels
-        if self.class_matrix is None:
-            dev = y.device
-            self.class_matrix = uniform_structure(torch.arange(k, device=dev), k)
-            self._epoch_sums, self._epoch_counts = torch.zeros(k, k, device=dev), torch.zeros(k, device=dev)
-        self._steps += 1
-        r = self.class_matrix[y]
-        if ctx.step % self.params.every:
-            return r
+        if self.scheduled and self.class_matrix is None:
+            self.class_matrix = uniform_structure(torch.arange(k, device=y.device), k)
+        if self.scheduled and ctx.step % self.params.every:
+            ctx.report(Observation("explanation", y.new_empty(0, k, dtype=torch.float32), y[:0], 0.0))
+            return self.class_matrix[y]
         t0 = time.perf_counter()
         n = max(1, round(self.params.fraction * len(y)))  # batches are shuffled: the first n are random
         r_exp = self.explained_structure(ctx, n)
-        self._update(r_exp.detach(), y[:n], k)
-        self._seconds += time.perf_counter() - t0
-        return torch.cat([r_exp, r[n:]]) if n < len(y) else r_exp
+        if self.scheduled:
+            self._update(r_exp.detach(), y[:n], k)
+        ctx.report(Observation("explanation", r_exp.detach(), y[:n], time.perf_counter() - t0))
+        return torch.cat([r_exp, self.class_matrix[y[n:]]]) if n < len(y) else r_exp
 
     def check(self, probe: Probe) -> None:
         """Refuse a source the explainer cannot support: one that fails on it, or that gives one
@@ -246,7 +245,7 @@ class ExplanationStructure(Component):
             return
         what = f"explanation '{self.params.source}' of the {who} model '{probe.names[who]}'"
         # A generator of its own: a source that draws noise is checked without touching the cell's RNG.
-        probe_ctx = AttributionContext(generator=torch.Generator().manual_seed(0))
+        probe_ctx = AttributionContext(generators=(torch.Generator().manual_seed(0),))
         try:
             maps = explain(model, self.source, probe.inputs, eval_mode=True, ctx=probe_ctx)
         except (ValueError, RuntimeError, AttributeError) as e:
@@ -274,25 +273,22 @@ class ExplanationStructure(Component):
                               "from forward-mode ones (a nonlinearity in a forward?); remove the declaration")
 
     def explained_structure(self, ctx: TargetContext, n: int) -> torch.Tensor:
-        """(n, K) structure of the first n samples from their explanations."""
-        if ctx.stack is not None and self.shares_stack:
-            sim = self._stacked_similarity(ctx.stack, n)
+        """(n, K) structure of the first n rows from their explanations; on a stack's rows (n all
+        of them: a row-wise structure), by one call over every seed's rows on the stacked model."""
+        if ctx.inputs is None:
+            raise RuntimeError("structure 'explanation' needs the batch inputs in its context")
+        model = ctx.models.get(self.params.explainer)
+        if model is None:
+            raise RuntimeError(f"structure 'explanation' explains with '{self.params.explainer}', which is not loaded")
+        features = ctx.features[:n] if self.reuse and ctx.features is not None else None
+        source_ctx = AttributionContext(features=features, generators=ctx.generators,
+                                        create_graph=self.params.differentiable)
+        x, y = ctx.inputs[:n], ctx.labels[:n]
+        if self.memoizes and x.device.type == "cpu":
+            sim = self._memoized_similarity(model, x, y, source_ctx, ctx.epoch)
         else:
-            if ctx.inputs is None:
-                raise RuntimeError("structure 'explanation' needs the batch inputs in its context")
-            model = ctx.models.get(self.params.explainer)
-            if model is None:
-                raise RuntimeError(f"structure 'explanation' explains with '{self.params.explainer}', "
-                                   "which is not loaded")
-            features = ctx.features[:n] if self.reuse and ctx.features is not None else None
-            source_ctx = AttributionContext(features=features, generator=ctx.generator,
-                                            create_graph=self.params.differentiable)
-            x, y = ctx.inputs[:n], ctx.labels[:n]
-            if self.memoizes and x.device.type == "cpu":
-                sim = self._memoized_similarity(model, x, y, source_ctx, ctx.epoch)
-            else:
-                sim = self.similarity(model, x, y, source_ctx)
-        return structure_from_similarity(sim, ctx.labels[:n], self.params.tau)
+            sim = self.similarity(model, x, y, source_ctx)
+        return structure_from_similarity(sim, y, self.params.tau)
 
     def _memoized_similarity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                              source_ctx: AttributionContext, epoch: int) -> torch.Tensor:
@@ -327,72 +323,34 @@ class ExplanationStructure(Component):
             sim = explanation_similarity(maps if p.differentiable else maps.detach(), y, p.similarity)
         return sim if p.differentiable else sim.detach()
 
-    def _stacked_similarity(self, seat: StackSeat, n: int) -> torch.Tensor:
-        """(n, K) this seed's similarities, from one call over every seed's first n rows on the
-        stacked model: the first seed to ask computes them all (each seed's draws from its own
-        generator), the others read the seat's cache."""
-        key = ("explanation", repr(self.params), n)  # the seeds share their config; one such structure per objective
-        made_here = key not in seat.cache
-        if made_here:
-            t0 = time.perf_counter()
-            ctxs = seat.contexts
-            if any(c.inputs is None for c in ctxs):
-                raise RuntimeError("structure 'explanation' needs every stacked seed's inputs in its context")
-            source_ctx = AttributionContext(generator=MergedSeeds(), generators=tuple(c.generator for c in ctxs),
-                                            create_graph=self.params.differentiable)
-            sim = self.similarity(seat.model(n), torch.cat([c.inputs[:n] for c in ctxs]),
-                                  torch.cat([c.labels[:n] for c in ctxs]), source_ctx)
-            seat.cache[key] = (sim.split(n), time.perf_counter() - t0)
-        parts, seconds = seat.cache[key]
-        # Each seed is charged its share of the one call ('explain_ms'); the seed that made it
-        # is timed around all of it by ``__call__``.
-        self._seconds += seconds / len(seat.contexts) - (seconds if made_here else 0.0)
-        return parts[seat.index]
-
     def _update(self, r: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+        """The class EMA towards this step's class means of the (n, K) explained r."""
         sums = torch.zeros(k, k, device=r.device, dtype=torch.float32).index_add_(0, labels, r.float())
         counts = torch.bincount(labels, minlength=k).float()
-        self._epoch_sums += sums
-        self._epoch_counts += counts
-        if self.params.every == 1 and self.params.fraction == 1:
-            return  # every sample is explained at every step: the class EMA is never read
         seen = counts > 0
         means = sums[seen] / counts[seen, None]
         self.class_matrix[seen] = self.params.ema * self.class_matrix[seen] + (1 - self.params.ema) * means
 
     def state_dict(self) -> StateDict:
-        """The class EMA 'class_matrix' (K, K), this epoch's per-class sums of r 'epoch_sums' (K, K)
-        and sample counts 'epoch_counts' (K,) (all None before the first step), the epoch's
-        explanation time and step count, and a frozen explainer's memo ('memo_keys' (N, L) uint8,
-        'memo_values' (N, K), 'memo_digest' (32,) uint8; None while empty); the EMA and the memo
-        make a schedule and a teacher explainer resume bit for bit."""
-        state: StateDict = {"class_matrix": self.class_matrix, "epoch_sums": self._epoch_sums,
-                            "epoch_counts": self._epoch_counts, "seconds": self._seconds, "steps": self._steps}
+        """The class EMA 'class_matrix' (K, K) (None unless scheduled, and before the first step)
+        and a frozen explainer's memo ('memo_keys' (N, L) uint8, 'memo_values' (N, K),
+        'memo_digest' (32,) uint8; None while empty): the EMA and the memo make a schedule and a
+        teacher explainer resume bit for bit."""
+        state: StateDict = {"class_matrix": self.class_matrix}
         return {**state, **self._memo.state()} if self.memoizes else state
 
     def load_state_dict(self, state: StateDict) -> None:
-        """Restore ``state_dict()``'s output (tensors cloned: they are updated in place); a state
-        saved before the memo existed loads without one."""
-        want = {"class_matrix", "epoch_sums", "epoch_counts", "seconds", "steps"}
-        if not want <= set(state) <= want | set(MEMO_STATE):
+        """Restore ``state_dict()``'s output (the EMA cloned: it is updated in place). The epoch's
+        statistics that older checkpoints also hold (measured at each epoch's end, so reset in any
+        checkpoint) are the measurements' now, and are ignored."""
+        want = {"class_matrix"}
+        if not want <= set(state) <= want | set(MEMO_STATE) | set(EPOCH_STATISTICS):
             raise ValueError(f"explanation structure state has keys {sorted(state)}, expected {sorted(want)} "
                              f"(and, for a frozen explainer, {', '.join(MEMO_STATE)})")
-
-        def own(t: torch.Tensor | float | int | None) -> torch.Tensor | None:
-            return t.clone() if isinstance(t, torch.Tensor) else None
-
-        self.class_matrix, self._epoch_sums = own(state["class_matrix"]), own(state["epoch_sums"])
-        self._epoch_counts = own(state["epoch_counts"])
-        self._seconds, self._steps = float(state["seconds"] or 0.0), int(state["steps"] or 0)
+        matrix = state["class_matrix"]
+        self.class_matrix = matrix.clone() if isinstance(matrix, torch.Tensor) and self.scheduled else None
         self._memo.load(state)
 
-    def summary(self) -> dict[str, torch.Tensor]:
-        """{'similarity': (K, K) this epoch's class-mean r, 'explain_ms': ms per training step}."""
-        if self._epoch_sums is None:
-            return {}
-        out = {"similarity": class_means(self._epoch_sums, self._epoch_counts).cpu(),
-               "explain_ms": torch.tensor(1000 * self._seconds / max(self._steps, 1))}
-        self._epoch_sums.zero_()
-        self._epoch_counts.zero_()
-        self._seconds, self._steps = 0.0, 0
-        return out
+
+# What checkpoints of this structure held before ``kdablate.measures`` measured its similarity.
+EPOCH_STATISTICS = ("epoch_sums", "epoch_counts", "seconds", "steps")

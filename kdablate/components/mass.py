@@ -4,7 +4,7 @@
 Tf-KD's virtual teacher (Yuan et al., CVPR 2020), and ``teacher`` / ``self`` /
 ``peer`` the per-sample mass 1 - p[y] of that source at temperature T (Hinton KD,
 introspective learning, Deep Mutual Learning). Each plugin maps a TargetContext
-to a (B,) tensor in [0, 1].
+and the objective's T to an (N,) tensor in [0, 1].
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class NoMass(Component):
 
     static = row_wise = True
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
         return per_sample(ctx, 0.0)
 
 
@@ -59,7 +59,7 @@ class ConstantMass(Component):
             if not 0.0 <= self.eps <= 1.0:
                 raise ValueError(f"eps must be in [0, 1], got {self.eps}")
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
         return per_sample(ctx, self.params.eps)
 
 
@@ -77,8 +77,8 @@ class VirtualTeacherMass(Component):
             if not 0.0 < self.a < 1.0:
                 raise ValueError(f"a must be in (0, 1), got {self.a}")
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return per_sample(ctx, virtual_teacher_mass(self.params.a, ctx.require_temperature(), ctx.num_classes))
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
+        return per_sample(ctx, virtual_teacher_mass(self.params.a, temperature, ctx.num_classes))
 
 
 class SourceMass(SourceComponent):
@@ -86,8 +86,8 @@ class SourceMass(SourceComponent):
 
     row_wise = True
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return mass_from_probs(ctx.probs(self.source).detach(), ctx.labels)
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
+        return mass_from_probs(ctx.probs(self.source, temperature).detach(), ctx.labels)
 
 
 @MASSES.register("teacher")

@@ -1,7 +1,7 @@
 """Class-similarity structure r: how the mass spreads over the K-1 other classes.
 
-Each plugin maps a TargetContext to a (B, K) tensor that is 0 at the true class
-and sums to 1 over the others. ``teacher`` (``self``, ``peer``) carries that
+Each plugin maps a TargetContext and the objective's T to an (N, K) tensor
+that is 0 at the true class and sums to 1 over the others. ``teacher`` (``self``, ``peer``) carries that
 source's class similarity, ``permuted`` keeps another structure's values but
 shuffles which class gets which (so it isolates the value distribution from the
 similarity), ``uniform`` carries none. The explanation-derived structure of
@@ -80,7 +80,7 @@ class UniformStructure(Component):
 
     static = row_wise = True
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
         return uniform_structure(ctx.labels, ctx.num_classes, ctx.student_logits.dtype)
 
 
@@ -89,8 +89,8 @@ class SourceStructure(SourceComponent):
 
     row_wise = True
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return nongt_distribution(ctx.probs(self.source).detach(), ctx.labels)
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
+        return nongt_distribution(ctx.probs(self.source, temperature).detach(), ctx.labels)
 
 
 @STRUCTURES.register("teacher")
@@ -118,8 +118,8 @@ class PeerStructure(SourceStructure):
 class PermutedStructure(Component):
     """Another structure's values, re-assigned to random classes per sample and step."""
 
-    # What a stack may do with it follows its base (``__init__``), unless a subclass says otherwise.
-    row_wise = shares_stack = True
+    # Row-wise as its base is (``__init__``): its own draws are per row (``ctx.uniform``).
+    row_wise = True
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -137,18 +137,13 @@ class PermutedStructure(Component):
         self.base = STRUCTURES.build(params.base, params.base_params)
         self.needs = self.base.needs
         self.differentiable = self.base.differentiable
-        self.reads_model = self.base.reads_model
-        self.row_wise = type(self).row_wise and self.base.row_wise  # its own draws are per row (ctx.uniform)
-        self.shares_stack = type(self).shares_stack and self.base.shares_stack
+        self.row_wise = type(self).row_wise and self.base.row_wise
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
-        return permute_nongt(self.base(ctx), ctx.labels, ctx.uniform(ctx.num_classes - 1))
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
+        return permute_nongt(self.base(ctx, temperature), ctx.labels, ctx.uniform(ctx.num_classes - 1))
 
     def check(self, probe: Probe) -> None:
         self.base.check(probe)
-
-    def summary(self) -> dict[str, torch.Tensor]:
-        return self.base.summary()
 
     def state_dict(self) -> StateDict:
         """The base structure's state (the permutation is drawn from the cell's generator)."""
@@ -190,7 +185,7 @@ class OracleStructure(Component):
 
     needs = Need.HIERARCHY
 
-    def __call__(self, ctx: TargetContext) -> torch.Tensor:
+    def __call__(self, ctx: TargetContext, temperature: float) -> torch.Tensor:
         if ctx.class_groups is None:
             raise RuntimeError("structure 'oracle' needs a class hierarchy; this dataset has none (use cifar100)")
         return oracle_structure(ctx.labels, ctx.class_groups, self.params.within).to(ctx.student_logits.dtype)
