@@ -254,6 +254,8 @@ class Stacked:
     def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
         if any(len(c) != 1 for c in cohorts):
             raise ValueError("a stack trains one student per seed (refusal: a DML cohort does not stack)")
+        if not cohorts[0][0].objective.stackable:
+            raise ValueError("a stack shares one target over its seeds' rows, and this one is not row-wise (refusal)")
         self.cohorts = cohorts
         self.st = build_stack([c[0] for c in cohorts], optim, steps_per_epoch)
 

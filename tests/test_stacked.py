@@ -14,12 +14,12 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdablate.attribution import EXPLANATIONS, AttributionContext
 from kdablate.bench.core import synthetic
 from kdablate.components import MASSES, STRUCTURES, TargetContext
-from kdablate.components.context import merged
 from kdablate.config import KnowledgeConfig, ModelSpec, OptimConfig
 from kdablate.data import load_dataset
 from kdablate.models import MODELS, build_model
 from kdablate.models.vmap_norm import MathBatchNorm, with_math_norm
-from kdablate.stacked import fit_stacked, refusal, step_targets
+from kdablate.objectives import build_objective
+from kdablate.stacked import StackView, fit_stacked, refusal
 from kdablate.storage import Checkpoint
 from kdablate.trainer import CPU, SeedsMismatch, TeacherSignal, fit, make_member
 
@@ -170,8 +170,8 @@ def test_the_stacked_loss_is_each_seeds_loss_summed(alpha):
 def test_a_stack_resumes_per_seed_stacked_or_alone(tiny, tmp_path, arm):
     """Each seed's checkpoint is in the unstacked format: a stopped stack resumes as a stack
     bit for bit, or a seed resumes alone; seeds at different epochs refuse to stack. 'il': a
-    sketched, scheduled explanation arm, whose class EMA and draws resume per seed."""
-    k = KNOWLEDGE["ls"] if arm == "ls" else il({"name": "explanation", "every": 2, "fraction": 0.5, "sketch": 2})
+    sketched explanation arm, whose draws resume per seed."""
+    k = KNOWLEDGE["ls"] if arm == "ls" else il({"name": "explanation", "sketch": 2})
     spec, optim = ModelSpec(name="mlp", params={"hidden": 16}), OptimConfig(epochs=4, batch_size=32)
     ckpts = lambda: [Checkpoint(tmp_path / f"{s}.pt", every=1) for s in SEEDS]  # noqa: E731
     whole = fit_stacked(spec, tiny, optim, k, SEEDS, [None] * 3)
@@ -198,10 +198,20 @@ def il(structure: dict) -> KnowledgeConfig:
     return KnowledgeConfig(mass={"name": "constant", "eps": 0.2}, structure=structure, alpha=0.9, temperature=4.0)
 
 
+def test_a_stack_refuses_an_objective_that_is_not_row_wise(tiny):
+    """Called directly (not through the runner's ``refusal``), the stack still refuses a target it
+    cannot share rather than training it wrong."""
+    scheduled = il({"name": "explanation", "every": 2})
+    with pytest.raises(ValueError, match="not row-wise"):
+        fit_stacked(ModelSpec(name="mlp", params={"hidden": 8}), tiny, OptimConfig(epochs=1), scheduled, SEEDS[:2],
+                    [None] * 2)
+
+
 @pytest.mark.parametrize("knowledge, why", [
     (il({"name": "explanation", "source": "cam"}), "reads a model"),  # the training forward's features
-    (il({"name": "explanation", "source": "cam", "mode": "eval"}), "reads a model"),  # the model's modules
-    (il({"name": "explanation", "source": "gradcam", "source_params": {"layer": "features"}}), "reads a model"),
+    (il({"name": "explanation", "source": "cam", "mode": "eval"}), "not row-wise"),  # the model's modules
+    (il({"name": "explanation", "source": "gradcam", "source_params": {"layer": "features"}}), "not row-wise"),
+    (il({"name": "explanation", "source": "saliency", "every": 2, "fraction": 0.5}), "not row-wise"),  # an EMA
     (il({"name": "explanation", "source": "saliency", "explainer": "teacher"}), "reads a model"),
     (il({"name": "permuted", "base": "explanation", "base_params": {"source": "cam"}}), "reads a model"),
     (KnowledgeConfig(mass="peer", structure="peer", alpha=0.9), "DML cohort"),
@@ -217,7 +227,6 @@ STACKED_IL = {  # the student's own explanations, from every stackable source an
        for name in EXPLANATIONS.names() if EXPLANATIONS.get(name).stackable},
     "saliency sketch=3": {"source": "saliency", "sketch": 3},
     "grad_input sketch=2 pearson": {"source": "grad_input", "sketch": 2, "similarity": "pearson"},
-    "saliency every=2 fraction=0.5": {"source": "saliency", "every": 2, "fraction": 0.5},
     "saliency differentiable": {"source": "saliency", "differentiable": True},
 }
 
@@ -243,17 +252,7 @@ def test_in_float64_an_explanation_stack_is_the_separate_runs(tiny, float64, spe
         assert all(torch.allclose(sa[k].double(), sb[k].double(), rtol=0, atol=1e-12) for k in sa)
 
 
-# --- per sample: what makes a flattened (S*B) batch the same as S batches ------------------------
-
-def contexts(n: int = 12, k: int = 10, seed: int = 0) -> list[TargetContext]:
-    """Two halves of a batch and the whole, with every source a component may read but a model."""
-    g = torch.Generator().manual_seed(seed)
-    y, z, t, p = (torch.randint(0, k, (n,), generator=g), *(torch.randn(n, k, generator=g) * 3 for _ in range(3)))
-    groups = torch.arange(k) // 3
-    make = lambda sl: TargetContext(y[sl], k, z[sl], t[sl], torch.Generator().manual_seed(1), peer_logits=p[sl],  # noqa: E731
-                                    class_groups=groups, temperature=4.0)
-    return [make(slice(0, n // 2)), make(slice(n // 2, n)), make(slice(0, n))]
-
+# --- per row: what lets one context over a stack's S*B rows stand for S seeds' ---------------------
 
 def components() -> list:
     out = []
@@ -267,50 +266,51 @@ def components() -> list:
     return out
 
 
-@pytest.mark.parametrize("part", components())
-def test_every_component_a_stack_accepts_is_per_sample(part):
-    """A component a stack accepts gives a sample the same value whatever else is in its batch.
-    (A stacked step calls each seed's components on that seed's own batch, with that seed's
-    generator, so even a batch-level component would get what it gets alone; this checks the
-    stronger per-sample property a flattened (S*B) batch would need.)"""
-    if part.reads_model:
-        pytest.skip(f"{type(part).__name__} reads the model: a stack shares it through ctx.stack (checked "
-                    "against separate runs in float64) or refuses its arms")
-    a, b, whole = contexts()
-    before = whole.generator.get_state()
-    together = part(whole)
-    if not torch.equal(before, whole.generator.get_state()):
-        pytest.skip(f"{type(part).__name__} draws from the generator: per seed, from the seed's own")
-    assert torch.allclose(torch.cat([part(a), part(b)]), together, atol=1e-6)
-
-
-def seed_contexts(n: int = 6, k: int = 10) -> list[TargetContext]:
-    """Three seeds' contexts at one step, as a stack makes them: own batch, own generator, no model."""
+def seed_rows(n: int = 6, k: int = 10) -> tuple[list[TargetContext], TargetContext]:
+    """Three seeds' rows at one step (float64): each seed's context alone, with its own model, and
+    the stack's one context over all of them, with the stacked model, as a stacked step makes it."""
     g = torch.Generator().manual_seed(7)
-    return [TargetContext(torch.randint(0, k, (n,), generator=g), k, torch.randn(n, k, generator=g) * 3,
-                          torch.randn(n, k, generator=g) * 3, torch.Generator().manual_seed(10 + s),
-                          peer_logits=torch.randn(n, k, generator=g), class_groups=torch.arange(k) // 3,
-                          temperature=4.0) for s in SEEDS]
+    y = torch.randint(0, k, (3 * n,), generator=g)
+    z, t, p = (torch.randn(3 * n, k, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    x = torch.randn(3 * n, 1, 40, generator=g, dtype=torch.float64)
+    st, models = three_seed_stack("cnn1d")
+    common = {"num_classes": k, "class_groups": torch.arange(k) // 3}
+    alone = [TargetContext(y[rows], student_logits=z[rows], teacher_logits=t[rows], peer_logits=p[rows], inputs=x[rows],
+                           generators=(torch.Generator().manual_seed(10 + s),), models={"self": models[s]}, **common)
+             for s, rows in enumerate(slice(s * n, (s + 1) * n) for s in range(3))]
+    together = TargetContext(y, student_logits=z, teacher_logits=t, peer_logits=p, inputs=x, **common,
+                             generators=tuple(torch.Generator().manual_seed(10 + s) for s in range(3)),
+                             models={"self": StackView(st, n)})
+    return alone, together
 
 
 PERMUTED_OVER = [pytest.param(STRUCTURES.build("permuted", {"base": b}), id=f"structure-permuted-over-{b}")
-                 for b in ("self", "uniform", "oracle", "peer")]
+                 for b in ("self", "uniform", "oracle", "peer", "explanation")]
 
 
 @pytest.mark.parametrize("part", components() + PERMUTED_OVER)
-def test_a_row_wise_component_gives_merged_seeds_what_each_gets_alone(part):
-    """What lets a stack build every seed's target in one call (``stacked.step_targets``): a
-    component that declares ``row_wise`` gives each seed's rows of the merged context what the
-    seed's own call gives them, its draws from that seed's own generator included."""
+def test_a_row_wise_component_gives_a_stacks_rows_what_each_seed_gets_alone(part):
+    """What lets a stack build every seed's target in one call: a component that declares
+    ``row_wise`` gives each seed's rows of the stack's one context what the seed's own call gives
+    them, its draws from that seed's own generator and its explanations by that seed's weights
+    included, and keeps nothing that one seed would own."""
     if not part.row_wise:
-        pytest.skip(f"{type(part).__name__} is not row-wise: a stack calls it seed by seed")
-    alone_ctxs, merged_ctxs = seed_contexts(), seed_contexts()
-    alone = torch.cat([part(c) for c in alone_ctxs])
-    together = part(merged(merged_ctxs))
-    assert torch.allclose(together, alone, atol=1e-6)
-    for a, m in zip(alone_ctxs, merged_ctxs):  # each generator advanced as far as alone
-        assert torch.equal(a.generator.get_state(), m.generator.get_state())
-    assert part.state_dict() == {} and part.summary() == {}  # nothing kept that one seed would own
+        pytest.skip(f"{type(part).__name__} is not row-wise: its arms train seed by seed")
+    alone_ctxs, together_ctx = seed_rows()
+    alone = torch.cat([part(c, 4.0) for c in alone_ctxs])
+    together = part(together_ctx, 4.0)
+    assert torch.allclose(together.double(), alone.double(), rtol=0, atol=1e-10)
+    for a, g in zip(alone_ctxs, together_ctx.generators):  # each generator advanced as far as alone
+        assert torch.equal(a.generators[0].get_state(), g.get_state())
+    assert all(v is None for v in part.state_dict().values())  # nothing kept that one seed would own
+
+
+def test_a_scheduled_or_teacher_explanation_is_not_row_wise():
+    """A schedule fills the rows it does not explain from a class EMA (state of its seed), and a
+    memo or a training forward's features are not a row's own: such arms train seed by seed."""
+    for params in ({"every": 2}, {"fraction": 0.5}, {"explainer": "teacher"}, {"source": "cam"}):
+        assert not STRUCTURES.build("explanation", params).row_wise, params
+    assert STRUCTURES.build("explanation", {}).row_wise
 
 
 def test_a_subclass_that_changes_the_computation_is_not_row_wise_unless_it_says_so():
@@ -320,8 +320,8 @@ def test_a_subclass_that_changes_the_computation_is_not_row_wise_unless_it_says_
         source = "teacher"
 
     class Counting(SourceStructure):
-        def __call__(self, ctx):
-            return super().__call__(ctx)
+        def __call__(self, ctx, temperature):
+            return super().__call__(ctx, temperature)
 
     class Declared(Counting):
         row_wise = True
@@ -329,48 +329,30 @@ def test_a_subclass_that_changes_the_computation_is_not_row_wise_unless_it_says_
     assert Teacherish.row_wise and not Counting.row_wise and Declared.row_wise
 
 
-def test_a_merged_context_refuses_draws_from_its_generator():
-    """A component that draws from ctx.generator instead of ctx.uniform fails loudly on merged
-    seeds, rather than drawing every seed's rows from the global RNG."""
-    ctx = merged(seed_contexts())
-    with pytest.raises(TypeError):
-        torch.rand(3, generator=ctx.generator)
-    assert ctx.uniform(4).shape == (3 * 6, 4)
+def test_a_stacks_context_draws_per_seed_and_slices_to_a_seed():
+    """The stack's context draws each seed's rows from that seed's generator; a source reading one
+    generator over several seeds' rows is refused rather than drawing from the global RNG; a
+    seed's slice is its rows and generator, with no model and no listener."""
+    alone, together = seed_rows()
+    assert together.seeds == 3 and together.uniform(4).shape == (18, 4)
+    with pytest.raises(TypeError, match="3 seeds' rows"):
+        AttributionContext(generators=together.generators).generator
+    one = together.seed(1)
+    assert torch.equal(one.labels, alone[1].labels) and torch.equal(one.inputs, alone[1].inputs)
+    assert one.generators == together.generators[1:2] and one.models == {} and one.observe is None
+    with pytest.raises(RuntimeError, match="has none"):
+        TargetContext(one.labels, 10, one.student_logits).uniform(3)
 
 
-def test_merging_refuses_what_a_stack_never_hands_its_components():
-    ctxs = seed_contexts()
-    ctxs[1].inputs = torch.zeros(6, 1, 40)
-    with pytest.raises(ValueError, match="only a stack's contexts merge"):
-        merged(ctxs)
-    uneven = seed_contexts()
-    uneven[0].labels = uneven[0].labels[:4]
-    with pytest.raises(ValueError, match="equal batches"):
-        merged(uneven)
-    partial = seed_contexts()
-    partial[2].teacher_logits = None
-    with pytest.raises(ValueError, match="'teacher_logits' in every seed's or in none"):
-        merged(partial)
-
-
-@pytest.mark.parametrize("arm", ["permuted", "kd", "self"])
-def test_a_stack_builds_row_wise_targets_in_one_call_as_seed_by_seed(tiny, arm, monkeypatch):
-    """``step_targets``: one call on the merged seeds where the objective is row-wise, the same
-    targets as each seed's own objective on its own context (the fallback for any other)."""
-    members = [make_member(ModelSpec(name="mlp"), tiny, OptimConfig(epochs=1), KNOWLEDGE[arm], s, 4) for s in SEEDS]
-    calls = []
-    objective_type = type(members[0].objective)
-    original = objective_type.step_target
-    monkeypatch.setattr(objective_type, "step_target", lambda self, ctx: calls.append(ctx) or original(self, ctx))
-    together = seed_contexts()
-    step_targets(members, together)
-    assert len(calls) == 1 and members[0].objective.row_wise
-    monkeypatch.setattr(objective_type, "row_wise", property(lambda self: False))
-    alone = seed_contexts()
-    step_targets(members, alone)
-    assert len(calls) == 1 + len(SEEDS)
-    for t, a in zip(together, alone):
-        assert torch.allclose(t.target, a.target, atol=1e-6)
+@pytest.mark.parametrize("arm", ["permuted", "self"])
+def test_a_stack_builds_every_seeds_target_in_one_call(tiny, arm, monkeypatch):
+    """Each stacked step builds the target of all S seeds in one call over their S*B rows."""
+    objective_type = type(build_objective(KNOWLEDGE[arm]))
+    calls, original = [], objective_type.step_target
+    monkeypatch.setattr(objective_type, "step_target", lambda self, ctx: calls.append(ctx.seeds) or original(self, ctx))
+    fit_stacked(ModelSpec(name="mlp", params={"hidden": 8}), tiny, OptimConfig(epochs=1, batch_size=100),
+                KNOWLEDGE[arm], SEEDS, [teacher_of(tiny)] * len(SEEDS))
+    assert calls == [len(SEEDS)] * (len(tiny.y_train) // 100)
 
 
 @pytest.mark.parametrize("name", EXPLANATIONS.names())
@@ -430,7 +412,7 @@ def test_a_source_subclass_is_not_stackable_unless_it_says_so():
 
     assert EXPLANATIONS.get("saliency").stackable and not EXPLANATIONS.get(name).stackable
     k = il({"name": "explanation", "source": name})
-    assert "reads a model" in refusal(ModelSpec(name="mlp"), k, [None], CPU)
+    assert "not row-wise" in refusal(ModelSpec(name="mlp"), k, [None], CPU)
 
 
 # --- the runner: units of work, child runs per seed, the fallback -----------------------------
@@ -509,8 +491,8 @@ def test_a_models_own_stacked_forward_is_vmap_over_its_forward(name):
 
 
 def test_a_component_that_declares_it_reads_features_is_refused():
-    """Declared needs are enough: a plugin that reads the feature map without setting
-    ``reads_model`` still trains unstacked (a stacked step has no features to give it)."""
+    """Declared needs are enough: a plugin that reads the feature map trains unstacked even if it
+    says ``row_wise`` (a stacked step has no features to give it)."""
     from kdablate.components import Need
     from kdablate.components.context import Component
     from kdablate.components.structure import uniform_structure
@@ -519,8 +501,9 @@ def test_a_component_that_declares_it_reads_features_is_refused():
         @STRUCTURES.register("test_stacked_features")
         class ReadsFeatures(Component):
             needs = Need.FEATURES
+            row_wise = True
 
-            def __call__(self, ctx):
+            def __call__(self, ctx, temperature):
                 return uniform_structure(ctx.labels, ctx.num_classes)
 
     k = KnowledgeConfig(mass={"name": "constant", "eps": 0.1}, structure="test_stacked_features", alpha=1.0)
