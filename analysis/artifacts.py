@@ -1,10 +1,10 @@
 """Figures from the runs' JSON artifacts: class-similarity heatmaps and reliability diagrams.
 
 similarity/: K x K matrices, row y averaging the structure over training samples of
-class y (``kdablate.trainer.epoch_summary``): the model's own explanations, the
+class y (``kdablate.measures.ExplanationSimilarity``): the model's own explanations, the
 teacher's soft targets and, where the data has a class hierarchy, the oracle. Every arm
 also has the reported student's own matrix (``similarity_student``: its non-ground-truth
-probabilities at T = 1 on validation, ``kdablate.trainer.student_similarities``) and, with a
+probabilities at T = 1 on validation, ``kdablate.measures.StudentSimilarity``) and, with a
 teacher, the teacher's read the same way (``similarity_teacher_t1``).
 calibration/: per-split reliability bins of the reported model
 (``kdablate.metrics.reliability``), pooled over seeds by adding them.

@@ -436,7 +436,8 @@ StepFn = Callable[[list[Batch], int, list[EpochEnv]], list[list[dict[str, torch.
 
 def train_epochs(step_fn: StepFn, cohorts: list[list[Member]], data: DataBundle, batch_size: int,
                  gens: list[tuple[torch.Generator, ...]], epoch: int, step: int, teachers: list[TeacherSignal],
-                 runtime: Runtime = CPU, measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
+                 runtime: Runtime = CPU,
+                 measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
     """One pass over the train split for every seed, epoch ``epoch`` (from 1) from global ``step``:
     each seed in its own order (``gens``: its data order, components and augmentation generators),
     ``step_fn(batches, step, envs)`` taking one step of every seed; per seed and member, the mean of

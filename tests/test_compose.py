@@ -107,7 +107,7 @@ class Mine(Component):
     """A user's structure: uniform, registered from a study's plugins list."""
     static = True
 
-    def __call__(self, ctx):
+    def __call__(self, ctx, temperature):
         return uniform_structure(ctx.labels, ctx.num_classes)
 '''
 

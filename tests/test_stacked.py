@@ -329,6 +329,17 @@ def test_a_subclass_that_changes_the_computation_is_not_row_wise_unless_it_says_
     assert Teacherish.row_wise and not Counting.row_wise and Declared.row_wise
 
 
+def test_a_component_without_the_temperature_argument_fails_where_it_is_defined():
+    """A component written as ``__call__(self, ctx)`` would fail at its first training step; it
+    fails when its class is defined instead, saying what the call takes."""
+    from kdablate.components.context import Component
+
+    with pytest.raises(TypeError, match=r"must take \(self, ctx, temperature\)"):
+        class Old(Component):
+            def __call__(self, ctx):
+                return ctx.labels
+
+
 def test_a_stacks_context_draws_per_seed_and_slices_to_a_seed():
     """The stack's context draws each seed's rows from that seed's generator; a source reading one
     generator over several seeds' rows is refused rather than drawing from the global RNG; a

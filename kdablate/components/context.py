@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import inspect
 from typing import Callable
 
 import torch
@@ -174,6 +175,9 @@ class Component(abc.ABC):
         own = vars(cls)
         if any(name in own for name in ("__call__", "state_dict")) and "row_wise" not in own:
             cls.row_wise = False
+        if "__call__" in own and len(inspect.signature(own["__call__"]).parameters) != 3:
+            raise TypeError(f"{cls.__name__}.__call__ must take (self, ctx, temperature): the objective "
+                            "passes its T to every component call")
 
     def __init__(self, params: object) -> None:
         self.params = params
