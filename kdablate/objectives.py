@@ -158,19 +158,13 @@ class Objective(abc.ABC):
         training (see ``Component.static``), so the trainer may build it once; else None."""
         return None
 
-    def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        """(N, K) q of every row of ``ctx`` (a stack's S seeds' rows, where ``stackable``), built as
-        ``loss`` would build each seed's (the same draws from each seed's generator), with the graph
-        through it where the target is differentiable; None where the objective builds none."""
-        return None
-
-    def stacked_loss(self, logits: torch.Tensor, ctx: TargetContext,
-                     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
-        """(S, B, K) logits of S seeds of one cell config and their ``ctx`` of S*B rows (its target
-        built) -> (the sum of the seeds' losses, each seed's detached parts), in one call; equal to
-        calling the objective seed by seed (``ctx.seed(s)``) up to float rounding. None where the
-        objective has no such path: the stack then calls it per seed."""
-        return None
+    def seeds_loss(self, logits: torch.Tensor, ctx: TargetContext) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """(S, B, K) logits of S seeds of one cell config and their ``ctx`` over the S*B rows (a
+        stack's) -> (the sum of the seeds' losses, each seed's parts): what calling the objective
+        seed by seed gives, up to float rounding, each seed's gradient its own. By default it does
+        just that, on each seed's rows (``ctx.seed``)."""
+        results = [self(logits[s], ctx.seed(s)) for s in range(len(logits))]
+        return sum(parts["loss"] for parts in results), results
 
     def check(self, probe: Probe) -> None:
         """Raise ConfigError when the objective cannot work with the cell's data and models."""
@@ -228,23 +222,22 @@ class SoftTargetObjective(Objective):
     def static_target(self, ctx: TargetContext) -> torch.Tensor | None:
         return self.target(ctx) if self.static else None
 
-    def step_target(self, ctx: TargetContext) -> torch.Tensor | None:
-        return None if self.alpha == 0 else self.target(ctx)
-
-    def stacked_loss(self, logits: torch.Tensor, ctx: TargetContext,
-                     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None:
-        """CE alone, or a stop-gradient target already in the context: one fused node for every seed."""
+    def seeds_loss(self, logits: torch.Tensor, ctx: TargetContext) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Every seed's target in one call over their rows (the components are row-wise where a stack
+        trains them), then, for CE alone or a stop-gradient target, one fused loss node for every
+        seed; otherwise (a differentiable target, the confidence penalty) the seeds one by one."""
+        if self.alpha != 0 and ctx.target is None:
+            ctx = dataclasses.replace(ctx, target=self.target(ctx))
+        if self.entropy_penalty or (self.alpha != 0 and ctx.target.requires_grad):
+            return super().seeds_loss(logits, ctx)
         ramp = warmup_ramp(ctx.step, self.warmup_epochs, ctx.steps_per_epoch, self.warmup_by)
-        if self.entropy_penalty or (self.alpha != 0 and (ctx.target is None or ctx.target.requires_grad)):
-            return None
         s, b, k = logits.shape
         labels = ctx.labels.view(s, b)
         q = None if self.alpha == 0 else ctx.target.view(s, b, k)
         total, parts = stacked_soft_target_loss(logits, labels, q, self.temperature, self.alpha * ramp)
         if q is not None:
             parts["target_mass"] = 1.0 - q.gather(2, labels[..., None]).mean((1, 2))
-        per_seed = [dict(zip(parts, values)) for values in zip(*(v.unbind(0) for v in parts.values()))]
-        return total, per_seed
+        return total, [dict(zip(parts, values)) for values in zip(*(v.unbind(0) for v in parts.values()))]
 
     def check(self, probe: Probe) -> None:
         """Both components' load-time checks (``Component.check``), unless alpha is 0."""

@@ -188,16 +188,8 @@ def stacked_step(st: Stack, batches: list, step: int, envs: list[EpochEnv]) -> l
     x = torch.stack([b.x for b in batches])
     with runtime.autocast():
         out = st.forward(x).float()
-    ctx = stack_context(st, x, out, batches, step, envs)
-    objective = st.members[0].objective  # the seeds share their cell's config, and a stackable target
-    if ctx.target is None:
-        ctx = dataclasses.replace(ctx, target=objective.step_target(ctx))
-    fused = objective.stacked_loss(out, ctx)
-    if fused is None:
-        results = [m.objective(out[s], ctx.seed(s)) for s, m in enumerate(st.members)]
-        total = sum(parts["loss"] for parts in results)
-    else:
-        total, results = fused
+    # The seeds share their cell's config and a row-wise target: one objective takes them all.
+    total, results = st.members[0].objective.seeds_loss(out, stack_context(st, x, out, batches, step, envs))
     for s, b in enumerate(batches):
         torch.argmax(out[s].detach(), 1, out=b.preds[0])
     st.opt.zero_grad(set_to_none=True)

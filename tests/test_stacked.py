@@ -355,12 +355,30 @@ def test_a_stacks_context_draws_per_seed_and_slices_to_a_seed():
         TargetContext(one.labels, 10, one.student_logits).uniform(3)
 
 
+@pytest.mark.parametrize("arm", [*sorted(KNOWLEDGE), "cp"])
+def test_an_objectives_seeds_loss_is_each_seeds_loss(arm):
+    """``Objective.seeds_loss`` over a stack's rows: each seed's parts and gradient are what the
+    objective gives that seed's rows alone (the fused node, the default seed-by-seed path for DKD
+    and the confidence penalty)."""
+    knowledge = KnowledgeConfig(entropy_penalty=0.1) if arm == "cp" else KNOWLEDGE[arm]
+    alone_ctxs, together = seed_rows()
+    z = torch.randn(3, 6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    total, parts = build_objective(knowledge).seeds_loss(z, together)
+    (grad,) = torch.autograd.grad(total, z)
+    for s, ctx in enumerate(alone_ctxs):
+        zs = z[s].detach().requires_grad_()
+        alone = build_objective(knowledge)(zs, ctx)
+        assert parts[s].keys() == alone.keys()
+        assert all(torch.allclose(parts[s][k].detach(), alone[k].detach(), rtol=0, atol=1e-12) for k in alone)
+        assert torch.allclose(grad[s], torch.autograd.grad(alone["loss"], zs)[0], rtol=0, atol=1e-12), s
+
+
 @pytest.mark.parametrize("arm", ["permuted", "self"])
 def test_a_stack_builds_every_seeds_target_in_one_call(tiny, arm, monkeypatch):
     """Each stacked step builds the target of all S seeds in one call over their S*B rows."""
     objective_type = type(build_objective(KNOWLEDGE[arm]))
-    calls, original = [], objective_type.step_target
-    monkeypatch.setattr(objective_type, "step_target", lambda self, ctx: calls.append(ctx.seeds) or original(self, ctx))
+    calls, original = [], objective_type.target
+    monkeypatch.setattr(objective_type, "target", lambda self, ctx: calls.append(ctx.seeds) or original(self, ctx))
     fit_stacked(ModelSpec(name="mlp", params={"hidden": 8}), tiny, OptimConfig(epochs=1, batch_size=100),
                 KNOWLEDGE[arm], SEEDS, [teacher_of(tiny)] * len(SEEDS))
     assert calls == [len(SEEDS)] * (len(tiny.y_train) // 100)
