@@ -210,8 +210,8 @@ def rademacher_directions(inputs: torch.Tensor, m: int, generator: torch.Generat
 def directions(inputs: torch.Tensor, m: int, ctx: AttributionContext, centre: bool = False) -> torch.Tensor:
     """(B, *S) inputs -> (m, B, *S) Rademacher directions (``rademacher_directions``), each seed's
     block of rows from its own generator (``ctx.generators``): the directions that seed draws alone."""
-    if not ctx.generators:
-        return rademacher_directions(inputs, m, None, centre)
+    if len(ctx.generators) < 2:
+        return rademacher_directions(inputs, m, ctx.generator, centre)
     blocks = inputs.split(len(inputs) // len(ctx.generators))
     return torch.cat([rademacher_directions(b, m, g, centre) for b, g in zip(blocks, ctx.generators, strict=True)], 1)
 

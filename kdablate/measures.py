@@ -21,7 +21,9 @@ import dataclasses
 import torch
 
 from kdablate.components.context import Observation
-from kdablate.components.structure import class_mean_structure, class_means, nongt_distribution, oracle_structure
+from kdablate.components.structure import (
+    class_mean_structure, class_means, class_sums, nongt_distribution, oracle_structure,
+)
 from kdablate.data import DataBundle
 from kdablate.metrics import agreement, offdiagonal, spearman
 
@@ -91,9 +93,9 @@ class ExplanationSimilarity(Measurement):
         if self.sums is None:
             self.sums = torch.zeros(k, k, device=r.device)
             self.counts = torch.zeros(k, device=r.device)
-        # The step's sums in float32, then added: the same arithmetic whatever the default dtype.
-        self.sums += torch.zeros(k, k, device=r.device, dtype=torch.float32).index_add_(0, labels, r.float())
-        self.counts += torch.bincount(labels, minlength=k).float()
+        sums, counts = class_sums(r, labels, k)
+        self.sums += sums
+        self.counts += counts
         self.seconds += observation.seconds
         self.steps += 1
 
@@ -130,14 +132,8 @@ class StudentSimilarity(Measurement):
 
     SPEARMAN = {"teacher": "report/student_similarity_spearman", "oracle": "report/student_similarity_oracle_spearman"}
 
-    def __init__(self, data: DataBundle, teacher_val: torch.Tensor | None) -> None:
-        self.y, self.k = data.split("val")[1], data.num_classes
-        self.references: dict[str, torch.Tensor] = {}
-        if teacher_val is not None:
-            self.references["teacher"] = output_similarity(teacher_val, self.y, self.k)
-        oracle = oracle_similarity(data)
-        if oracle is not None:
-            self.references["oracle"] = oracle
+    def __init__(self, y_val: torch.Tensor, num_classes: int, references: dict[str, torch.Tensor]) -> None:
+        self.y, self.k, self.references = y_val, num_classes, references
 
     def reported(self, val_logits: torch.Tensor) -> Reading:
         student = output_similarity(val_logits, self.y, self.k)
@@ -177,15 +173,16 @@ NONE = Measurements(())
 
 def for_cell(data: DataBundle, teacher_logits: dict[str, torch.Tensor] | None, temperature: float) -> Measurements:
     """A seed's measurements, given its data, its teacher's cached logits per split (or None) and
-    its arm's T: the references are fixed for the cell."""
-    references = {}
-    if teacher_logits is not None:
-        references["teacher"] = output_similarity(teacher_logits["train"] / temperature, data.y_train, data.num_classes)
+    its arm's T. The references are fixed for the cell: the oracle where the data has a hierarchy,
+    and the teacher's class similarity, at the arm's T on train for the explanations and at T = 1
+    on validation for the reported student (``StudentSimilarity``)."""
     oracle = oracle_similarity(data)
-    if oracle is not None:
-        references["oracle"] = oracle
-    parts: list[Measurement] = [ExplanationSimilarity(references)]
+    train_refs = val_refs = {} if oracle is None else {"oracle": oracle}
+    y_val, k = data.split("val")[1], data.num_classes
+    parts: list[Measurement] = []
     if teacher_logits is not None:
+        at_t = output_similarity(teacher_logits["train"] / temperature, data.y_train, k)
+        train_refs = {"teacher": at_t, **train_refs}
+        val_refs = {"teacher": output_similarity(teacher_logits["val"], y_val, k), **val_refs}
         parts.append(Agreement(teacher_logits))
-    parts.append(StudentSimilarity(data, None if teacher_logits is None else teacher_logits["val"]))
-    return Measurements(tuple(parts))
+    return Measurements((ExplanationSimilarity(train_refs), *parts, StudentSimilarity(y_val, k, val_refs)))

@@ -163,6 +163,7 @@ class Objective(abc.ABC):
         stack's) -> (the sum of the seeds' losses, each seed's parts): what calling the objective
         seed by seed gives, up to float rounding, each seed's gradient its own. By default it does
         just that, on each seed's rows (``ctx.seed``)."""
+        check_seeds(logits, ctx)
         results = [self(logits[s], ctx.seed(s)) for s in range(len(logits))]
         return sum(parts["loss"] for parts in results), results
 
@@ -226,6 +227,7 @@ class SoftTargetObjective(Objective):
         """Every seed's target in one call over their rows (the components are row-wise where a stack
         trains them), then, for CE alone or a stop-gradient target, one fused loss node for every
         seed; otherwise (a differentiable target, the confidence penalty) the seeds one by one."""
+        check_seeds(logits, ctx)
         if self.alpha != 0 and ctx.target is None:
             ctx = dataclasses.replace(ctx, target=self.target(ctx))
         if self.entropy_penalty or (self.alpha != 0 and ctx.target.requires_grad):
@@ -278,6 +280,14 @@ class DKDObjective(Objective):
         kd = self.alpha * tckd + self.params.beta * nckd
         return {"loss": ce + ramp * kd, "loss_ce": ce.detach(), "loss_kd": kd.detach(),
                 "loss_tckd": tckd.detach(), "loss_nckd": nckd.detach()}
+
+
+def check_seeds(logits: torch.Tensor, ctx: TargetContext) -> None:
+    """(S, B, K) logits against a context of S seeds' B rows each; a ValueError if they differ."""
+    s, b = logits.shape[:2]
+    if ctx.seeds != s or len(ctx.labels) != s * b:
+        raise ValueError(f"{s} seeds' logits of {b} rows each, but a context of {ctx.seeds} seeds' "
+                         f"{len(ctx.labels)} rows")
 
 
 def warmup_ramp(step: int, warmup_epochs: int, steps_per_epoch: int, by: str = "step") -> float:

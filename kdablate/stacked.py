@@ -54,8 +54,8 @@ def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequenc
         return "a DML cohort trains two students per cell"
     if knowledge.feature:
         return "its feature terms read each seed's own stage outputs and run the teacher online"
-    # A stacked step runs no member's own module and hands no model, inputs or features to the
-    # components: refuse whatever declares it reads them, whether or not it sets reads_model.
+    # A stacked step runs no member's own module: it has no training forward's features to hand
+    # the components, and no teacher network to explain per seed. Refuse what declares it reads them.
     if Need.FEATURES in knowledge.needs():
         return "its target reads a model: the training forward's features (CAM's default mode)"
     if Need.TEACHER_MODEL in knowledge.needs():
@@ -246,8 +246,11 @@ class Stacked:
     def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
         if any(len(c) != 1 for c in cohorts):
             raise ValueError("a stack trains one student per seed (refusal: a DML cohort does not stack)")
-        if not cohorts[0][0].objective.stackable:
+        first = cohorts[0][0]
+        if not first.objective.stackable or first.objective.needs & (Need.FEATURES | Need.TEACHER_MODEL):
             raise ValueError("a stack shares one target over its seeds' rows, and this one is not row-wise (refusal)")
+        if first.feature is not None or first.scaler is not None:
+            raise ValueError("a stack has no per-seed feature terms or fp16 loss scale (refusal)")
         self.cohorts = cohorts
         self.st = build_stack([c[0] for c in cohorts], optim, steps_per_epoch)
 
@@ -263,6 +266,8 @@ class Stacked:
               teachers: list[TeacherSignal], runtime: Runtime,
               measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
         """``trainer.train_epochs`` in stacked steps: per seed its 'train/<part>' means, and the step after."""
+        if any(t.online for t in teachers):
+            raise ValueError("a stack's seeds look their teacher up; an online teacher runs per seed (refusal)")
         self.st.base.train()
         return train_epochs(lambda batches, step, envs: [[p] for p in stacked_step(self.st, batches, step, envs)],
                             self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime, measures)

@@ -445,7 +445,8 @@ def train_epochs(step_fn: StepFn, cohorts: list[list[Member]], data: DataBundle,
     its components' observations go to (none: nothing listens)."""
     envs, streams, preds, labels = [], [], [], []
     measures = list(measures) or [measuring.NONE] * len(cohorts)
-    for cohort, (order_gen, component_gen, augment_gen), teacher, seen in zip(cohorts, gens, teachers, measures):
+    for cohort, (order_gen, component_gen, augment_gen), teacher, seen in zip(cohorts, gens, teachers, measures,
+                                                                              strict=True):
         perm = torch.randperm(len(data.y_train), generator=order_gen)
         order = perm[: len(perm) - len(perm) % batch_size]  # drop the ragged last batch: BatchNorm cannot train on 1
         env = EpochEnv(data.num_classes, epoch, len(data.y_train) // batch_size, component_gen,

@@ -23,6 +23,7 @@ from kdablate.attribution import (EXPLANATIONS, AttributionContext, Cost, Explan
 from kdablate.components import STRUCTURES, TargetContext
 from kdablate.components.context import Probe
 from kdablate.components.explanation import explanation_similarity, structure_from_similarity
+from kdablate.components.structure import uniform_structure
 from kdablate.models import MODELS, build_model
 
 K = 10
@@ -273,6 +274,28 @@ def test_models_for_cam_expose_features_and_head():
     for name in MODELS.names():
         model = build_model(name, {}, input_shape_for(name), K)
         assert isinstance(model.head, torch.nn.Linear) and isinstance(model.features, torch.nn.Module)
+
+
+def test_a_schedule_gives_the_rows_it_does_not_explain_the_ema_before_the_step(batch):
+    """fraction < 1: the first n rows are explained, the rest take their class's EMA as it was
+    before this step (then the EMA moves toward the explained rows); a skipped step (every > 1)
+    takes the EMA for every row. Both report what they explained to the measurements."""
+    from kdablate.components.context import Observation
+
+    seen: list[Observation] = []
+    ctx = dataclasses.replace(cnn_context(batch), observe=seen.append)
+    y, n = ctx.labels, len(ctx.labels) // 2
+    structure = STRUCTURES.build("explanation", {"every": 2, "fraction": 0.5, "ema": 0.5})
+    for step in (0, 1, 2):
+        before = None if structure.class_matrix is None else structure.class_matrix.clone()
+        r = structure(dataclasses.replace(ctx, step=step), 4.0)
+        ema = uniform_structure(torch.arange(K), K) if before is None else before
+        if step % 2:
+            assert torch.equal(r, ema[y]) and len(seen[-1].rows) == 0
+        else:
+            assert torch.equal(r[n:], ema[y[n:]]) and torch.equal(seen[-1].rows, r[:n])
+            assert not torch.equal(structure.class_matrix, ema)  # moved after the step
+    assert len(seen) == 3
 
 
 def test_a_frozen_teachers_similarities_are_computed_once_per_row_and_label():

@@ -373,6 +373,14 @@ def test_an_objectives_seeds_loss_is_each_seeds_loss(arm):
         assert torch.allclose(grad[s], torch.autograd.grad(alone["loss"], zs)[0], rtol=0, atol=1e-12), s
 
 
+def test_seeds_loss_refuses_logits_of_other_seeds_than_its_context():
+    _, together = seed_rows()
+    z = torch.zeros(2, 9, 10, dtype=torch.float64)
+    for knowledge in (KNOWLEDGE["kd"], KNOWLEDGE["dkd"]):
+        with pytest.raises(ValueError, match="2 seeds' logits of 9 rows each, but a context of 3 seeds' 18 rows"):
+            build_objective(knowledge).seeds_loss(z, together)
+
+
 @pytest.mark.parametrize("arm", ["permuted", "self"])
 def test_a_stack_builds_every_seeds_target_in_one_call(tiny, arm, monkeypatch):
     """Each stacked step builds the target of all S seeds in one call over their S*B rows."""

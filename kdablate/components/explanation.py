@@ -51,7 +51,7 @@ from torch import nn
 
 from kdablate.components.context import Component, Need, Observation, Probe, StateDict, TargetContext
 from kdablate.components.memo import STATE_KEYS as MEMO_STATE, RowMemo, row_keys
-from kdablate.components.structure import STRUCTURES, uniform_structure
+from kdablate.components.structure import STRUCTURES, class_sums, uniform_structure
 from kdablate import linearized
 from kdablate.attribution import EXPLANATIONS, AttributionContext, Explanation, directions, linearization_holds
 from kdablate.registry import ConfigError
@@ -101,7 +101,8 @@ def explain(model: nn.Module, source: Explanation, inputs: torch.Tensor, *, eval
 def sketch(model: nn.Module, source: Explanation, inputs: torch.Tensor, m: int, *, centre: bool,
            eval_mode: bool, ctx: AttributionContext) -> torch.Tensor:
     """(B, *shape) -> (B, K, m) projections P = E V of the maps on m Rademacher directions per
-    sample, drawn from ``ctx.generator`` (centred over the input dims if ``centre``: Pearson);
+    sample, each seed's rows from its generator in ``ctx.generators`` (centred over the input dims if
+    ``centre``: Pearson);
     (1/m) P P^T estimates the (B, K, K) Gram matrix (``gram``). A sketchable source only."""
     v = directions(inputs, m, ctx, centre)  # (m, B, *shape)
     with explaining_mode(model, eval_mode):
@@ -230,10 +231,11 @@ class ExplanationStructure(Component):
         t0 = time.perf_counter()
         n = max(1, round(self.params.fraction * len(y)))  # batches are shuffled: the first n are random
         r_exp = self.explained_structure(ctx, n)
+        rest = self.class_matrix[y[n:]] if n < len(y) else None  # the EMA before this step's update
         if self.scheduled:
             self._update(r_exp.detach(), y[:n], k)
         ctx.report(Observation("explanation", r_exp.detach(), y[:n], time.perf_counter() - t0))
-        return torch.cat([r_exp, self.class_matrix[y[n:]]]) if n < len(y) else r_exp
+        return r_exp if rest is None else torch.cat([r_exp, rest])
 
     def check(self, probe: Probe) -> None:
         """Refuse a source the explainer cannot support: one that fails on it, or that gives one
@@ -325,8 +327,7 @@ class ExplanationStructure(Component):
 
     def _update(self, r: torch.Tensor, labels: torch.Tensor, k: int) -> None:
         """The class EMA towards this step's class means of the (n, K) explained r."""
-        sums = torch.zeros(k, k, device=r.device, dtype=torch.float32).index_add_(0, labels, r.float())
-        counts = torch.bincount(labels, minlength=k).float()
+        sums, counts = class_sums(r, labels, k)
         seen = counts > 0
         means = sums[seen] / counts[seen, None]
         self.class_matrix[seen] = self.params.ema * self.class_matrix[seen] + (1 - self.params.ema) * means

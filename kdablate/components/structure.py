@@ -63,6 +63,13 @@ def class_mean_structure(r: torch.Tensor, labels: torch.Tensor, num_classes: int
     return class_means(sums, torch.bincount(labels, minlength=num_classes).to(r.dtype))
 
 
+def class_sums(r: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) per-sample structures, (N,) labels -> ((K, K) float32 per-class row sums, (K,) float32
+    sample counts): a step's part of a class mean, the same arithmetic whatever the default dtype."""
+    sums = torch.zeros(num_classes, num_classes, device=r.device, dtype=torch.float32).index_add_(0, labels, r.float())
+    return sums, torch.bincount(labels, minlength=num_classes).float()
+
+
 def class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(K, K) per-class row sums, (K,) sample counts -> (K, K) per-class mean rows.
 
