@@ -60,9 +60,13 @@ def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequenc
         return "its target reads a model: the training forward's features (CAM's default mode)"
     if Need.TEACHER_MODEL in knowledge.needs():
         return "its target reads a model: the teacher network's explanations"
-    if not build_objective(knowledge).stackable:
-        return ("its target is not row-wise (a component keeps state, e.g. an explanation schedule's "
-                "class EMA, or reads the model through modules and hooks, e.g. CAM's or Grad-CAM's)")
+    objective = build_objective(knowledge)
+    if not objective.stackable:
+        parts = [f"{role} '{getattr(knowledge, role).name}'" for role in ("mass", "structure")
+                 if not getattr(getattr(objective, role, None), "row_wise", True)]
+        return (f"its {' and '.join(parts) or 'objective ' + repr(knowledge.objective.name)} is not row-wise "
+                "(state of its seed, e.g. an explanation schedule's class EMA, or the model read through "
+                "modules and hooks, e.g. CAM's or Grad-CAM's)")
     if any(t is not None and t.online for t in teachers):
         return "its teacher runs online"
     if runtime.amp == "fp16":
