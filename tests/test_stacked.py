@@ -255,14 +255,16 @@ def test_in_float64_an_explanation_stack_is_the_separate_runs(tiny, float64, spe
 # --- per row: what lets one context over a stack's S*B rows stand for S seeds' ---------------------
 
 def components() -> list:
+    """Every registered mass and structure at its default parameters, and some that are not
+    row-wise: (kind, spec) pairs."""
     out = []
-    for registry in (MASSES, STRUCTURES):
+    for kind, registry in (("mass", MASSES), ("structure", STRUCTURES)):
         for name in registry.names():
             try:
-                part = registry.build(name, {})
+                registry.params(name, {})
             except Exception:  # noqa: BLE001 - a component whose parameters have no defaults
                 continue
-            out.append(pytest.param(part, id=f"{registry.kind}-{name}"))
+            out.append(pytest.param(kind, {"name": name}, id=f"{kind}-{name}"))
     return out
 
 
@@ -284,18 +286,25 @@ def seed_rows(n: int = 6, k: int = 10) -> tuple[list[TargetContext], TargetConte
     return alone, together
 
 
-PERMUTED_OVER = [pytest.param(STRUCTURES.build("permuted", {"base": b}), id=f"structure-permuted-over-{b}")
+PERMUTED_OVER = [pytest.param("structure", {"name": "permuted", "base": b}, id=f"structure-permuted-over-{b}")
                  for b in ("self", "uniform", "oracle", "peer", "explanation")]
+SCHEDULED = [pytest.param("structure", {"name": "explanation", **p}, id=f"structure-explanation-{k}")
+             for k, p in (("every2", {"every": 2}), ("fraction0.5", {"fraction": 0.5}))]
 
 
-@pytest.mark.parametrize("part", components() + PERMUTED_OVER)
-def test_a_row_wise_component_gives_a_stacks_rows_what_each_seed_gets_alone(part):
+@pytest.mark.parametrize("kind, spec", components() + PERMUTED_OVER + SCHEDULED)
+def test_a_row_wise_component_gives_a_stacks_rows_what_each_seed_gets_alone(kind, spec):
     """What lets a stack build every seed's target in one call: a component that declares
     ``row_wise`` gives each seed's rows of the stack's one context what the seed's own call gives
     them, its draws from that seed's own generator and its explanations by that seed's weights
-    included, and keeps nothing that one seed would own."""
+    included, and keeps nothing that one seed would own. One that is not row-wise is refused by
+    the stack, which names it."""
+    part = (MASSES if kind == "mass" else STRUCTURES).build(spec["name"], {k: v for k, v in spec.items() if k != "name"})
     if not part.row_wise:
-        pytest.skip(f"{type(part).__name__} is not row-wise: its arms train seed by seed")
+        other = {"structure": "uniform"} if kind == "mass" else {"mass": {"name": "constant", "eps": 0.2}}
+        knowledge = KnowledgeConfig(**{kind: spec}, **other, alpha=0.9, temperature=4.0)
+        assert f"its {kind} '{spec['name']}' is not row-wise" in refusal(ModelSpec(name="mlp"), knowledge, [None], CPU)
+        return
     alone_ctxs, together_ctx = seed_rows()
     alone = torch.cat([part(c, 4.0) for c in alone_ctxs])
     together = part(together_ctx, 4.0)
