@@ -166,6 +166,17 @@ class TeacherSignal:
         with torch.inference_mode(), runtime.autocast():
             return self.model(x).float().clone()  # clone: a normal tensor outside inference mode
 
+    def read(self, x: torch.Tensor, looked_up: torch.Tensor | None, runtime: Runtime,
+             ends: tuple[int, ...] | None = None) -> tuple[torch.Tensor | None, stages.Features | None]:
+        """A training batch's (B, K) teacher logits (``logits_for``) and, given the teacher's stage
+        ``ends`` (feature terms), its stage features on the prepared batch ``x``: online, never
+        cached, no gradient. One forward gives both where the teacher runs online."""
+        if ends is None:
+            return self.logits_for(x, looked_up, runtime), None
+        with torch.no_grad(), runtime.autocast():
+            features = stages.extract(self.model, x, ends)
+        return (features.logits.float() if self.online else looked_up), features
+
 
 NO_TEACHER = TeacherSignal()
 
@@ -187,6 +198,7 @@ class Batch:
     targets: Sequence[torch.Tensor | None] = ()
     preds: Sequence[torch.Tensor] | None = None
     idx: torch.Tensor | None = None  # (B,) the samples' training-set indices (a memory bank reads them)
+    teacher_features: stages.Features | None = None  # the teacher's stages on x, for feature terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,12 +364,11 @@ def train_step(members: list[Member], batch: Batch, step: int, env: EpochEnv) ->
             else:  # the same forward, its stage outputs kept for the feature terms
                 feats.append(stages.extract(m.model, batch.x, m.feature.ends))
                 outputs.append(feats[-1].logits.float())
-    reference = teacher_features(members[0], batch, env) if feats else None
     results = []
     for i, (m, logits) in enumerate(zip(members, outputs)):
         parts = m.objective(logits, step_context(members, outputs, i, batch, step, env))
         if m.feature is not None:
-            add_feature_terms(parts, m.feature, feats[i], reference, batch, env)
+            add_feature_terms(parts, m.feature, feats[i], batch.teacher_features, batch, env)
         m.opt.zero_grad(set_to_none=True)
         (m.scaler.scale(parts["loss"]) if m.scaler else parts["loss"]).backward()
         if batch.preds is None:
@@ -368,12 +379,6 @@ def train_step(members: list[Member], batch: Batch, step: int, env: EpochEnv) ->
     for m in members:  # after every member's backward: peers saw the same weights
         optimizer_step(m)
     return results
-
-
-def teacher_features(member: Member, batch: Batch, env: EpochEnv) -> stages.Features:
-    """The teacher's features on the step's (augmented) batch: online, never cached, no gradient."""
-    with torch.no_grad(), env.runtime.autocast():
-        return stages.extract(env.teacher.model, batch.x, member.feature.teacher_ends)
 
 
 def epoch_batches(t: torch.Tensor | None, order: torch.Tensor, batch_size: int,
@@ -422,11 +427,12 @@ def epoch_steps(members: list[Member], data: DataBundle, order: torch.Tensor, ba
     pred_batches = [p.split(batch_size) for p in preds]
 
     idx = order.split(batch_size)
+    ends = None if members[0].feature is None else members[0].feature.teacher_ends  # feature terms read the teacher
 
     def batch(b: int, xb: torch.Tensor, yb: torch.Tensor, vb: torch.Tensor | None, tb: torch.Tensor | None) -> Batch:
         x = runtime.to(data.prepare(xb, train=True, generator=augment, views=vb))
-        return Batch(x, yb, teacher.logits_for(x, tb, runtime), [q[b] for q in qs], [p[b] for p in pred_batches],
-                     idx[b])
+        logits, features = teacher.read(x, tb, runtime, ends)
+        return Batch(x, yb, logits, [q[b] for q in qs], [p[b] for p in pred_batches], idx[b], features)
 
     return (batch(b, *row) for b, row in enumerate(rows)), preds, labels
 

@@ -118,3 +118,27 @@ def test_dry_run_names_each_cells_feature_terms(tmp_path):
     out = cli("dry-run", str(study(tmp_path, "{name: cnn1d, channels: 8, depth: 2}", "at, rkd")), cwd=tmp_path)
     lines = out.stdout.splitlines()
     assert "feature" in lines[1] and lines[2].split()[6] == "none" and lines[4].split()[6] == "at+rkd", out.stdout
+
+
+def test_an_online_teacher_runs_once_a_step_for_its_logits_and_features(tiny, teacher):
+    """KD with feature terms and a teacher run online: one teacher forward per step gives both the
+    batch's teacher logits (the same values as the model alone) and its stage features."""
+    from kdablate.models import stages
+    from kdablate.trainer import CPU
+
+    online, ends = TeacherSignal(model=teacher.model, online=True), stages.stage_ends(teacher.model, tiny.input_shape)
+    x = tiny.prepare(tiny.x_train[:8])
+    logits, features = online.read(x, None, CPU, ends)
+    assert torch.equal(logits, online.logits_for(x, None, CPU)) and len(features.stages) == len(ends)
+    cached = TeacherSignal(logits={"train": torch.zeros(8, 10)}, model=teacher.model)
+    assert cached.read(x, cached.logits["train"], CPU, ends)[0] is cached.logits["train"]
+    knowledge = KnowledgeConfig(mass="teacher", structure="teacher", temperature=4.0, alpha=0.5, feature=[{"name": "at"}])
+    optim, calls = OptimConfig(epochs=1, batch_size=32), []
+    handle = teacher.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        make_member(STUDENT, tiny, optim, knowledge, 0, 1, teacher=teacher.model)
+        setup = len(calls)  # the probes that bind the terms to the teacher's shapes
+        fit(STUDENT, tiny, optim, knowledge, 0, teacher=online, splits=("val",))
+    finally:
+        handle.remove()
+    assert len(calls) - 2 * setup == len(tiny.y_train) // 32  # one forward a step
