@@ -88,16 +88,17 @@ class ExplanationSimilarity(Measurement):
     def observe(self, observation: Observation) -> None:
         if observation.name != "explanation":
             return
+        self.seconds += observation.seconds
+        self.steps += 1  # a step that explained nothing (a schedule's) counts in the time per step
         r, labels = observation.rows, observation.labels
         k = r.shape[1]
         if self.sums is None:
             self.sums = torch.zeros(k, k, device=r.device)
             self.counts = torch.zeros(k, device=r.device)
-        sums, counts = class_sums(r, labels, k)
-        self.sums += sums
-        self.counts += counts
-        self.seconds += observation.seconds
-        self.steps += 1
+        if len(r):
+            sums, counts = class_sums(r, labels, k)
+            self.sums += sums
+            self.counts += counts
 
     def epoch(self) -> Reading:
         if self.sums is None:

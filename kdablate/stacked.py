@@ -248,13 +248,6 @@ class Stacked:
     Each seed's cohort is one module; the stack holds their weights, stacked, until ``finish``."""
 
     def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
-        if any(len(c) != 1 for c in cohorts):
-            raise ValueError("a stack trains one student per seed (refusal: a DML cohort does not stack)")
-        first = cohorts[0][0]
-        if not first.objective.stackable or first.objective.needs & (Need.FEATURES | Need.TEACHER_MODEL):
-            raise ValueError("a stack shares one target over its seeds' rows, and this one is not row-wise (refusal)")
-        if first.feature is not None or first.scaler is not None:
-            raise ValueError("a stack has no per-seed feature terms or fp16 loss scale (refusal)")
         self.cohorts = cohorts
         self.st = build_stack([c[0] for c in cohorts], optim, steps_per_epoch)
 
@@ -270,11 +263,15 @@ class Stacked:
               teachers: list[TeacherSignal], runtime: Runtime,
               measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
         """``trainer.train_epochs`` in stacked steps: per seed its 'train/<part>' means, and the step after."""
-        if any(t.online for t in teachers):
-            raise ValueError("a stack's seeds look their teacher up; an online teacher runs per seed (refusal)")
         self.st.base.train()
         return train_epochs(lambda batches, step, envs: [[p] for p in stacked_step(self.st, batches, step, envs)],
                             self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime, measures)
+
+    @staticmethod
+    def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequence[TeacherSignal | None],
+                runtime: Runtime) -> str:
+        """Why these seeds cannot train stacked, '' when they can (the module's ``refusal``)."""
+        return refusal(model_spec, knowledge, teachers, runtime)
 
     def seed_state(self, s: int) -> dict[str, torch.Tensor]:
         return self.st.seed_state(s)

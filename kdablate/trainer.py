@@ -108,10 +108,11 @@ class Member:
 @dataclasses.dataclass
 class FeatureKnowledge:
     """A member's feature terms (``kdablate.components.feature``; the modules they train among them),
-    their names, and where the student's and the teacher's stages end (``kdablate.models.stages``)."""
+    the part each logs its value as ('feature_<name>', with its index where a name repeats), and
+    where the student's and the teacher's stages end (``kdablate.models.stages``)."""
 
     terms: nn.ModuleList
-    names: tuple[str, ...]
+    keys: tuple[str, ...]
     ends: tuple[int, ...]
     teacher_ends: tuple[int, ...]
 
@@ -307,23 +308,25 @@ def feature_knowledge(knowledge: KnowledgeConfig, model: nn.Module, teacher: nn.
     if teacher is None:
         raise RuntimeError("feature terms read the teacher network, and none is loaded for this cell")
     x = runtime.to(data.prepare(data.x_train[:2], train=False))
-    student, reference = stages.probe(model, x), stages.probe(teacher, x)
+    ends, teacher_ends = stages.stage_ends(model, data.input_shape), stages.stage_ends(teacher, data.input_shape)
+    student, reference = stages.probe(model, x, ends), stages.probe(teacher, x, teacher_ends)
     terms = nn.ModuleList()
     for spec in knowledge.feature:
         terms.append(FEATURE_TERMS.build(spec.name, spec.params))
         terms[-1].bind(student, reference, len(data.y_train))
-    return FeatureKnowledge(terms.to(runtime.device), tuple(spec.name for spec in knowledge.feature),
-                            stages.stage_ends(model, data.input_shape), stages.stage_ends(teacher, data.input_shape))
+    names = [spec.name for spec in knowledge.feature]
+    keys = tuple(f"feature_{n}" if names.count(n) == 1 else f"feature_{n}{i}" for i, n in enumerate(names))
+    return FeatureKnowledge(terms.to(runtime.device), keys, ends, teacher_ends)
 
 
 def add_feature_terms(parts: dict[str, torch.Tensor], feature: FeatureKnowledge, student: stages.Features,
                       teacher: stages.Features, batch: Batch, env: EpochEnv) -> None:
     """Each term's weighted loss into the member's 'loss', its unweighted value as 'feature_<name>'."""
     at = TermBatch(batch.idx, env.generator)
-    for i, (name, term) in enumerate(zip(feature.names, feature.terms)):
+    for key, term in zip(feature.keys, feature.terms):
         value = term.loss(student, teacher, at).float()
         parts["loss"] = parts["loss"] + term.weight * value
-        parts[f"feature_{name}" if feature.names.count(name) == 1 else f"feature_{name}{i}"] = value.detach()
+        parts[key] = value.detach()
 
 
 def step_context(members: list[Member], outputs: list[torch.Tensor], i: int, batch: Batch, step: int,
@@ -476,11 +479,8 @@ def train_epochs(step_fn: StepFn, cohorts: list[list[Member]], data: DataBundle,
 def train_epoch(members: list[Member], data: DataBundle, batch_size: int, gens: tuple[torch.Generator, ...],
                 epoch: int, step: int, teacher: TeacherSignal = NO_TEACHER,
                 runtime: Runtime = CPU) -> tuple[list[dict[str, float]], int]:
-    """``train_epochs`` of one cohort (one seed): per member its 'train/<part>' means, and the step after."""
-    for m in members:
-        m.model.train()
-    parts, step = train_epochs(lambda batches, step, envs: [train_step(members, batches[0], step, envs[0])],
-                               [members], data, batch_size, [gens], epoch, step, [teacher], runtime)
+    """One cohort's (one seed's) epoch, ``Looped.train``: per member its 'train/<part>' means, and the step after."""
+    parts, step = Looped([members]).train(data, batch_size, [gens], epoch, step, [teacher], runtime)
     return parts[0], step
 
 
@@ -560,13 +560,27 @@ class Looped:
     epoch takes every seed's own step in turn, on its own batch; each seed's trajectory is its
     own, as if it trained alone."""
 
-    def __init__(self, cohorts: list[list[Member]], optim: OptimConfig, steps_per_epoch: int) -> None:
+    def __init__(self, cohorts: list[list[Member]], optim: OptimConfig | None = None, steps_per_epoch: int = 0) -> None:
         self.cohorts = cohorts
+
+    @staticmethod
+    def refusal(model_spec: ModelSpec, knowledge: KnowledgeConfig, teachers: Sequence[TeacherSignal],
+                runtime: Runtime) -> str:
+        """'': any seeds train looped."""
+        return ""
 
     def epoch(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
               teachers: list[TeacherSignal], measures: list[Measurements], runtime: Runtime,
               splits: tuple[str, ...]) -> tuple[list[dict], int]:
         """Train every seed one epoch and evaluate it on ``splits``: per seed its metrics, and the step after."""
+        parts, step = self.train(data, batch_size, gens, epoch, step, teachers, runtime, measures)
+        return [epoch_metrics(c, p, data, seen, runtime, splits)
+                for c, p, seen in zip(self.cohorts, parts, measures)], step
+
+    def train(self, data: DataBundle, batch_size: int, gens: list[tuple], epoch: int, step: int,
+              teachers: list[TeacherSignal], runtime: Runtime,
+              measures: Sequence[Measurements] = ()) -> tuple[list[list[dict[str, float]]], int]:
+        """``train_epochs`` in each seed's own steps: per seed and member its 'train/<part>' means, the step after."""
         for cohort in self.cohorts:
             for m in cohort:
                 m.model.train()
@@ -574,10 +588,7 @@ class Looped:
         def steps(batches: list[Batch], step: int, envs: list[EpochEnv]) -> list[list[dict[str, torch.Tensor]]]:
             return [train_step(c, b, step, env) for c, b, env in zip(self.cohorts, batches, envs)]
 
-        parts, step = train_epochs(steps, self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime,
-                                   measures)
-        return [epoch_metrics(c, p, data, seen, runtime, splits)
-                for c, p, seen in zip(self.cohorts, parts, measures)], step
+        return train_epochs(steps, self.cohorts, data, batch_size, gens, epoch, step, teachers, runtime, measures)
 
     def seed_state(self, s: int) -> dict[str, torch.Tensor]:
         """Seed s's student weights (member 0 of its cohort), copied."""
@@ -625,6 +636,9 @@ def fit_seeds(model_spec: ModelSpec, data: DataBundle, optim: OptimConfig, knowl
     test with ``on_epoch``, else val alone). Selection only ever looks at val accuracy.
     """
     signals = [NO_TEACHER if t is None else t for t in (teachers or [None] * len(seeds))]
+    why = kind.refusal(model_spec, knowledge, signals, runtime)  # the one check, for any caller
+    if why:
+        raise ValueError(f"these seeds cannot train {kind.__name__}: {why}")
     steps_per_epoch = len(data.y_train) // optim.batch_size
     if steps_per_epoch < 1:  # refused when the study loads; a FitResult at chance must never come out
         raise NoTrainingSteps(f"batch_size {optim.batch_size} > {len(data.y_train)} training samples: no step would run")

@@ -77,12 +77,13 @@ def extract(model: nn.Module, x: torch.Tensor, ends: tuple[int, ...]) -> Feature
     return Features(tuple(caught[i] for i in ends), pooled[0], logits)
 
 
-def probe(model: nn.Module, inputs: torch.Tensor) -> Features:
-    """One eval-mode, gradient-free forward's ``Features`` of ``model`` (shapes for checks and builds)."""
+def probe(model: nn.Module, inputs: torch.Tensor, ends: tuple[int, ...] | None = None) -> Features:
+    """One eval-mode, gradient-free forward's ``Features`` of ``model`` (shapes for checks and builds),
+    its stages ending at ``ends`` (default: ``stage_ends``)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return extract(model, inputs, stage_ends(model, tuple(inputs.shape[1:])))
+            return extract(model, inputs, stage_ends(model, tuple(inputs.shape[1:])) if ends is None else ends)
     finally:
         model.train(was)
