@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import COLUMN_IN, PAGE_IN, pyplot
-from analysis.stats import MIN_INTERVAL_N, t_ci
+from analysis.stats import MIN_INTERVAL_N, drawn_ci
 from kdablate.factors import FACTOR_TABLE
 
 
@@ -30,7 +30,7 @@ def _mean_ci(groups: list[pd.Series]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     for i, v in enumerate(groups):
         v = v.dropna() * 100
         if len(v):
-            out[i] = (v.mean(), *(t_ci(v) if len(v) >= MIN_INTERVAL_N else (np.nan, np.nan)))
+            out[i] = (v.mean(), *drawn_ci(v))
     return out[:, 0], out[:, 1], out[:, 2]
 
 
@@ -151,8 +151,7 @@ def learning_curves(hist: pd.DataFrame, order: list[str]) -> Any:
             by = g.groupby("epoch").value
             m = by.mean() * 100
             # An accuracy lies in [0, 100]; no band at all where too few seeds make one.
-            band = np.clip(np.array([t_ci(v) if len(v) >= MIN_INTERVAL_N else (np.nan, np.nan)
-                                     for _, v in by]) * 100, 0, 100)
+            band = np.clip(np.array([drawn_ci(v) for _, v in by]) * 100, 0, 100)
             ax.plot(m.index, m.to_numpy(), lw=1, color=f"C{j}", label=metric)
             ax.fill_between(m.index, band[:, 0], band[:, 1], color=f"C{j}", alpha=0.25, lw=0)
         ax.set_title(facet_title(arm))

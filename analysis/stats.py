@@ -31,6 +31,13 @@ MARKS = ", ".join(f"{mark} p < {level:g}" for level, mark in reversed(MARK_LEVEL
 MIN_INTERVAL_N = 3
 
 
+
+def drawn_ci(values: np.ndarray | list[float] | pd.Series, level: float = 0.95) -> tuple[float, float]:
+    """``t_ci`` where a figure draws an interval: (NaN, NaN) for fewer than MIN_INTERVAL_N values
+    (the tables still print n = 2's)."""
+    return t_ci(values, level) if len(values) >= MIN_INTERVAL_N else (NAN, NAN)
+
+
 def t_ci(values: np.ndarray | list[float], level: float = 0.95) -> tuple[float, float]:
     """Student-t confidence interval of the mean; (NaN, NaN) for fewer than 2 values.
 
