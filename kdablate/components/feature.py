@@ -203,8 +203,9 @@ class ContrastiveTerm(FeatureTerm):
         scores = [fl.contrast_scores(v_s, self.memory_t, contrast, p.nce_t),
                   fl.contrast_scores(v_t, self.memory_s, contrast, p.nce_t)]
         for i, x in enumerate(scores):
-            if self.z[i] < 0:
-                self.z[i] = x.detach().mean() * n
+            # Z is estimated once, on the first batch (z < 0 until then); a where, not an if, so a
+            # step never waits on the device to read z back.
+            self.z[i] = torch.where(self.z[i] < 0, x.detach().mean() * n, self.z[i])
             scores[i] = x / self.z[i].clone()  # a copy: the next side's estimate writes into z
         fl.momentum_update(self.memory_s, idx, v_s, p.momentum)
         fl.momentum_update(self.memory_t, idx, v_t, p.momentum)
